@@ -1,0 +1,279 @@
+"""The ``celebbasis`` command: parse flags, call the public API, turn errors into exit codes.
+
+    celebbasis build-basis --model MODEL -o basis.safetensors
+    celebbasis add alice.jpg --name alice --model MODEL -o identities/
+    celebbasis generate "<alice> person cooking" --identity identities/alice.safetensors --model MODEL -o out/
+    celebbasis demo [-o DIR] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CelebBasisError, InputError
+
+logger = logging.getLogger("celebbasis")
+
+BANNER = "=" * 78
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("celebbasis")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        for name in ("transformers", "diffusers", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    g = p.add_argument_group("common")
+    if model:
+        g.add_argument("--model", default=None, help="hub id or local diffusers folder of an SD 1.x/2.x model "
+                       "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+        g.add_argument("--tiny", action="store_true", help="use a tiny random model built in-process (for trying things out; images are noise)")
+        g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
+        g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+        g.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=None, help="optimisation steps (default: 400 per person)")
+    g.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (default: the model's, 512 for SD 1.x)")
+    g.add_argument("--batch-size", type=int, default=2, help="views per step (default: 2, as the paper)")
+    g.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate (default: 0.01)")
+    g.add_argument("--face-index", type=int, default=None, help="which face to use in photos with several (0 = largest; default: largest)")
+    g.add_argument("--basis", default=None, help="basis file from build-basis (default: built from the model and cached)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="celebbasis", description="Put anyone into Stable Diffusion from one face photo.")
+    parser.add_argument("--version", action="version", version=f"celebbasis {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build-basis", help="build the celeb basis of a model's text encoder")
+    p.add_argument("-o", "--output", required=True, help="basis file to write (.safetensors)")
+    p.add_argument("--names", default=None, help="text file of celebrity names, one a line (default: the packaged 646 names)")
+    p.add_argument("--n-components", type=int, default=512, help="directions per token slot (default: 512, capped at the model's width)")
+    p.add_argument("--n-tokens", type=int, default=2, help="token vectors per identity (default: 2)")
+    p.add_argument("--dedupe", action="store_true", help="count each distinct name token once per slot (default: every occurrence, as the paper)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _common(p)
+
+    p = sub.add_parser("add", help="learn a new person (or several, jointly) from one photo each")
+    p.add_argument("photos", nargs="+", metavar="PHOTO", help="one face photo per person")
+    p.add_argument("--name", action="append", default=[], required=True, help="name of each person, in photo order; the prompt word is <name>")
+    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
+    p.add_argument("--overwrite", action="store_true", help="replace identities that already exist")
+    _train_flags(p)
+    _common(p)
+
+    p = sub.add_parser("generate", help="draw prompts that use learned people")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help='e.g. "<alice> person and Barack Obama cooking in a kitchen"')
+    p.add_argument("--identity", action="append", default=[], help="identity file to load (repeat for several people)")
+    p.add_argument("-o", "--output", default="out", help="folder for the PNGs (default: out/)")
+    p.add_argument("--negative-prompt", default=None, help="what the images should not show")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    from .generate import SCHEDULERS
+
+    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="sampler (default: ddim)")
+    _common(p)
+
+    p = sub.add_parser("demo", help="learn the packaged public-domain face and draw the example prompts")
+    p.add_argument("-o", "--output", default="celebbasis-demo", help="output folder (default: celebbasis-demo/)")
+    p.add_argument("--photo", action="append", default=None, help="use your own photo(s) instead of the packaged one; a second photo also fills <id2> prompts")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    p.add_argument("--sample-steps", type=int, default=None, help="denoising steps (default: 50, 20 with --tiny)")
+    _train_flags(p)
+    _common(p)
+    return parser
+
+
+def _load(args):
+    from .models import DEFAULT_MODEL, load_pipeline
+
+    logger.info("Loading %s ...", "the tiny random model" if args.tiny else args.model or DEFAULT_MODEL)
+    return load_pipeline(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, revision=args.revision, tiny=args.tiny)
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before any heavy work if the output folder cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"Output {path} is a file, not a folder. Pass a folder with -o.")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write to {path} (permission denied). Choose another folder with -o.")
+
+
+def _train_config(args, pipe, n_people: int):
+    from .train import TrainConfig
+
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                       resolution=resolution, seed=args.seed)
+
+
+def _basis(args):
+    if not args.basis:
+        return None
+    from .basis import CelebBasis
+
+    return CelebBasis.load(args.basis)
+
+
+def cmd_build_basis(args) -> int:
+    from .basis import build_basis
+    from .models import model_name
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out} already exists. Pass --overwrite to replace it.")
+    _check_output_dir(out.parent)
+    names = None
+    if args.names:
+        p = Path(args.names)
+        if not p.is_file():
+            raise InputError(f"{p}: no such names file. Pass a text file with one name a line.")
+        names = p.read_text(encoding="utf-8").splitlines()
+    pipe = _load(args)
+    basis = build_basis(pipe.tokenizer, pipe.text_encoder, names, n_components=args.n_components,
+                        n_tokens=args.n_tokens, dedupe=args.dedupe, source=model_name(pipe))
+    basis.save(out)
+    logger.info("Wrote %s: %d slots x %d directions x %d dims, ranks %s.", out, basis.n_tokens, basis.n_components,
+                basis.embedding_dim, basis.ranks)
+    return 0
+
+
+def _personalize(args, pipe, photos, names, out_dir: Path, overwrite: bool):
+    from .train import personalize
+
+    cfg = _train_config(args, pipe, len(photos))
+    result = personalize(pipe, photos, names, config=cfg, basis=_basis(args), face_index=args.face_index,
+                         show_progress=not args.quiet)
+    paths = result.save(out_dir, overwrite=overwrite)
+    for p in paths:
+        logger.info("Wrote %s", p)
+    return result
+
+
+def cmd_add(args) -> int:
+    from .identity import check_name
+
+    out = Path(args.output)
+    names = [check_name(n) for n in args.name]
+    if len(names) != len(args.photos):
+        raise InputError(f"{len(args.photos)} photo(s) but {len(names)} --name(s). Pass one --name per photo, in the same order.")
+    _check_output_dir(out)
+    for n in names:
+        if (out / f"{n}.safetensors").exists() and not args.overwrite:
+            raise InputError(f"{out / (n + '.safetensors')} already exists. Pass --overwrite to replace it, or choose another --name.")
+    from .face import load_image
+
+    for photo in args.photos:
+        load_image(photo)  # fail on a bad photo before loading the model
+    pipe = _load(args)
+    _personalize(args, pipe, args.photos, names, out, args.overwrite)
+    tokens = " ".join(f"<{n}>" for n in names)
+    logger.info('Done. Use %s in prompts, e.g.: celebbasis generate "%s person reading a book" %s', tokens,
+                f"<{names[0]}>", " ".join(f"--identity {out / (n + '.safetensors')}" for n in names))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate, save_images
+    from .identity import Identity
+
+    out = Path(args.output)
+    _check_output_dir(out)
+    identities = [Identity.load(p) for p in args.identity]  # bad files fail before the model loads
+    pipe = _load(args)
+    results = generate(pipe, args.prompts, identities=identities, negative_prompt=args.negative_prompt,
+                       num_images=args.num_images, steps=args.steps, guidance=args.guidance, height=args.height,
+                       width=args.width, seed=args.seed, scheduler=args.scheduler, show_progress=not args.quiet)
+    paths = save_images(results, out)
+    logger.info("Wrote %d image(s) to %s", len(paths), out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .errors import ModelLoadError
+    from .generate import generate, save_images
+    from .resources import example_face, example_prompts
+
+    out = Path(args.output)
+    _check_output_dir(out)
+    photos = args.photo or [str(example_face())]
+    if len(photos) > 2:
+        raise InputError("The demo takes at most two --photo; use `celebbasis add` for more people.")
+    if not args.tiny:
+        try:
+            pipe = _load(args)
+        except ModelLoadError as e:
+            print(f"\n{BANNER}\n  NO MODEL: {e}\n  Running the same pipeline on a TINY RANDOM model instead.\n"
+                  f"  Its images are noise by design; pass --model PATH for real pictures.\n{BANNER}\n", file=sys.stderr)
+            args.tiny = True
+    if args.tiny:
+        pipe = _load(args)
+        if args.steps is None:
+            args.steps = 100 * len(photos)
+    names = ["id1", "id2"][: len(photos)]
+    result = _personalize(args, pipe, photos, names, out / "identities", overwrite=True)
+    prompts = [p for p in example_prompts() if "<id2>" not in p or len(photos) > 1]
+    skipped = len(example_prompts()) - len(prompts)
+    if skipped:
+        logger.info("Skipping %d two-person prompt(s); pass a second --photo to draw them.", skipped)
+    steps = args.sample_steps or (20 if args.tiny else 50)
+    results = generate(pipe, prompts, num_images=args.num_images, steps=steps, seed=args.seed,
+                       show_progress=not args.quiet)
+    paths = save_images(results, out / "images")
+    logger.info("Demo done: %d identity file(s) in %s, %d image(s) in %s (grid.png shows them all).",
+                len(result.identities), out / "identities", len(results), out / "images")
+    return 0
+
+
+COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "generate": cmd_generate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except CelebBasisError as e:
+        if args.verbose:
+            raise
+        print(f"celebbasis: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("celebbasis: interrupted; nothing half-written was left behind.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

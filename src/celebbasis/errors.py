@@ -1,0 +1,36 @@
+"""Errors that reach users. Each message names the bad input and says how to fix it.
+
+Only ``cli.py`` turns these into exit codes; library code raises them.
+"""
+
+from __future__ import annotations
+
+
+class CelebBasisError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(CelebBasisError, ValueError):
+    """A user-supplied file, name or value cannot be used (exit code 2)."""
+
+    exit_code = 2
+
+
+class NoFaceFoundError(InputError):
+    """The photo contains no detectable face."""
+
+
+class ModelLoadError(CelebBasisError):
+    """A diffusion model could not be loaded (offline, missing folder, wrong layout)."""
+
+    exit_code = 2
+
+
+class FileFormatError(InputError):
+    """A celebbasis file is not what it claims to be (not safetensors, wrong kind, wrong width)."""
+
+
+class MissingDependencyError(CelebBasisError, ImportError):
+    """An optional dependency is not installed."""

@@ -1,0 +1,96 @@
+"""Reading and writing celebbasis artifacts: safetensors only, written atomically, checked on load.
+
+Every artifact carries string metadata: ``format`` (what kind of file it is), ``version`` and the
+settings that made it. Non-string values are JSON-encoded. Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import FileFormatError, InputError
+
+
+def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """Strings stay strings; everything else becomes JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def decode_json(value: str | None, default: Any = None) -> Any:
+    """Inverse of ``encode_metadata`` for one value; unparsable values come back as ``default``."""
+    if value is None:
+        return default
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash or Ctrl-C leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_artifact(path, tensors: dict[str, torch.Tensor], fmt: str, metadata: dict[str, Any]) -> Path:
+    """Write ``tensors`` as safetensors with ``format``/``version`` and ``metadata``, atomically."""
+    from safetensors.torch import save_file
+
+    meta = encode_metadata({"format": fmt, "version": __version__, **metadata})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file and its metadata; anything else is a one-line ``FileFormatError``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file. Check the path.")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a file. Pass the .safetensors file inside it.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt input
+        raise FileFormatError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'}). "
+            "Re-create it with celebbasis; pickled .pt/.bin files are never loaded."
+        ) from None
+    return tensors, meta
+
+
+def load_artifact(path, fmt: str, required: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a celebbasis artifact of kind ``fmt`` and check it holds the ``required`` tensors."""
+    tensors, meta = load_safetensors(path)
+    found = meta.get("format")
+    if found != fmt:
+        raise FileFormatError(
+            f"{path} is not a {fmt} file (its format is {found!r}). "
+            f"Pass a file written by celebbasis for this purpose."
+        )
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise FileFormatError(f"{path} lacks the tensors {missing}. The file is damaged; re-create it.")
+    return tensors, meta

@@ -1,0 +1,125 @@
+"""The identity network and the identity file (paper §3.2, METHOD §2 and §4).
+
+``IdentityEncoder``: one linear layer (face dim -> K·n) + LeakyReLU(0.2), each of the K rows then
+L2-normalised. Those rows are the coefficients of a person in the celeb basis. What is kept per
+person is the average of those coefficients over training: ``Identity``, about 4 KB.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import FileFormatError, InputError
+from .files import decode_json, load_artifact, save_artifact
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FORMAT = "celebbasis.identity"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+
+
+class IdentityEncoder(nn.Module):
+    """Face identity vector (B, f) -> basis coefficients (B, K, n), unit-norm rows.
+
+    The weights start standard-normal with zero bias and no 1/sqrt(fan-in) scaling, as the
+    official code's equal-linear layer does; with Adam this sets how fast coefficients move.
+    """
+
+    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512):
+        super().__init__()
+        self.n_tokens, self.n_components = n_tokens, n_components
+        self.linear = nn.Linear(face_dim, n_tokens * n_components)
+        nn.init.normal_(self.linear.weight, 0.0, 1.0)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, face: Tensor) -> Tensor:
+        x = F.leaky_relu(self.linear(face), 0.2)  # (B, K*n)
+        x = x.view(-1, self.n_tokens, self.n_components)  # (B, K, n)
+        return F.normalize(x, dim=-1)
+
+
+def check_name(name: str) -> str:
+    """A person's name, usable as a file name and as the prompt token ``<name>``.
+
+    Letters, digits, ``_`` and ``-``, starting with a letter or digit, at most 64 characters.
+    """
+    name = (name or "").strip()
+    if name.startswith("<") and name.endswith(">"):
+        name = name[1:-1]
+    if not _NAME_RE.match(name):
+        raise InputError(
+            f"Invalid name {name!r}: use 1-64 letters, digits, '_' or '-' (no spaces, slashes or dots), e.g. --name alice."
+        )
+    return name
+
+
+def token_for(name: str) -> str:
+    """The prompt token of a name: ``alice`` -> ``<alice>``."""
+    return f"<{check_name(name)}>"
+
+
+@dataclass
+class Identity:
+    """One person: coefficients in the celeb basis and the token embeddings they give.
+
+    Attributes:
+        token: the prompt word, e.g. ``"<alice>"``.
+        coefficients: (K, n) unit rows.
+        embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
+        metadata: base model, basis hash, face encoder, steps, seed, creation date, ...
+    """
+
+    token: str
+    coefficients: Tensor
+    embeddings: Tensor
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.token.strip("<>")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    @classmethod
+    def from_coefficients(cls, token: str, coefficients: Tensor, basis, **metadata) -> "Identity":
+        """Identity from (K, n) coefficients and the ``CelebBasis`` they live in."""
+        coefficients = coefficients.detach().float().cpu()
+        emb = basis.reconstruct(coefficients)
+        meta = {"basis_sha256": basis.fingerprint, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        meta.update(metadata)
+        return cls(token, coefficients, emb, meta)
+
+    def save(self, path) -> Path:
+        """Write ``NAME.safetensors``: tensors ``coefficients``, ``embeddings`` + metadata."""
+        meta = {"token": self.token, **self.metadata}
+        return save_artifact(path, {"coefficients": self.coefficients.float(), "embeddings": self.embeddings.float()}, IDENTITY_FORMAT, meta)
+
+    @classmethod
+    def load(cls, path) -> "Identity":
+        """Read an identity file; raises ``FileFormatError`` for anything else."""
+        tensors, meta = load_artifact(path, IDENTITY_FORMAT, ("coefficients", "embeddings"))
+        coeffs, emb = tensors["coefficients"].float(), tensors["embeddings"].float()
+        if emb.ndim != 2 or coeffs.ndim != 2 or coeffs.shape[0] != emb.shape[0]:
+            raise FileFormatError(
+                f"{path}: inconsistent shapes coefficients {tuple(coeffs.shape)}, embeddings {tuple(emb.shape)}. Re-create the identity."
+            )
+        token = meta.pop("token", None) or f"<{Path(path).stem}>"
+        meta.pop("format", None)
+        for key in ("steps", "seed"):
+            if key in meta:
+                meta[key] = decode_json(meta[key], meta[key])
+        return cls(token, coeffs, emb, meta)

@@ -1,0 +1,168 @@
+"""Inserting identities into prompts (paper §3.1, METHOD §3).
+
+An identity's K token vectors become K new words, named the way diffusers names multi-vector
+textual inversions: ``<alice>``, ``<alice>_1``, ... Any diffusers SD pipeline then expands
+``<alice>`` in a prompt to ``<alice> <alice>_1`` by itself, so the model runs unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .errors import FileFormatError, InputError
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER_RE = re.compile(r"<[^<>\s]+>")
+
+
+def placeholder_tokens(token: str, n_tokens: int) -> list[str]:
+    """``"<alice>", 2`` -> ``["<alice>", "<alice>_1"]`` (diffusers' multi-vector naming)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n_tokens)]
+
+
+def table_fingerprint(tokenizer, text_encoder) -> str:
+    """SHA-256 of the base vocabulary's token-embedding rows, hashed as float16.
+
+    Identifies the text encoder an identity was trained with, whatever dtype it is loaded in.
+    """
+    table = text_encoder.get_input_embeddings().weight.detach()[: tokenizer.vocab_size]
+    return hashlib.sha256(table.to("cpu", torch.float16).contiguous().numpy().tobytes()).hexdigest()
+
+
+def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[int]:
+    """Add ``token``'s K words to the tokenizer and grow the embedding table to match.
+
+    Words this function added before are reused (their rows are then overwritten by the caller).
+
+    Returns:
+        The K token ids.
+
+    Raises:
+        InputError: ``token`` is a word of the model's own vocabulary, or was added with another K.
+    """
+    words = placeholder_tokens(token, n_tokens)
+    added = tokenizer.get_added_vocab()
+    vocab = tokenizer.get_vocab()
+    for w in words:
+        if w in vocab and w not in added:
+            raise InputError(f"{w!r} is already a word in the model's vocabulary. Choose another name for this person.")
+    existing = [w for w in words if w in added]
+    if existing and len(existing) != len(words) or f"{token}_{n_tokens}" in added:
+        raise InputError(
+            f"{token} is already loaded with a different number of vectors. Load it into a fresh pipeline, or pick another name."
+        )
+    if not existing:
+        tokenizer.add_tokens(words)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(words)
+
+
+def load_identity(pipe, identity_or_path, token: str | None = None, *, tokenizer=None, text_encoder=None) -> str:
+    """Make a diffusers pipeline understand an identity's token in prompts.
+
+    After this, ``pipe("<alice> person at the beach")`` draws the person, exactly as if the same
+    vectors had been loaded with ``pipe.load_textual_inversion``.
+
+    Args:
+        pipe: a diffusers Stable Diffusion pipeline (``tokenizer`` and ``text_encoder`` used).
+        identity_or_path: an ``Identity`` or the path of an identity file.
+        token: prompt word to use instead of the identity's own (``"<bob>"`` or ``"bob"``).
+        tokenizer, text_encoder: override the pipeline's (for pipelines with several encoders).
+
+    Returns:
+        The token now understood in prompts.
+
+    Example:
+        >>> load_identity(pipe, "identities/alice.safetensors")
+        '<alice>'
+        >>> image = pipe("<alice> person reading a book").images[0]
+    """
+    from .identity import Identity, token_for
+
+    identity = identity_or_path if isinstance(identity_or_path, Identity) else Identity.load(identity_or_path)
+    tokenizer = tokenizer or pipe.tokenizer
+    text_encoder = text_encoder or pipe.text_encoder
+    token = token_for(token) if token else identity.token
+    emb = text_encoder.get_input_embeddings()
+    if identity.embedding_dim != emb.embedding_dim:
+        raise FileFormatError(
+            f"Identity {identity.token} has {identity.embedding_dim}-wide embeddings but this model's text encoder is "
+            f"{emb.embedding_dim} wide. Use the model family it was trained for ({identity.metadata.get('base_model', 'unknown')})."
+        )
+    trained_on = identity.metadata.get("text_encoder_sha256")
+    if trained_on and trained_on != table_fingerprint(tokenizer, text_encoder):
+        logger.warning(
+            "Identity %s was trained with a different text encoder (base model %s); it may not look like the person.",
+            identity.token, identity.metadata.get("base_model", "unknown"),
+        )
+    ids = add_placeholder(tokenizer, text_encoder, token, identity.n_tokens)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids] = identity.embeddings.to(weight.device, weight.dtype)
+    return token
+
+
+def loaded_placeholders(tokenizer) -> list[str]:
+    """Tokens of identities (or textual inversions) the tokenizer knows, without the ``_1`` extras."""
+    added = tokenizer.get_added_vocab()
+    return sorted(t for t in added if PLACEHOLDER_RE.fullmatch(t))
+
+
+def check_prompt_tokens(tokenizer, prompt: str) -> None:
+    """Raise if ``prompt`` uses a ``<token>`` that is not loaded, listing the ones that are."""
+    known = set(tokenizer.get_added_vocab())
+    missing = sorted({t for t in PLACEHOLDER_RE.findall(prompt) if t not in known})
+    if missing:
+        loaded = ", ".join(loaded_placeholders(tokenizer)) or "none"
+        raise InputError(
+            f"Prompt uses {', '.join(missing)} but no identity with that token is loaded (loaded: {loaded}). "
+            "Pass its file with --identity."
+        )
+
+
+def expand_prompt(tokenizer, prompt: str) -> str:
+    """``"<alice> person"`` -> ``"<alice> <alice>_1 person"``, as diffusers' TI loader does."""
+    words = set(tokenizer.get_added_vocab())
+    out = prompt
+    for token in sorted(set(PLACEHOLDER_RE.findall(prompt)) & words):
+        extra = []
+        i = 1
+        while f"{token}_{i}" in words:
+            extra.append(f"{token}_{i}")
+            i += 1
+        out = re.sub(re.escape(token) + r"(?!_\d)", " ".join([token] + extra), out)
+    return out
+
+
+@contextmanager
+def token_override(embedding: torch.nn.Embedding, token_ids: list[int]):
+    """Replace the rows of ``token_ids`` in ``embedding``'s output, differentiably.
+
+    Yields a dict; set ``state["rows"]`` to a (P, d) tensor (P = len(token_ids)) before each
+    forward. The embedding table itself never changes, so other words are untouched. Used in
+    training, where the rows come from the identity network and carry its gradient.
+    """
+    lookup = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=embedding.weight.device)
+    lookup[torch.tensor(token_ids, device=lookup.device)] = torch.arange(len(token_ids), device=lookup.device)
+    state: dict[str, Tensor | None] = {"rows": None}
+
+    def hook(module, args, output):
+        rows = state["rows"]
+        if rows is None:
+            return output
+        pos = lookup[args[0]]  # (B, T): index into rows, -1 for ordinary words
+        sub = rows.to(output.dtype)[pos.clamp(min=0)]  # (B, T, d)
+        return torch.where((pos >= 0).unsqueeze(-1), sub, output)
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield state
+    finally:
+        handle.remove()
