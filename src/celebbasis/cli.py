@@ -250,7 +250,7 @@ def cmd_demo(args) -> int:
     steps = args.sample_steps or (20 if args.tiny else 50)
     results = generate(pipe, prompts, num_images=args.num_images, steps=steps, seed=args.seed,
                        show_progress=not args.quiet)
-    paths = save_images(results, out / "images")
+    save_images(results, out / "images")
     logger.info("Demo done: %d identity file(s) in %s, %d image(s) in %s (grid.png shows them all).",
                 len(result.identities), out / "identities", len(results), out / "images")
     return 0

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import InputError
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, expand_prompt, placeholder_tokens, table_fingerprint, token_override
+from .insert import add_placeholder, expand_prompt, load_identity, table_fingerprint, token_override
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,114 @@ def check_inputs(pipe, names: list[str], n_photos: int) -> list[str]:
     return names
 
 
+class Personalizer:
+    """One personalization run, step by step: ``personalize`` drives it; tests and UIs can too.
+
+    Builds everything once (placeholder words, training crops, face vectors, the identity
+    network, optimiser, noise scheduler); then each ``step`` draws a batch and takes one AdamW step.
+    """
+
+    def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, basis, base_model: str):
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.cfg, self.basis, self.base_model = pipe, config, basis, base_model
+        self.analyses = analyses
+        tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        for module in (pipe.vae, pipe.unet, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        encoders = {a.encoder for a in analyses}
+        if len(encoders) > 1:
+            raise InputError(f"Photos were analysed with different face encoders ({sorted(encoders)}); use one for a joint run.")
+        self.face_encoder = encoders.pop()
+        self.n_id, self.k = len(names), basis.n_tokens
+        self.tokens = [f"<{n}>" for n in names]
+        self.token_ids = [i for t in self.tokens for i in add_placeholder(tokenizer, text_encoder, t, self.k)]  # (n_id*K,)
+        self.crops = [a.crop(config.resolution) for a in analyses]
+        self.faces = torch.from_numpy(np.stack([a.embedding for a in analyses])).float().to(self.device)  # (n_id, f)
+        self.gen = torch.Generator("cpu").manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        torch.manual_seed(config.seed)
+        self.mlp = IdentityEncoder(self.faces.shape[1], self.k, basis.n_components).to(self.device)
+        self.mean = basis.mean.to(self.device)  # (K, d)
+        self.components = basis.components.to(self.device)  # (K, n, d)
+        self.opt = torch.optim.AdamW(self.mlp.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction = self.noise_scheduler.config.prediction_type
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise InputError(f"Unsupported prediction type {self.prediction!r}; only epsilon and v_prediction models are supported.")
+        self.ema: list[torch.Tensor | None] = [None] * self.n_id
+        self.losses: list[float] = []
+        self.steps_done = 0
+
+    def sample_batch(self) -> dict:
+        """Draw one batch: augmented views -> noisy latents, timesteps, targets, caption ids."""
+        cfg, pipe, tokenizer = self.cfg, self.pipe, self.pipe.tokenizer
+        who = [(self.steps_done * cfg.batch_size + b) % self.n_id for b in range(cfg.batch_size)]
+        views = [augment(self.crops[i], cfg.resolution, self.rng, cfg) for i in who]
+        caps = [expand_prompt(tokenizer, caption(self.tokens[i], self.rng)) for i in who]
+        with torch.no_grad():
+            pixels = to_tensor(views).to(self.device, pipe.vae.dtype)  # (B, 3, H, W)
+            latents = pipe.vae.encode(pixels).latent_dist.sample(self.gen) * pipe.vae.config.scaling_factor
+            latents = latents.to(self.dtype)  # (B, 4, H/8, W/8)
+            noise = torch.randn(latents.shape, generator=self.gen).to(self.device, self.dtype)
+            t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(who),), generator=self.gen).to(self.device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, t)
+            target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+            input_ids = tokenizer(caps, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                                  return_tensors="pt").input_ids.to(self.device)
+        return {"who": who, "captions": caps, "latents": latents, "noise": noise, "timesteps": t, "noisy": noisy,
+                "target": target, "input_ids": input_ids}
+
+    def coefficients(self) -> torch.Tensor:
+        """(n_id, K, n) current predictions of the identity network."""
+        return self.mlp(self.faces)
+
+    def loss(self, batch: dict, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss of ``batch`` with the identity words set from ``coeffs`` (default: current)."""
+        coeffs = self.coefficients() if coeffs is None else coeffs
+        rows = torch.einsum("ikn,knd->ikd", coeffs, self.components) + self.mean  # (n_id, K, d)
+        with token_override(self.pipe.text_encoder.get_input_embeddings(), self.token_ids) as override:
+            override["rows"] = rows.reshape(self.n_id * self.k, -1)
+            cond = self.pipe.text_encoder(batch["input_ids"])[0]  # (B, T, d)
+        pred = self.pipe.unet(batch["noisy"], batch["timesteps"], encoder_hidden_states=cond.to(self.dtype)).sample
+        return F.mse_loss(pred.float(), batch["target"].float())
+
+    def step(self, batch: dict | None = None) -> float:
+        """One optimisation step (on a fresh batch unless one is given); updates the averages."""
+        batch = self.sample_batch() if batch is None else batch
+        coeffs = self.coefficients()
+        loss = self.loss(batch, coeffs)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        m = self.cfg.ema_momentum
+        with torch.no_grad():
+            for i in batch["who"]:  # one average update per batch element showing that identity
+                c = coeffs[i].detach().float().cpu()
+                self.ema[i] = c.clone() if self.ema[i] is None else m * self.ema[i] + (1 - m) * c
+        self.steps_done += 1
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    def identities(self) -> list[Identity]:
+        """The averaged coefficients (rows re-normalised to unit length) as ``Identity`` objects."""
+        with torch.no_grad():
+            current = self.coefficients().float().cpu()
+        te_hash = table_fingerprint(self.pipe.tokenizer, self.pipe.text_encoder)
+        out = []
+        for i, token in enumerate(self.tokens):
+            coeffs = F.normalize(self.ema[i] if self.ema[i] is not None else current[i], dim=-1)
+            out.append(Identity.from_coefficients(
+                token, coeffs, self.basis, base_model=self.base_model, face_encoder=self.face_encoder,
+                steps=self.steps_done, seed=self.cfg.seed, text_encoder_sha256=te_hash,
+                source_photo=Path(self.analyses[i].path).name,
+            ))
+        return out
+
+
 def personalize(
     pipe,
     photos: list,
@@ -205,8 +313,8 @@ def personalize(
     """Learn one identity per photo, jointly, with one shared identity network.
 
     Args:
-        pipe: a diffusers SD pipeline; its VAE, UNet and text encoder stay frozen and unchanged
-            (the tokenizer gains the placeholder words, whose rows are never used in training).
+        pipe: a diffusers SD pipeline; its VAE, UNet and text encoder stay frozen. Afterwards the
+            pipeline also understands the new words, so it can draw them right away.
         photos: image paths or ``FaceAnalysis`` results, one per person.
         names: one name per photo; the prompt token is ``<name>``.
         config: ``TrainConfig``; defaults follow the paper.
@@ -225,8 +333,6 @@ def personalize(
         >>> result = personalize(pipe, ["alice.jpg"], ["alice"])
         >>> result.save("identities/")
     """
-    from diffusers import DDPMScheduler
-
     from .basis import cached_basis
     from .face import FaceAnalysis, FaceAnalyzer
     from .models import model_name
@@ -234,94 +340,34 @@ def personalize(
     cfg = config or TrainConfig()
     names = check_inputs(pipe, list(names), len(photos))
     base_model = base_model or model_name(pipe)
-    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
-    device = unet.device
-
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
     if basis is None:
-        basis = cached_basis(tokenizer, text_encoder, n_components=cfg.n_components, n_tokens=cfg.n_tokens,
+        basis = cached_basis(pipe.tokenizer, pipe.text_encoder, n_components=cfg.n_components, n_tokens=cfg.n_tokens,
                              dedupe=cfg.dedupe, source=base_model)
-    if basis.embedding_dim != text_encoder.get_input_embeddings().embedding_dim:
-        raise InputError(
-            f"The basis is {basis.embedding_dim} wide but the text encoder is "
-            f"{text_encoder.get_input_embeddings().embedding_dim}. Build the basis from this model."
-        )
+    if basis.embedding_dim != width:
+        raise InputError(f"The basis is {basis.embedding_dim} wide but the text encoder is {width}. Build the basis from this model.")
     analyses = []
     for p in photos:
-        if isinstance(p, FaceAnalysis):
-            analyses.append(p)
-        else:
+        if not isinstance(p, FaceAnalysis):
             face_analyzer = face_analyzer or FaceAnalyzer()
-            analyses.append(face_analyzer(p, face_index=face_index))
-    encoders = {a.encoder for a in analyses}
-    if len(encoders) > 1:
-        raise InputError(f"Photos were analysed with different face encoders ({sorted(encoders)}); use one for a joint run.")
-    face_encoder = encoders.pop()
+            p = face_analyzer(p, face_index=face_index)
+        analyses.append(p)
 
-    n_id, k = len(names), basis.n_tokens
-    total = cfg.total_steps(n_id)
-    gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    for module in (vae, unet, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    tokens = [f"<{n}>" for n in names]
-    ids = [i for t in tokens for i in add_placeholder(tokenizer, text_encoder, t, k)]  # (n_id*K,)
-    crops = [a.crop(cfg.resolution) for a in analyses]
-    faces = torch.from_numpy(np.stack([a.embedding for a in analyses])).float().to(device)  # (n_id, f)
-    mlp = IdentityEncoder(faces.shape[1], k, basis.n_components).to(device)
-    mean = basis.mean.to(device)
-    comps = basis.components.to(device)
-    opt = torch.optim.AdamW(mlp.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = noise_sched.config.prediction_type
-    if prediction not in ("epsilon", "v_prediction"):
-        raise InputError(f"Unsupported prediction type {prediction!r}; only epsilon and v_prediction models are supported.")
-    scaling = vae.config.scaling_factor
-    n_train_t = noise_sched.config.num_train_timesteps
-    dtype = unet.dtype
-
-    ema: list[torch.Tensor | None] = [None] * n_id
-    losses: list[float] = []
+    trainer = Personalizer(pipe, analyses, names, cfg, basis, base_model)
+    total = cfg.total_steps(len(names))
     t0 = time.perf_counter()
     bar = tqdm(range(total), desc="personalize", disable=not show_progress, unit="step")
-    with token_override(text_encoder.get_input_embeddings(), ids) as override:
-        for step in bar:
-            who = [(step * cfg.batch_size + b) % n_id for b in range(cfg.batch_size)]
-            views = [augment(crops[i], cfg.resolution, rng, cfg) for i in who]
-            caps = [expand_prompt(tokenizer, caption(tokens[i], rng)) for i in who]
-            with torch.no_grad():
-                pixels = to_tensor(views).to(device, vae.dtype)
-                latents = vae.encode(pixels).latent_dist.sample(gen) * scaling
-                latents = latents.to(dtype)
-                noise = torch.randn(latents.shape, generator=gen).to(device, dtype)
-                t = torch.randint(0, n_train_t, (len(who),), generator=gen).to(device)
-                noisy = noise_sched.add_noise(latents, noise, t)
-                target = noise if prediction == "epsilon" else noise_sched.get_velocity(latents, noise, t)
-                input_ids = tokenizer(caps, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                                      return_tensors="pt").input_ids.to(device)
-            coeffs = mlp(faces)  # (n_id, K, n)
-            rows = torch.einsum("ikn,knd->ikd", coeffs, comps) + mean  # (n_id, K, d)
-            override["rows"] = rows.reshape(n_id * k, -1)
-            cond = text_encoder(input_ids)[0]
-            pred = unet(noisy, t, encoder_hidden_states=cond.to(dtype)).sample
-            loss = F.mse_loss(pred.float(), target.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            with torch.no_grad():
-                for i in who:  # one EMA update per batch element showing that identity
-                    c = coeffs[i].detach().float().cpu()
-                    ema[i] = c.clone() if ema[i] is None else cfg.ema_momentum * ema[i] + (1 - cfg.ema_momentum) * c
-            if show_progress:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if callback is not None:
-                callback(step + 1, total, losses[-1])
+    for step in bar:
+        loss = trainer.step()
+        if show_progress:
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if callback is not None:
+            callback(step + 1, total, loss)
     elapsed = time.perf_counter() - t0
 
-    final = [F.normalize(e if e is not None else mlp(faces)[i].detach().float().cpu(), dim=-1) for i, e in enumerate(ema)]
+    identities = trainer.identities()
+    for ident in identities:  # the placeholder rows were never used in training; fill them for drawing now
+        load_identity(pipe, ident)
     run = {
         "celebbasis_version": __version__,
         "torch_version": torch.__version__,
@@ -329,26 +375,12 @@ def personalize(
         "base_model": base_model,
         "names": names,
         "photos": [a.path for a in analyses],
-        "face_encoder": face_encoder,
+        "face_encoder": trainer.face_encoder,
         "config": {**asdict(cfg), "steps": total},
         "seed": cfg.seed,
-        "device": str(device),
+        "device": str(trainer.device),
         "seconds": round(elapsed, 3),
-        "losses": [round(x, 6) for x in losses],
+        "losses": [round(x, 6) for x in trainer.losses],
     }
-    te_hash = table_fingerprint(tokenizer, text_encoder)
-    identities = [
-        Identity.from_coefficients(
-            tokens[i], final[i], basis,
-            base_model=base_model, face_encoder=face_encoder, steps=total, seed=cfg.seed,
-            text_encoder_sha256=te_hash, source_photo=Path(analyses[i].path).name,
-        )
-        for i in range(n_id)
-    ]
-    # The placeholder rows were never written during training; fill them so the pipeline can draw now.
-    weight = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for ident in identities:
-            weight[tokenizer.convert_tokens_to_ids(placeholder_tokens(ident.token, k))] = ident.embeddings.to(weight)
-    logger.info("Learned %s in %d steps (%.1f s).", ", ".join(tokens), total, elapsed)
-    return PersonalizeResult(identities, losses, run)
+    logger.info("Learned %s in %d steps (%.1f s).", ", ".join(trainer.tokens), total, elapsed)
+    return PersonalizeResult(identities, trainer.losses, run)
