@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random SD pipelines with the real CLIP tokenizer, and real dlib faces."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's cache: bases are cached in a per-session folder."""
+    monkeypatch.setenv("CELEBBASIS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def _tiny_pipe():
+    from celebbasis.testing import tiny_pipeline
+
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny_pipe(_tiny_pipe):
+    """A fresh copy of the tiny SD 1.x pipeline (tests may add tokens to it)."""
+    return copy.deepcopy(_tiny_pipe)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny pipeline saved as a diffusers folder, for --model PATH."""
+    from celebbasis.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def astronaut_path():
+    from celebbasis.resources import example_face
+
+    return example_face()
+
+
+@pytest.fixture(scope="session")
+def hopper_path():
+    """Grace Hopper, US Navy portrait (public domain): a second, different real face."""
+    return DATA / "grace_hopper.jpg"
+
+
+@pytest.fixture(scope="session")
+def mirrored_path(tmp_path_factory, astronaut_path):
+    path = tmp_path_factory.mktemp("faces") / "astronaut_mirrored.png"
+    ImageOps.mirror(Image.open(astronaut_path).convert("RGB")).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def faceless_path(tmp_path_factory):
+    """Smooth colour gradients and blobs: no face anywhere."""
+    path = tmp_path_factory.mktemp("faces") / "no_face.png"
+    y, x = np.mgrid[0:256, 0:256]
+    img = np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)
+    Image.fromarray(img).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def face_analyzer():
+    from celebbasis.face import FaceAnalyzer
+
+    return FaceAnalyzer()
+
+
+@pytest.fixture(scope="session")
+def astronaut(face_analyzer, astronaut_path):
+    return face_analyzer(astronaut_path)
+
+
+@pytest.fixture(scope="session")
+def hopper(face_analyzer, hopper_path):
+    return face_analyzer(hopper_path)

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from celebbasis.basis import build_basis
+from celebbasis.errors import FileFormatError, InputError
+from celebbasis.identity import Identity, IdentityEncoder, check_name
+
+
+def test_encoder_init_and_unit_rows():
+    torch.manual_seed(0)
+    enc = IdentityEncoder(128, n_tokens=2, n_components=512)
+    w = enc.linear.weight
+    assert w.shape == (1024, 128)
+    assert abs(w.std().item() - 1.0) < 0.02  # standard normal, no 1/sqrt(fan-in)
+    assert torch.count_nonzero(enc.linear.bias) == 0
+    f = torch.nn.functional.normalize(torch.randn(3, 128), dim=-1)
+    out = enc(f)
+    assert out.shape == (3, 2, 512)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(3, 2), atol=1e-6)
+    # LeakyReLU(0.2) before the normalisation: recompute independently
+    raw = f @ w.T
+    ref = torch.where(raw > 0, raw, 0.2 * raw).view(3, 2, 512)
+    assert torch.allclose(out, ref / ref.norm(dim=-1, keepdim=True), atol=1e-6)
+
+
+def test_identity_round_trip(tmp_path, tiny_pipe):
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    coeffs = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    ident = Identity.from_coefficients("<alice>", coeffs, basis, base_model="tiny", face_encoder="dlib-resnet-v1", steps=7, seed=3)
+    path = ident.save(tmp_path / "alice.safetensors")
+    assert path.stat().st_size < 8_000
+    back = Identity.load(path)
+    assert back.token == "<alice>" and back.name == "alice"
+    assert torch.equal(back.coefficients, ident.coefficients) and torch.equal(back.embeddings, ident.embeddings)
+    assert back.metadata["steps"] == 7 and back.metadata["seed"] == 3
+    assert back.metadata["basis_sha256"] == basis.fingerprint
+    assert back.metadata["face_encoder"] == "dlib-resnet-v1"
+    assert "created" in back.metadata
+
+
+def test_embeddings_follow_the_method(tiny_pipe):
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    coeffs = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    ident = Identity.from_coefficients("<a>", coeffs, basis)
+    for j in range(2):  # e_j = c_j . B_j + mean_j
+        assert torch.allclose(ident.embeddings[j], coeffs[j] @ basis.components[j] + basis.mean[j], atol=1e-6)
+
+
+def test_identity_load_refuses_a_basis(tmp_path, tiny_pipe):
+    path = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder).save(tmp_path / "x.safetensors")
+    with pytest.raises(FileFormatError, match="not a celebbasis.identity file"):
+        Identity.load(path)
+
+
+@pytest.mark.parametrize("good", ["alice", "Bob_2", "<carol>", "x-y"])
+def test_good_names(good):
+    assert check_name(good) == good.strip("<>")
+
+
+@pytest.mark.parametrize("bad", ["", " ", "a b", "../evil", "a/b", ".hidden", "x" * 65, "é"])
+def test_bad_names(bad):
+    with pytest.raises(InputError, match="Invalid name"):
+        check_name(bad)

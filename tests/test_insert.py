@@ -1,0 +1,106 @@
+"""Identities in prompts: equal to diffusers' own textual-inversion loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from celebbasis.basis import build_basis
+from celebbasis.errors import FileFormatError, InputError
+from celebbasis.identity import Identity
+from celebbasis.insert import check_prompt_tokens, expand_prompt, load_identity, token_override
+
+
+@pytest.fixture
+def identity(tiny_pipe):
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    g = torch.Generator().manual_seed(1)
+    coeffs = torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=-1)
+    return Identity.from_coefficients("<alice>", coeffs, basis)
+
+
+def prompt_embeds(pipe, prompt):
+    embeds, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    return embeds
+
+
+def test_same_prompt_embeddings_as_diffusers_textual_inversion(tmp_path, _tiny_pipe, identity):
+    import copy
+
+    ours, theirs = copy.deepcopy(_tiny_pipe), copy.deepcopy(_tiny_pipe)
+    path = tmp_path / "alice.safetensors"
+    identity.save(path)
+    assert load_identity(ours, path) == "<alice>"
+    ti = tmp_path / "alice-ti.safetensors"
+    save_file({"<alice>": identity.embeddings.clone()}, ti)
+    theirs.load_textual_inversion(str(ti))
+
+    prompt = "a photo of <alice> person and Barack Obama"
+    assert ours.tokenizer(ours.maybe_convert_prompt(prompt, ours.tokenizer)).input_ids == \
+        theirs.tokenizer(theirs.maybe_convert_prompt(prompt, theirs.tokenizer)).input_ids
+    a, b = prompt_embeds(ours, prompt), prompt_embeds(theirs, prompt)
+    assert torch.allclose(a, b, atol=1e-6)
+    plain = prompt_embeds(copy.deepcopy(_tiny_pipe), "a photo of person and Barack Obama")
+    assert not torch.allclose(a[:, :8], plain[:, :8], atol=1e-3)  # the identity changed something
+
+
+def test_token_expands_like_diffusers(tiny_pipe, identity):
+    load_identity(tiny_pipe, identity)
+    prompt = "<alice> person with <alice> person"
+    assert expand_prompt(tiny_pipe.tokenizer, prompt) == tiny_pipe.maybe_convert_prompt(prompt, tiny_pipe.tokenizer)
+    assert expand_prompt(tiny_pipe.tokenizer, prompt) == "<alice> <alice>_1 person with <alice> <alice>_1 person"
+
+
+def test_rows_written_and_others_untouched(tiny_pipe, identity):
+    before = tiny_pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    load_identity(tiny_pipe, identity, token="bob")
+    after = tiny_pipe.text_encoder.get_input_embeddings().weight.detach()
+    ids = tiny_pipe.tokenizer.convert_tokens_to_ids(["<bob>", "<bob>_1"])
+    assert ids == [49408, 49409]
+    assert torch.equal(after[:49408], before)
+    assert torch.allclose(after[ids], identity.embeddings)
+
+
+def test_loading_twice_replaces_rows(tiny_pipe, identity):
+    load_identity(tiny_pipe, identity)
+    other = Identity("<alice>", identity.coefficients, identity.embeddings * 2)
+    load_identity(tiny_pipe, other)
+    assert len(tiny_pipe.tokenizer) == 49410
+    w = tiny_pipe.text_encoder.get_input_embeddings().weight
+    assert torch.allclose(w[49408:], other.embeddings)
+
+
+def test_width_mismatch_is_refused(tiny_pipe):
+    wide = Identity("<x>", torch.zeros(2, 8), torch.zeros(2, 768))
+    with pytest.raises(FileFormatError, match="768-wide embeddings but this model's text encoder is 32 wide"):
+        load_identity(tiny_pipe, wide)
+
+
+def test_unknown_token_lists_loaded_ones(tiny_pipe, identity):
+    load_identity(tiny_pipe, identity)
+    check_prompt_tokens(tiny_pipe.tokenizer, "<alice> person")
+    with pytest.raises(InputError, match=r"<carol>.*loaded: <alice>"):
+        check_prompt_tokens(tiny_pipe.tokenizer, "<alice> person and <carol> person")
+
+
+def test_other_trained_text_encoder_warns(tiny_pipe, identity, caplog):
+    identity.metadata["text_encoder_sha256"] = "0" * 64
+    load_identity(tiny_pipe, identity)
+    assert "trained with a different text encoder" in caplog.text
+
+
+def test_override_is_differentiable_and_local(tiny_pipe, identity):
+    load_identity(tiny_pipe, identity)
+    emb = tiny_pipe.text_encoder.get_input_embeddings()
+    table = emb.weight.detach().clone()
+    rows = torch.randn(2, 32, requires_grad=True)
+    ids = torch.tensor([[320, 49408, 49409, 1125]])
+    with token_override(emb, [49408, 49409]) as state:
+        state["rows"] = rows
+        out = emb(ids)
+    assert torch.allclose(out[0, 1:3], rows) and torch.equal(out[0, [0, 3]], table[[320, 1125]])
+    out.sum().backward()
+    assert torch.equal(rows.grad, torch.ones(2, 32))
+    assert torch.equal(emb.weight.detach(), table)
+    assert torch.equal(emb(ids), table[ids])  # hook removed afterwards
