@@ -1,0 +1,119 @@
+"""The command line end to end on a tiny model folder and real faces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from celebbasis.basis import CelebBasis
+from celebbasis.cli import main
+from celebbasis.identity import Identity
+
+FAST = ["--steps", "3", "--resolution", "64", "-q"]
+
+
+@pytest.fixture(scope="module")
+def alice(tmp_path_factory, tiny_model_dir, astronaut_path):
+    out = tmp_path_factory.mktemp("ids")
+    assert main(["add", str(astronaut_path), "--name", "alice", "--model", str(tiny_model_dir), "-o", str(out), *FAST]) == 0
+    return out / "alice.safetensors"
+
+
+def test_add_writes_identity_and_run(alice, tiny_model_dir):
+    ident = Identity.load(alice)
+    assert ident.token == "<alice>" and ident.coefficients.shape == (2, 32) and ident.embeddings.shape == (2, 32)
+    assert ident.metadata["base_model"] == str(tiny_model_dir)
+    assert ident.metadata["face_encoder"] == "dlib-resnet-v1"
+    run = json.loads(alice.with_name("alice.run.json").read_text())
+    assert run["config"]["steps"] == 3 and run["config"]["resolution"] == 64
+
+
+def test_generate_writes_pngs_with_metadata(tmp_path, alice, tiny_model_dir):
+    out = tmp_path / "out"
+    rc = main(["generate", "<alice> person and Barack Obama cooking", "a photo of <alice> person",
+               "--identity", str(alice), "--model", str(tiny_model_dir), "-o", str(out), "--steps", "2",
+               "--num-images", "2", "--seed", "7", "--negative-prompt", "blurry", "--scheduler", "euler_a", "-q"])
+    assert rc == 0
+    pngs = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
+    assert len(pngs) == 4
+    first = Image.open(pngs[0])
+    assert first.size == (64, 64)
+    assert first.text["prompt"] == "<alice> person and Barack Obama cooking"
+    assert first.text["seed"] == "7" and Image.open(pngs[1]).text["seed"] == "8"
+    assert first.text["model"] == str(tiny_model_dir)
+    assert json.loads(first.text["identities"]) == ["<alice>"]
+    assert first.text["negative_prompt"] == "blurry"
+    assert "Seed: 7" in first.text["parameters"]
+    assert Image.open(out / "grid.png").size == (128, 128)
+
+
+def test_two_people_in_one_prompt(tmp_path, tiny_model_dir, astronaut_path, hopper_path):
+    ids = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), str(hopper_path), "--name", "alice", "--name", "grace",
+                 "--model", str(tiny_model_dir), "-o", str(ids), *FAST]) == 0
+    out = tmp_path / "out"
+    assert main(["generate", "<alice> person and <grace> person dancing", "--identity", str(ids / "alice.safetensors"),
+                 "--identity", str(ids / "grace.safetensors"), "--model", str(tiny_model_dir), "-o", str(out),
+                 "--steps", "2", "-q"]) == 0
+    png = next(out.glob("*.png"))
+    assert json.loads(Image.open(png).text["identities"]) == ["<alice>", "<grace>"]
+
+
+def test_build_basis(tmp_path, tiny_model_dir):
+    out = tmp_path / "basis.safetensors"
+    assert main(["build-basis", "--model", str(tiny_model_dir), "-o", str(out), "-q"]) == 0
+    basis = CelebBasis.load(out)
+    assert basis.components.shape == (2, 32, 32) and basis.metadata["text_encoder"] == str(tiny_model_dir)
+    assert main(["build-basis", "--model", str(tiny_model_dir), "-o", str(out), "-q"]) == 2  # exists
+
+
+def test_demo_tiny(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "-o", str(out), "--steps", "4", "--sample-steps", "2", "-q"]) == 0
+    assert (out / "identities" / "id1.safetensors").exists()
+    images = sorted((out / "images").glob("0*.png"))
+    assert len(images) == 8  # the example prompts with one person
+    assert (out / "images" / "grid.png").exists()
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "celebbasis.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_no_face_exits_2_without_traceback_or_files(tmp_path, tiny_model_dir, faceless_path):
+    out = tmp_path / "ids"
+    r = run_cli("add", str(faceless_path), "--name", "cat", "--model", str(tiny_model_dir), "-o", str(out), *FAST)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert f"No face found in {faceless_path}" in r.stderr
+    assert not any(out.glob("*.safetensors")) if out.exists() else True
+
+
+def test_uncached_hub_model_offline_says_so(tmp_path, alice):
+    r = run_cli("generate", "<alice> person", "--identity", str(alice), "--model", "someone/not-cached-model",
+                "-o", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not in the local Hugging Face cache" in r.stderr and "--model PATH" in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["add", "missing.jpg", "--name", "x"], "missing.jpg: no such file"),
+    (["add", "a.jpg", "b.jpg", "--name", "x"], "2 photo(s) but 1 --name"),
+    (["add", "a.jpg", "--name", "../x"], "Invalid name"),
+    (["generate", "<carol> person", "--tiny"], "<carol> but no identity"),
+    (["generate", "x", "--identity", "nope.safetensors"], "nope.safetensors: no such file"),
+    (["generate", "x", "--tiny", "--height", "65"], "multiple of 8"),
+    (["generate", "x", "--model", "/no/such/folder"], "does not exist"),
+])
+def test_bad_input_one_line_errors(tmp_path, monkeypatch, capsys, args, match):
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.safetensors"))
