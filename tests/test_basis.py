@@ -139,6 +139,9 @@ def test_save_load_round_trip(tmp_path, tokenizer, wide):
 def test_load_refuses_other_files(tmp_path):
     bad = tmp_path / "basis.safetensors"
     bad.write_bytes(b"\x80\x04not safetensors at all")
+    with pytest.raises(FileFormatError, match="never loads pickles"):
+        CelebBasis.load(bad)
+    bad.write_bytes(b"some random text that is long enough")
     with pytest.raises(FileFormatError, match="not a readable safetensors file"):
         CelebBasis.load(bad)
 

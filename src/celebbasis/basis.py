@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .insert import table_fingerprint
 from .files import decode_json, load_artifact, save_artifact
 from .resources import celeb_names, names_sha256, normalize_names
 
@@ -206,6 +207,7 @@ def build_basis(
         "n_names": len(names),
         "dedupe": bool(dedupe),
         "basis_sha256": embedding_fingerprint(text_encoder, tokenizer, names, n_components, n_tokens, dedupe),
+        "text_encoder_sha256": table_fingerprint(tokenizer, text_encoder),
     }
     return CelebBasis(torch.stack(means).float(), torch.stack(comps).float(), ranks, meta)
 

@@ -119,15 +119,34 @@ def _load(args):
     return load_pipeline(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, revision=args.revision, tiny=args.tiny)
 
 
+MIN_FREE_BYTES = 50 * 1024 * 1024  # refuse to start on a nearly full disk
+
+
 def _check_output_dir(path: Path) -> None:
-    """Fail before any heavy work if the output folder cannot be written."""
+    """Fail before any heavy work if the output folder cannot be written or the disk is full."""
+    import shutil
+    import tempfile
+
     if path.exists() and not path.is_dir():
         raise InputError(f"Output {path} is a file, not a folder. Pass a folder with -o.")
     probe = path
     while not probe.exists():
+        if probe.parent == probe:
+            break
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"Cannot write to {path} (permission denied). Choose another folder with -o.")
+    if not probe.is_dir():
+        raise InputError(f"Cannot create {path}: {probe} is a file. Choose another folder with -o.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".celebbasis-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise InputError(f"Cannot write to {path} ({e.strerror or e}). Choose another folder with -o.") from None
+    free = shutil.disk_usage(probe).free
+    if free < MIN_FREE_BYTES:
+        raise InputError(
+            f"Only {free // (1024 * 1024)} MB free where {path} would go. Free some space or choose another folder with -o."
+        )
 
 
 def _train_config(args, pipe, n_people: int):
@@ -259,10 +278,24 @@ def cmd_demo(args) -> int:
 COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "generate": cmd_generate, "demo": cmd_demo}
 
 
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         return COMMANDS[args.command](args)
     except CelebBasisError as e:
@@ -271,8 +304,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"celebbasis: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("celebbasis: interrupted; nothing half-written was left behind.", file=sys.stderr)
+        print("celebbasis: interrupted; nothing was written for the unfinished work.", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as e:
+        if args.verbose or not (isinstance(e, MemoryError) or _out_of_memory(e)):
+            raise
+        hint = ("--resolution 384 or --batch-size 1" if args.command in ("add", "demo")
+                else "smaller --height/--width or --num-images 1")
+        print(f"celebbasis: error: out of memory on {getattr(args, 'device', 'the device')}. Try --dtype float16, {hint}.",
+              file=sys.stderr)
+        return 1
+    except OSError as e:
+        if args.verbose:
+            raise
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"celebbasis: error: cannot read or write{where}: {e.strerror or e}. Check the path and free disk space.",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: say so in one line; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"celebbasis: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+              "Run again with -v for the traceback and report it.", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -160,21 +160,21 @@ def load_image(path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
-                    raise InputError(
-                        f"{path} is {im.width}x{im.height} pixels, over the {MAX_PIXELS // 1_000_000} MP limit. "
-                        "Resize it (a face needs far fewer pixels)."
-                    )
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height}")
                 if getattr(im, "n_frames", 1) > 1:
                     logger.warning("%s has %d frames; using the first.", path, im.n_frames)
                     im.seek(0)
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im)
-    except InputError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(f"{path} is not an image Pillow can read ({type(e).__name__}). Pass a JPEG, PNG or WebP photo.") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"{path} has too many pixels (over {MAX_PIXELS // 1_000_000} MP, or a decompression bomb). "
+            "Resize the photo; a face needs far fewer pixels."
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not an image Pillow can read. Pass a JPEG, PNG or WebP photo.") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"{path} could not be decoded ({e}). The file is truncated or damaged; export it again.") from None
 
 

@@ -69,6 +69,14 @@ def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise InputError(f"{path}: no such file. Check the path.")
     if path.is_dir():
         raise InputError(f"{path} is a folder, not a file. Pass the .safetensors file inside it.")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"  # u64 header length, then the JSON header
+    if not looks_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
+        raise FileFormatError(
+            f"{path} is a pickled PyTorch file (.pt/.bin); celebbasis never loads pickles. "
+            "Pass a .safetensors file written by celebbasis."
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

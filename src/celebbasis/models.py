@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from .errors import InputError, ModelLoadError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-TINY_MODEL = "tiny"  # shown in metadata for the in-process tiny random model
+TINY_MODEL = "tiny"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)  # shown in metadata for the in-process tiny random model
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -81,6 +83,15 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device = "a
                 f"{path} is not a diffusers model folder (no model_index.json). "
                 "Convert single-file checkpoints with diffusers' convert scripts, or pass a hub id."
             )
+        try:
+            cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON. Re-download or re-save the model.") from None
+        if cls not in SUPPORTED_PIPELINES:
+            raise ModelLoadError(
+                f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x model "
+                f"({', '.join(SUPPORTED_PIPELINES)})."
+            )
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path) if looks_local else model, torch_dtype=dt, revision=revision)
     except OSError as e:
@@ -95,8 +106,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device = "a
         raise ModelLoadError(
             f"{model} is not a Stable Diffusion 1.x/2.x pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
         ) from None
-    if not hasattr(pipe, "text_encoder") or pipe.text_encoder is None:
-        raise ModelLoadError(f"{model} has no text encoder; only Stable Diffusion 1.x/2.x models are supported.")
+    if getattr(pipe, "text_encoder", None) is None or pipe.unet.config.in_channels != 4:
+        raise ModelLoadError(f"{model} is not a text-to-image Stable Diffusion 1.x/2.x model; those are the ones supported.")
     return pipe.to(dev)
 
 

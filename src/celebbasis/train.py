@@ -346,6 +346,10 @@ def personalize(
                              dedupe=cfg.dedupe, source=base_model)
     if basis.embedding_dim != width:
         raise InputError(f"The basis is {basis.embedding_dim} wide but the text encoder is {width}. Build the basis from this model.")
+    built_from = basis.metadata.get("text_encoder_sha256")
+    if built_from and built_from != table_fingerprint(pipe.tokenizer, pipe.text_encoder):
+        logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
+                       "Rebuild it with build-basis for this model.", basis.metadata.get("text_encoder") or "unknown")
     analyses = []
     for p in photos:
         if not isinstance(p, FaceAnalysis):
@@ -355,6 +359,7 @@ def personalize(
 
     trainer = Personalizer(pipe, analyses, names, cfg, basis, base_model)
     total = cfg.total_steps(len(names))
+    logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, cfg.resolution, trainer.device)
     t0 = time.perf_counter()
     bar = tqdm(range(total), desc="personalize", disable=not show_progress, unit="step")
     for step in bar:
