@@ -66,7 +66,7 @@ def test_saved_coefficients_are_the_normalised_average(tiny_pipe, astronaut):
     seen = []
     for _ in range(3):
         with torch.no_grad():
-            seen.append(trainer.coefficients()[0].clone())
+            seen.append(trainer.coefficients()[0][0].clone())  # encoder 0, identity 0: (K, n)
         trainer.step()
     ema = seen[0]  # batch 2: two updates per step, starting from the first prediction
     for c in [seen[0]] + [c for c in seen[1:] for _ in range(2)]:

@@ -39,14 +39,11 @@ def _setup_logging(args) -> None:
         warnings.filterwarnings("ignore")
         for name in ("transformers", "diffusers", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()
-    else:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.enable_progress_bar()
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_progress_bar() if args.quiet else lib.enable_progress_bar()
 
 
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:

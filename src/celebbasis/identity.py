@@ -71,15 +71,18 @@ class Identity:
 
     Attributes:
         token: the prompt word, e.g. ``"<alice>"``.
-        coefficients: (K, n) unit rows.
+        coefficients: (K, n) unit rows, for the (first) text encoder.
         embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
         metadata: base model, basis hash, face encoder, steps, seed, creation date, ...
+        coefficients_2, embeddings_2: the same for SDXL's second text encoder (OpenCLIP-G), else None.
     """
 
     token: str
     coefficients: Tensor
     embeddings: Tensor
     metadata: dict = field(default_factory=dict)
+    coefficients_2: Tensor | None = None
+    embeddings_2: Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -93,32 +96,58 @@ class Identity:
     def embedding_dim(self) -> int:
         return self.embeddings.shape[1]
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.embeddings_2 is not None
+
+    def parts(self) -> list[tuple[Tensor, Tensor]]:
+        """(coefficients, embeddings) per text encoder: one pair, or two for SDXL."""
+        out = [(self.coefficients, self.embeddings)]
+        if self.embeddings_2 is not None:
+            out.append((self.coefficients_2, self.embeddings_2))
+        return out
+
     @classmethod
-    def from_coefficients(cls, token: str, coefficients: Tensor, basis, **metadata) -> "Identity":
-        """Identity from (K, n) coefficients and the ``CelebBasis`` they live in."""
-        coefficients = coefficients.detach().float().cpu()
-        emb = basis.reconstruct(coefficients)
-        meta = {"basis_sha256": basis.fingerprint, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    def from_coefficients(cls, token: str, coefficients, basis, **metadata) -> "Identity":
+        """Identity from (K, n) coefficients and the ``CelebBasis`` they live in.
+
+        For SDXL pass lists: ``[coeffs_l, coeffs_g]`` and ``[basis_l, basis_g]``.
+        """
+        coeffs = [c.detach().float().cpu() for c in (coefficients if isinstance(coefficients, (list, tuple)) else [coefficients])]
+        bases = list(basis) if isinstance(basis, (list, tuple)) else [basis]
+        if len(coeffs) != len(bases) or len(coeffs) not in (1, 2):
+            raise ValueError("one coefficient tensor per basis, one or two of them")
+        embs = [b.reconstruct(c) for c, b in zip(coeffs, bases)]
+        meta = {"basis_sha256": ",".join(b.fingerprint for b in bases),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         meta.update(metadata)
-        return cls(token, coefficients, emb, meta)
+        second = (coeffs[1], embs[1]) if len(coeffs) == 2 else (None, None)
+        return cls(token, coeffs[0], embs[0], meta, *second)
 
     def save(self, path) -> Path:
-        """Write ``NAME.safetensors``: tensors ``coefficients``, ``embeddings`` + metadata."""
+        """Write ``NAME.safetensors``: tensors ``coefficients``, ``embeddings`` (+ ``_2`` for SDXL) + metadata."""
         meta = {"token": self.token, **self.metadata}
-        return save_artifact(path, {"coefficients": self.coefficients.float(), "embeddings": self.embeddings.float()}, IDENTITY_FORMAT, meta)
+        tensors = {"coefficients": self.coefficients.float(), "embeddings": self.embeddings.float()}
+        if self.is_sdxl:
+            tensors.update(coefficients_2=self.coefficients_2.float(), embeddings_2=self.embeddings_2.float())
+        return save_artifact(path, tensors, IDENTITY_FORMAT, meta)
 
     @classmethod
     def load(cls, path) -> "Identity":
         """Read an identity file; raises ``FileFormatError`` for anything else."""
         tensors, meta = load_artifact(path, IDENTITY_FORMAT, ("coefficients", "embeddings"))
-        coeffs, emb = tensors["coefficients"].float(), tensors["embeddings"].float()
-        if emb.ndim != 2 or coeffs.ndim != 2 or coeffs.shape[0] != emb.shape[0]:
-            raise FileFormatError(
-                f"{path}: inconsistent shapes coefficients {tuple(coeffs.shape)}, embeddings {tuple(emb.shape)}. Re-create the identity."
-            )
+        parts = [(tensors["coefficients"].float(), tensors["embeddings"].float())]
+        if "embeddings_2" in tensors and "coefficients_2" in tensors:
+            parts.append((tensors["coefficients_2"].float(), tensors["embeddings_2"].float()))
+        for coeffs, emb in parts:
+            if emb.ndim != 2 or coeffs.ndim != 2 or coeffs.shape[0] != emb.shape[0] or emb.shape[0] != parts[0][1].shape[0]:
+                raise FileFormatError(
+                    f"{path}: inconsistent shapes coefficients {tuple(coeffs.shape)}, embeddings {tuple(emb.shape)}. Re-create the identity."
+                )
         token = meta.pop("token", None) or f"<{Path(path).stem}>"
         meta.pop("format", None)
         for key in ("steps", "seed"):
             if key in meta:
                 meta[key] = decode_json(meta[key], meta[key])
-        return cls(token, coeffs, emb, meta)
+        second = parts[1] if len(parts) == 2 else (None, None)
+        return cls(token, *parts[0], meta, *second)

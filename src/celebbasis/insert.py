@@ -64,17 +64,29 @@ def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[
     return tokenizer.convert_tokens_to_ids(words)
 
 
-def load_identity(pipe, identity_or_path, token: str | None = None, *, tokenizer=None, text_encoder=None) -> str:
+def text_encoders(pipe) -> list[tuple]:
+    """(tokenizer, text_encoder) pairs of a pipeline: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def encoders_fingerprint(pipe) -> str:
+    """``table_fingerprint`` of every text encoder, comma-separated."""
+    return ",".join(table_fingerprint(tok, te) for tok, te in text_encoders(pipe))
+
+
+def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
     """Make a diffusers pipeline understand an identity's token in prompts.
 
     After this, ``pipe("<alice> person at the beach")`` draws the person, exactly as if the same
-    vectors had been loaded with ``pipe.load_textual_inversion``.
+    vectors had been loaded with ``pipe.load_textual_inversion`` (into both text encoders for SDXL).
 
     Args:
-        pipe: a diffusers Stable Diffusion pipeline (``tokenizer`` and ``text_encoder`` used).
+        pipe: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline.
         identity_or_path: an ``Identity`` or the path of an identity file.
         token: prompt word to use instead of the identity's own (``"<bob>"`` or ``"bob"``).
-        tokenizer, text_encoder: override the pipeline's (for pipelines with several encoders).
 
     Returns:
         The token now understood in prompts.
@@ -87,25 +99,34 @@ def load_identity(pipe, identity_or_path, token: str | None = None, *, tokenizer
     from .identity import Identity, token_for
 
     identity = identity_or_path if isinstance(identity_or_path, Identity) else Identity.load(identity_or_path)
-    tokenizer = tokenizer or pipe.tokenizer
-    text_encoder = text_encoder or pipe.text_encoder
     token = token_for(token) if token else identity.token
-    emb = text_encoder.get_input_embeddings()
-    if identity.embedding_dim != emb.embedding_dim:
+    pairs = text_encoders(pipe)
+    parts = identity.parts()
+    family = identity.metadata.get("base_model", "unknown")
+    if len(parts) != len(pairs):
+        kind = "SDXL" if identity.is_sdxl else "SD 1.x/2.x"
         raise FileFormatError(
-            f"Identity {identity.token} has {identity.embedding_dim}-wide embeddings but this model's text encoder is "
-            f"{emb.embedding_dim} wide. Use the model family it was trained for ({identity.metadata.get('base_model', 'unknown')})."
+            f"Identity {identity.token} was made for {kind} ({family}) but this model has {len(pairs)} text encoder(s). "
+            "Use a model of the family it was trained for."
         )
+    for (tokenizer, text_encoder), (_, embeddings) in zip(pairs, parts):
+        width = text_encoder.get_input_embeddings().embedding_dim
+        if embeddings.shape[1] != width:
+            raise FileFormatError(
+                f"Identity {identity.token} has {embeddings.shape[1]}-wide embeddings but this model's text encoder is "
+                f"{width} wide. Use the model family it was trained for ({family})."
+            )
     trained_on = identity.metadata.get("text_encoder_sha256")
-    if trained_on and trained_on != table_fingerprint(tokenizer, text_encoder):
+    if trained_on and trained_on != encoders_fingerprint(pipe):
         logger.warning(
             "Identity %s was trained with a different text encoder (base model %s); it may not look like the person.",
-            identity.token, identity.metadata.get("base_model", "unknown"),
+            identity.token, family,
         )
-    ids = add_placeholder(tokenizer, text_encoder, token, identity.n_tokens)
-    weight = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        weight[ids] = identity.embeddings.to(weight.device, weight.dtype)
+    for (tokenizer, text_encoder), (_, embeddings) in zip(pairs, parts):
+        ids = add_placeholder(tokenizer, text_encoder, token, embeddings.shape[0])
+        weight = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[ids] = embeddings.to(weight.device, weight.dtype)
     return token
 
 

@@ -20,13 +20,14 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image, ImageEnhance
 from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import InputError
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, expand_prompt, load_identity, table_fingerprint, token_override
+from .insert import add_placeholder, encoders_fingerprint, expand_prompt, load_identity, table_fingerprint, text_encoders, token_override
 
 logger = logging.getLogger(__name__)
 
@@ -194,74 +195,118 @@ class Personalizer:
 
     Builds everything once (placeholder words, training crops, face vectors, the identity
     network, optimiser, noise scheduler); then each ``step`` draws a batch and takes one AdamW step.
+    SDXL pipelines get one basis and one network head per text encoder, and the UNet's added
+    conditions (pooled text embedding of the second encoder, size and crop time ids).
     """
 
-    def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, basis, base_model: str):
+    def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str):
         from diffusers import DDPMScheduler
 
-        self.pipe, self.cfg, self.basis, self.base_model = pipe, config, basis, base_model
+        self.pipe, self.cfg, self.base_model = pipe, config, base_model
+        self.bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
+        self.encoders = text_encoders(pipe)  # [(tokenizer, text_encoder)], two for SDXL
+        if len(self.bases) != len(self.encoders):
+            raise InputError(f"{len(self.encoders)} text encoder(s) but {len(self.bases)} basis/bases given.")
+        self.is_sdxl = len(self.encoders) == 2
         self.analyses = analyses
-        tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
-        for module in (pipe.vae, pipe.unet, text_encoder):
+        for module in [pipe.vae, pipe.unet] + [te for _, te in self.encoders]:
             module.requires_grad_(False)
             module.eval()
         encoders = {a.encoder for a in analyses}
         if len(encoders) > 1:
             raise InputError(f"Photos were analysed with different face encoders ({sorted(encoders)}); use one for a joint run.")
         self.face_encoder = encoders.pop()
-        self.n_id, self.k = len(names), basis.n_tokens
+        self.n_id, self.k = len(names), self.bases[0].n_tokens
         self.tokens = [f"<{n}>" for n in names]
-        self.token_ids = [i for t in self.tokens for i in add_placeholder(tokenizer, text_encoder, t, self.k)]  # (n_id*K,)
+        self.token_ids = [  # per encoder: (n_id*K,) ids of the placeholder words
+            [i for t in self.tokens for i in add_placeholder(tok, te, t, self.k)] for tok, te in self.encoders
+        ]
         self.crops = [a.crop(config.resolution) for a in analyses]
         self.faces = torch.from_numpy(np.stack([a.embedding for a in analyses])).float().to(self.device)  # (n_id, f)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
-        self.mlp = IdentityEncoder(self.faces.shape[1], self.k, basis.n_components).to(self.device)
-        self.mean = basis.mean.to(self.device)  # (K, d)
-        self.components = basis.components.to(self.device)  # (K, n, d)
-        self.opt = torch.optim.AdamW(self.mlp.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.heads = nn.ModuleList(
+            IdentityEncoder(self.faces.shape[1], self.k, b.n_components) for b in self.bases
+        ).to(self.device)
+        self.means = [b.mean.to(self.device) for b in self.bases]  # (K, d) each
+        self.components = [b.components.to(self.device) for b in self.bases]  # (K, n, d) each
+        self.opt = torch.optim.AdamW(self.heads.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction = self.noise_scheduler.config.prediction_type
         if self.prediction not in ("epsilon", "v_prediction"):
             raise InputError(f"Unsupported prediction type {self.prediction!r}; only epsilon and v_prediction models are supported.")
-        self.ema: list[torch.Tensor | None] = [None] * self.n_id
+        self.ema: list[list[torch.Tensor] | None] = [None] * self.n_id  # per identity: one (K, n) per encoder
         self.losses: list[float] = []
         self.steps_done = 0
 
+    @property
+    def mlp(self) -> IdentityEncoder:
+        """The identity network of the (first) text encoder."""
+        return self.heads[0]
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:  # SDXL's VAE overflows in float16
+            vae.to(torch.float32)
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.sample(self.gen)
+        if upcast:
+            vae.to(torch.float16)
+        return latents * vae.config.scaling_factor
+
     def sample_batch(self) -> dict:
         """Draw one batch: augmented views -> noisy latents, timesteps, targets, caption ids."""
-        cfg, pipe, tokenizer = self.cfg, self.pipe, self.pipe.tokenizer
+        cfg = self.cfg
         who = [(self.steps_done * cfg.batch_size + b) % self.n_id for b in range(cfg.batch_size)]
         views = [augment(self.crops[i], cfg.resolution, self.rng, cfg) for i in who]
-        caps = [expand_prompt(tokenizer, caption(self.tokens[i], self.rng)) for i in who]
+        caps = [caption(self.tokens[i], self.rng) for i in who]
         with torch.no_grad():
-            pixels = to_tensor(views).to(self.device, pipe.vae.dtype)  # (B, 3, H, W)
-            latents = pipe.vae.encode(pixels).latent_dist.sample(self.gen) * pipe.vae.config.scaling_factor
-            latents = latents.to(self.dtype)  # (B, 4, H/8, W/8)
+            latents = self._encode_pixels(to_tensor(views)).to(self.dtype)  # (B, 4, H/8, W/8)
             noise = torch.randn(latents.shape, generator=self.gen).to(self.device, self.dtype)
             t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(who),), generator=self.gen).to(self.device)
             noisy = self.noise_scheduler.add_noise(latents, noise, t)
             target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
-            input_ids = tokenizer(caps, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                                  return_tensors="pt").input_ids.to(self.device)
+            input_ids = [
+                tok([expand_prompt(tok, c) for c in caps], padding="max_length", truncation=True,
+                    max_length=tok.model_max_length, return_tensors="pt").input_ids.to(self.device)
+                for tok, _ in self.encoders
+            ]
         return {"who": who, "captions": caps, "latents": latents, "noise": noise, "timesteps": t, "noisy": noisy,
                 "target": target, "input_ids": input_ids}
 
-    def coefficients(self) -> torch.Tensor:
-        """(n_id, K, n) current predictions of the identity network."""
-        return self.mlp(self.faces)
+    def coefficients(self) -> list[torch.Tensor]:
+        """Current predictions of the identity network: (n_id, K, n) per text encoder."""
+        return [head(self.faces) for head in self.heads]
 
-    def loss(self, batch: dict, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+    def _condition(self, batch: dict, coeffs: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Text conditioning with the identity words set from ``coeffs``, as the pipeline computes it."""
+        hidden, pooled = [], None
+        for (tok, te), ids, c, comps, mean, input_ids in zip(
+            self.encoders, self.token_ids, coeffs, self.components, self.means, batch["input_ids"]
+        ):
+            rows = torch.einsum("ikn,knd->ikd", c, comps) + mean  # (n_id, K, d)
+            with token_override(te.get_input_embeddings(), ids) as override:
+                override["rows"] = rows.reshape(len(ids), -1)
+                if not self.is_sdxl:
+                    return te(input_ids)[0], {}  # (B, T, d): last hidden state, as SD 1.x/2.x pipelines use
+                out = te(input_ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL: penultimate layer of each encoder
+            if out[0].ndim == 2:
+                pooled = out[0]  # (B, proj): pooled text embedding of the second encoder
+        size = self.cfg.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=self.dtype)
+        added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.repeat(len(batch["who"]), 1)}
+        return torch.cat(hidden, dim=-1), added
+
+    def loss(self, batch: dict, coeffs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Diffusion loss of ``batch`` with the identity words set from ``coeffs`` (default: current)."""
         coeffs = self.coefficients() if coeffs is None else coeffs
-        rows = torch.einsum("ikn,knd->ikd", coeffs, self.components) + self.mean  # (n_id, K, d)
-        with token_override(self.pipe.text_encoder.get_input_embeddings(), self.token_ids) as override:
-            override["rows"] = rows.reshape(self.n_id * self.k, -1)
-            cond = self.pipe.text_encoder(batch["input_ids"])[0]  # (B, T, d)
-        pred = self.pipe.unet(batch["noisy"], batch["timesteps"], encoder_hidden_states=cond.to(self.dtype)).sample
+        cond, added = self._condition(batch, coeffs)
+        kwargs = {"added_cond_kwargs": added} if added else {}
+        pred = self.pipe.unet(batch["noisy"], batch["timesteps"], encoder_hidden_states=cond.to(self.dtype), **kwargs).sample
         return F.mse_loss(pred.float(), batch["target"].float())
 
     def step(self, batch: dict | None = None) -> float:
@@ -275,8 +320,9 @@ class Personalizer:
         m = self.cfg.ema_momentum
         with torch.no_grad():
             for i in batch["who"]:  # one average update per batch element showing that identity
-                c = coeffs[i].detach().float().cpu()
-                self.ema[i] = c.clone() if self.ema[i] is None else m * self.ema[i] + (1 - m) * c
+                now = [c[i].detach().float().cpu() for c in coeffs]
+                prev = self.ema[i]
+                self.ema[i] = now if prev is None else [m * p + (1 - m) * c for p, c in zip(prev, now)]
         self.steps_done += 1
         self.losses.append(loss.item())
         return self.losses[-1]
@@ -284,15 +330,15 @@ class Personalizer:
     def identities(self) -> list[Identity]:
         """The averaged coefficients (rows re-normalised to unit length) as ``Identity`` objects."""
         with torch.no_grad():
-            current = self.coefficients().float().cpu()
-        te_hash = table_fingerprint(self.pipe.tokenizer, self.pipe.text_encoder)
+            current = [c.float().cpu() for c in self.coefficients()]
+        te_hash = encoders_fingerprint(self.pipe)
         out = []
         for i, token in enumerate(self.tokens):
-            coeffs = F.normalize(self.ema[i] if self.ema[i] is not None else current[i], dim=-1)
+            avg = self.ema[i] if self.ema[i] is not None else [c[i] for c in current]
             out.append(Identity.from_coefficients(
-                token, coeffs, self.basis, base_model=self.base_model, face_encoder=self.face_encoder,
-                steps=self.steps_done, seed=self.cfg.seed, text_encoder_sha256=te_hash,
-                source_photo=Path(self.analyses[i].path).name,
+                token, [F.normalize(c, dim=-1) for c in avg], self.bases, base_model=self.base_model,
+                face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
+                text_encoder_sha256=te_hash, source_photo=Path(self.analyses[i].path).name,
             ))
         return out
 
@@ -318,7 +364,7 @@ def personalize(
         photos: image paths or ``FaceAnalysis`` results, one per person.
         names: one name per photo; the prompt token is ``<name>``.
         config: ``TrainConfig``; defaults follow the paper.
-        basis: a ``CelebBasis`` for this text encoder; built (and cached) when ``None``.
+        basis: a ``CelebBasis`` for this text encoder (a list of two for SDXL); built and cached when ``None``.
         face_analyzer: detector + identity network; dlib's when ``None``.
         face_index: which face to use in photos with several (0 = largest).
         base_model: id or path of the model, recorded in the identity files.
@@ -340,16 +386,22 @@ def personalize(
     cfg = config or TrainConfig()
     names = check_inputs(pipe, list(names), len(photos))
     base_model = base_model or model_name(pipe)
-    width = pipe.text_encoder.get_input_embeddings().embedding_dim
-    if basis is None:
-        basis = cached_basis(pipe.tokenizer, pipe.text_encoder, n_components=cfg.n_components, n_tokens=cfg.n_tokens,
-                             dedupe=cfg.dedupe, source=base_model)
-    if basis.embedding_dim != width:
-        raise InputError(f"The basis is {basis.embedding_dim} wide but the text encoder is {width}. Build the basis from this model.")
-    built_from = basis.metadata.get("text_encoder_sha256")
-    if built_from and built_from != table_fingerprint(pipe.tokenizer, pipe.text_encoder):
-        logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
-                       "Rebuild it with build-basis for this model.", basis.metadata.get("text_encoder") or "unknown")
+    bases = list(basis) if isinstance(basis, (list, tuple)) else [basis] if basis is not None else []
+    pairs = text_encoders(pipe)
+    if not bases:
+        bases = [cached_basis(tok, te, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
+                              source=base_model) for tok, te in pairs]
+    if len(bases) != len(pairs):
+        raise InputError(f"This model has {len(pairs)} text encoder(s) but {len(bases)} basis file(s) were given; "
+                         "pass one per encoder or none.")
+    for b, (tok, te) in zip(bases, pairs):
+        width = te.get_input_embeddings().embedding_dim
+        if b.embedding_dim != width:
+            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. Build the basis from this model.")
+        built_from = b.metadata.get("text_encoder_sha256")
+        if built_from and built_from != table_fingerprint(tok, te):
+            logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
+                           "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")
     analyses = []
     for p in photos:
         if not isinstance(p, FaceAnalysis):
@@ -357,7 +409,7 @@ def personalize(
             p = face_analyzer(p, face_index=face_index)
         analyses.append(p)
 
-    trainer = Personalizer(pipe, analyses, names, cfg, basis, base_model)
+    trainer = Personalizer(pipe, analyses, names, cfg, bases, base_model)
     total = cfg.total_steps(len(names))
     logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, cfg.resolution, trainer.device)
     t0 = time.perf_counter()
