@@ -60,16 +60,25 @@ class CelebBasis:
         """Hash of the embedding table, names and settings the basis was built from."""
         return self.metadata.get("basis_sha256", "")
 
+    def _slots(self, rows: int, device) -> Tensor:
+        """Slot of each of ``rows`` token vectors: 0..K-1, vectors past K use the last slot."""
+        return torch.arange(rows, device=device).clamp(max=self.n_tokens - 1)
+
     def reconstruct(self, coefficients: Tensor) -> Tensor:
-        """(..., K, n) coefficients -> (..., K, d) token embeddings: ``c_j @ B_j + mean_j``."""
-        comps = self.components.to(coefficients.device, coefficients.dtype)
-        mean = self.mean.to(coefficients.device, coefficients.dtype)
+        """(..., K, n) coefficients -> (..., K, d) token embeddings: ``c_j @ B_j + mean_j``.
+
+        Any number of rows works: row ``i`` uses slot ``min(i, K-1)`` (imported embeddings).
+        """
+        slots = self._slots(coefficients.shape[-2], coefficients.device)
+        comps = self.components.to(coefficients.device, coefficients.dtype)[slots]
+        mean = self.mean.to(coefficients.device, coefficients.dtype)[slots]
         return torch.einsum("...kn,knd->...kd", coefficients, comps) + mean
 
     def project(self, embeddings: Tensor) -> Tensor:
         """(..., K, d) embeddings -> (..., K, n) least-squares coefficients (orthonormal rows)."""
-        comps = self.components.to(embeddings.device, embeddings.dtype)
-        return torch.einsum("...kd,knd->...kn", embeddings - self.mean.to(embeddings), comps)
+        slots = self._slots(embeddings.shape[-2], embeddings.device)
+        comps = self.components.to(embeddings.device, embeddings.dtype)[slots]
+        return torch.einsum("...kd,knd->...kn", embeddings - self.mean.to(embeddings)[slots], comps)
 
     def save(self, path) -> Path:
         """Write the basis as safetensors (``mean``, ``components``, ``ranks``) with its metadata."""

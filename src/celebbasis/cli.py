@@ -49,8 +49,9 @@ def _setup_logging(args) -> None:
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("common")
     if model:
-        g.add_argument("--model", default=None, help="hub id or local diffusers folder of an SD 1.x/2.x model "
+        g.add_argument("--model", default=None, help="hub id or local diffusers folder of an SD 1.x/2.x or SDXL model "
                        "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+        g.add_argument("--sdxl", action="store_true", help="SDXL: default model stabilityai/stable-diffusion-xl-base-1.0 (and a tiny SDXL with --tiny)")
         g.add_argument("--tiny", action="store_true", help="use a tiny random model built in-process (for trying things out; images are noise)")
         g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
         g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -67,7 +68,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=2, help="views per step (default: 2, as the paper)")
     g.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate (default: 0.01)")
     g.add_argument("--face-index", type=int, default=None, help="which face to use in photos with several (0 = largest; default: largest)")
-    g.add_argument("--basis", default=None, help="basis file from build-basis (default: built from the model and cached)")
+    g.add_argument("--basis", action="append", default=None,
+                   help="basis file from build-basis; twice for SDXL (default: built from the model and cached)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="sampler (default: ddim)")
     _common(p)
 
+    p = sub.add_parser("export", help="write an identity as a textual-inversion file for diffusers, A1111 or ComfyUI")
+    p.add_argument("identity", metavar="IDENTITY", help="identity file (NAME.safetensors)")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "a1111", "comfyui"], help="target tool (default: diffusers)")
+    p.add_argument("-o", "--output", default=".", help="output file or folder (default: NAME.safetensors here)")
+    p.add_argument("--pt", action="store_true", help="A1111's classic .pt layout instead of safetensors (SD 1.x/2.x)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _common(p, model=False)
+
+    p = sub.add_parser("import-embedding", help="turn a textual-inversion file into an identity (projected onto the basis)")
+    p.add_argument("embedding", metavar="FILE", help="TI file: .safetensors, or .pt (read with weights_only=True)")
+    p.add_argument("--name", required=True, help="name of the person; the prompt word is <name>")
+    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
+    p.add_argument("--basis", action="append", default=None, help="basis file(s) (default: built from the model and cached)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing identity")
+    _common(p)
+
+    p = sub.add_parser("mix", help="mix identities (and celebrity names) into a new identity")
+    p.add_argument("identities", nargs="*", metavar="IDENTITY", help="identity files to mix")
+    p.add_argument("--celebrity", action="append", default=[], help='a celebrity name to mix in, e.g. "Anne Hathaway" (repeatable)')
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one weight per identity, then per celebrity (default: equal weights)")
+    p.add_argument("--name", required=True, help="name of the mix; the prompt word is <name>")
+    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
+    p.add_argument("--basis", action="append", default=None, help="basis file(s) (default: built from the model and cached)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing identity")
+    _common(p)
+
     p = sub.add_parser("demo", help="learn the packaged public-domain face and draw the example prompts")
     p.add_argument("-o", "--output", default="celebbasis-demo", help="output folder (default: celebbasis-demo/)")
     p.add_argument("--photo", action="append", default=None, help="use your own photo(s) instead of the packaged one; a second photo also fills <id2> prompts")
@@ -118,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .models import DEFAULT_MODEL, load_pipeline
+    from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, load_pipeline
 
-    logger.info("Loading %s ...", "the tiny random model" if args.tiny else args.model or DEFAULT_MODEL)
-    return load_pipeline(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype, revision=args.revision, tiny=args.tiny)
+    model = args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
+    logger.info("Loading %s ...", "the tiny random model" if args.tiny else model)
+    return load_pipeline(model, device=args.device, dtype=args.dtype, revision=args.revision, tiny=args.tiny, sdxl=args.sdxl)
 
 
 MIN_FREE_BYTES = 50 * 1024 * 1024  # refuse to start on a nearly full disk
@@ -167,7 +197,7 @@ def _basis(args):
         return None
     from .basis import CelebBasis
 
-    return CelebBasis.load(args.basis)
+    return [CelebBasis.load(p) for p in args.basis]
 
 
 def cmd_build_basis(args) -> int:
@@ -184,12 +214,16 @@ def cmd_build_basis(args) -> int:
         if not p.is_file():
             raise InputError(f"{p}: no such names file. Pass a text file with one name a line.")
         names = p.read_text(encoding="utf-8").splitlines()
+    from .insert import text_encoders
+
     pipe = _load(args)
-    basis = build_basis(pipe.tokenizer, pipe.text_encoder, names, n_components=args.n_components,
-                        n_tokens=args.n_tokens, dedupe=args.dedupe, source=model_name(pipe))
-    basis.save(out)
-    logger.info("Wrote %s: %d slots x %d directions x %d dims, ranks %s.", out, basis.n_tokens, basis.n_components,
-                basis.embedding_dim, basis.ranks)
+    for i, (tok, te) in enumerate(text_encoders(pipe)):
+        path = out if i == 0 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
+        basis = build_basis(tok, te, names, n_components=args.n_components, n_tokens=args.n_tokens, dedupe=args.dedupe,
+                            source=model_name(pipe))
+        basis.save(path)
+        logger.info("Wrote %s: %d slots x %d directions x %d dims, ranks %s.", path, basis.n_tokens, basis.n_components,
+                    basis.embedding_dim, basis.ranks)
     return 0
 
 
@@ -280,7 +314,85 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "generate": cmd_generate, "demo": cmd_demo}
+def _bases(args, pipe):
+    """The bases given with --basis, else the model's (built once, then cached)."""
+    from .basis import cached_basis
+    from .insert import text_encoders
+    from .models import model_name
+
+    given = _basis(args)
+    if given:
+        return given
+    return [cached_basis(tok, te, source=model_name(pipe)) for tok, te in text_encoders(pipe)]
+
+
+def _identity_target(args, name: str) -> Path:
+    out = Path(args.output)
+    _check_output_dir(out)
+    target = out / f"{name}.safetensors"
+    if target.exists() and not args.overwrite:
+        raise InputError(f"{target} already exists. Pass --overwrite to replace it, or choose another --name.")
+    return target
+
+
+def cmd_export(args) -> int:
+    from .export import export_identity
+    from .identity import Identity
+
+    identity = Identity.load(args.identity)
+    out = Path(args.output)
+    _check_output_dir(out if out.is_dir() or out.suffix == "" else out.parent)
+    path = export_identity(identity, args.format, out, pt=args.pt, overwrite=args.overwrite)
+    use = {
+        "diffusers": f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts',
+        "a1111": f'copy it into stable-diffusion-webui/embeddings/, then "{path.stem} person ..." in prompts',
+        "comfyui": f'copy it into ComfyUI/models/embeddings/, then "embedding:{path.stem} person ..." in prompts',
+    }[args.format]
+    logger.info("Wrote %s: %s", path, use)
+    return 0
+
+
+def cmd_import_embedding(args) -> int:
+    from .export import import_embedding, read_embedding_file
+    from .identity import check_name
+    from .insert import encoders_fingerprint
+    from .models import model_name
+
+    name = check_name(args.name)
+    target = _identity_target(args, name)
+    read_embedding_file(args.embedding)  # a bad file fails before the model loads
+    pipe = _load(args)
+    identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), base_model=model_name(pipe))
+    identity.metadata["text_encoder_sha256"] = encoders_fingerprint(pipe)
+    identity.save(target)
+    logger.info("Wrote %s (%d vectors); relative residual of the projection: %s. 0 means the embedding lies in the basis.",
+                target, identity.n_tokens, ", ".join(f"{r:.3f}" for r in residuals))
+    return 0
+
+
+def cmd_mix(args) -> int:
+    from .identity import Identity, check_name
+    from .insert import encoders_fingerprint
+    from .mix import mix
+
+    name = check_name(args.name)
+    target = _identity_target(args, name)
+    items = [Identity.load(p) for p in args.identities] + list(args.celebrity)
+    if not items:
+        raise InputError("Nothing to mix. Pass identity files and/or --celebrity NAME.")
+    weights = args.weights or [1.0 / len(items)] * len(items)
+    if len(weights) != len(items):
+        raise InputError(f"{len(items)} ingredient(s) but {len(weights)} --weights. Pass one weight per identity, then per celebrity.")
+    pipe = _load(args)
+    identity = mix(list(zip(items, weights)), name, _bases(args, pipe), pipe)
+    identity.metadata["text_encoder_sha256"] = encoders_fingerprint(pipe)
+    identity.save(target)
+    logger.info("Wrote %s: %s", target, " + ".join(f"{w:g} x {getattr(i, 'token', i)}" for i, w in zip(items, weights)))
+    return 0
+
+
+COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "generate": cmd_generate, "export": cmd_export,
+            "import-embedding": cmd_import_embedding, "mix": cmd_mix, "demo": cmd_demo}
 
 
 def _on_sigterm(signum, frame):

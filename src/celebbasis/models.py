@@ -13,8 +13,9 @@ from .errors import InputError, ModelLoadError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TINY_MODEL = "tiny"
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)  # shown in metadata for the in-process tiny random model
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # shown in metadata for the in-process tiny random model
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -49,28 +50,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                  revision: str | None = None, tiny: bool = False):
-    """Load a Stable Diffusion 1.x/2.x pipeline from a hub id or a local diffusers folder.
+def load_pipeline(model: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                  revision: str | None = None, tiny: bool = False, sdxl: bool = False):
+    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id or a local diffusers folder.
 
     Args:
         model: hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a folder with
-            ``model_index.json``.
+            ``model_index.json``; ``None`` means ``DEFAULT_MODEL`` (``DEFAULT_SDXL_MODEL`` with ``sdxl``).
         device, dtype: where and in what precision; ``auto`` as in ``resolve_device``/``resolve_dtype``.
         revision: hub revision (branch, tag or commit).
         tiny: ignore ``model`` and build the seeded tiny random model in-process.
+        sdxl: the default model and the tiny model are SDXL.
 
     Raises:
         ModelLoadError: folder missing or not a diffusers model, or hub id neither cached nor downloadable.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    model = model or (DEFAULT_SDXL_MODEL if sdxl else DEFAULT_MODEL)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     if tiny:
         from .testing import tiny_pipeline
 
-        pipe = tiny_pipeline()
+        pipe = tiny_pipeline(family="sdxl" if sdxl else "sd1")
         pipe.register_to_config(_name_or_path=TINY_MODEL)
         return pipe.to(dev, dt)
     path = Path(model).expanduser()
@@ -89,11 +92,11 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device = "a
             raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON. Re-download or re-save the model.") from None
         if cls not in SUPPORTED_PIPELINES:
             raise ModelLoadError(
-                f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x model "
-                f"({', '.join(SUPPORTED_PIPELINES)})."
+                f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x "
+                f"or SDXL ({', '.join(SUPPORTED_PIPELINES)})."
             )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path) if looks_local else model, torch_dtype=dt, revision=revision)
+        pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, torch_dtype=dt, revision=revision)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not looks_local and ("cached" in first or "connect" in first.lower() or "offline" in first.lower()):
@@ -104,10 +107,12 @@ def load_pipeline(model: str = DEFAULT_MODEL, *, device: str | torch.device = "a
         raise ModelLoadError(f"Cannot load model {model!r}: {first}") from None
     except (ValueError, TypeError, KeyError) as e:
         raise ModelLoadError(
-            f"{model} is not a Stable Diffusion 1.x/2.x pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
+            f"{model} is not a Stable Diffusion 1.x/2.x or SDXL pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
         ) from None
-    if getattr(pipe, "text_encoder", None) is None or pipe.unet.config.in_channels != 4:
-        raise ModelLoadError(f"{model} is not a text-to-image Stable Diffusion 1.x/2.x model; those are the ones supported.")
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)) or pipe.text_encoder is None \
+            or pipe.unet.config.in_channels != 4:
+        raise ModelLoadError(f"{model} ({type(pipe).__name__}) is not a text-to-image Stable Diffusion 1.x/2.x or SDXL model; "
+                             "those are the ones supported.")
     return pipe.to(dev)
 
 

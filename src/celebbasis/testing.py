@@ -16,12 +16,14 @@ TINY_WIDTH = 32  # text embedding width of the tiny model
 TINY_RESOLUTION = 64  # pixels; 8x8 latents through the 8x-downsampling tiny VAE
 
 
-def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon"):
-    """Build a tiny random ``StableDiffusionPipeline`` in memory.
+def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: str = "sd1"):
+    """Build a tiny random ``StableDiffusionPipeline`` (or SDXL pipeline) in memory.
 
     Args:
         seed: seeds every random weight, so two calls give identical models.
         prediction_type: ``"epsilon"`` (SD 1.x) or ``"v_prediction"`` (SD 2.x 768 px models).
+        family: ``"sd1"`` (CLIP ViT-L layout), ``"sd2"`` (OpenCLIP layout: pad token "!", linear
+            attention projections, v-prediction) or ``"sdxl"`` (two text encoders, added conditions).
 
     Returns:
         A ``diffusers.StableDiffusionPipeline`` on the CPU in float32, no safety checker.
@@ -31,10 +33,16 @@ def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon"):
         >>> pipe.tokenizer("sks", add_special_tokens=False).input_ids
         [48136]
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    tokenizer = clip_tokenizer()
+    if family == "sdxl":
+        return tiny_sdxl_pipeline(seed)
+    if family not in ("sd1", "sd2"):
+        raise ValueError(f"family must be sd1, sd2 or sdxl, got {family!r}")
+    sd2 = family == "sd2"
+    if sd2:
+        prediction_type = "v_prediction"
+    tokenizer = clip_tokenizer(pad_token="!" if sd2 else "<|endoftext|>")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 8,
@@ -47,34 +55,12 @@ def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon"):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TINY_WIDTH,
         attention_head_dim=4,
+        use_linear_projection=sd2,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=TINY_RESOLUTION,
-    )
+    vae = _tiny_vae()
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TINY_WIDTH,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=TINY_WIDTH,
-        )
-    )
+    text_encoder = _tiny_text_encoder(tokenizer, TINY_WIDTH)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -96,8 +82,94 @@ def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon"):
     )
 
 
-def save_tiny_pipeline(path, seed: int = 0, *, prediction_type: str = "epsilon") -> Path:
-    """Write ``tiny_pipeline(seed)`` as a diffusers model folder that ``--model PATH`` can load."""
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=TINY_RESOLUTION,
+    )
+
+
+def _tiny_text_encoder(tokenizer, width: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=width,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+TINY_WIDTH_2 = 64  # the tiny SDXL's second text encoder (OpenCLIP-G is 1280 wide)
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A tiny random ``StableDiffusionXLPipeline``: CLIP-L-like (32 wide) + OpenCLIP-G-like (64 wide, pad "!")."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + TINY_WIDTH_2,
+        cross_attention_dim=TINY_WIDTH + TINY_WIDTH_2,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    vae.register_to_config(scaling_factor=0.13025)
+    torch.manual_seed(seed + 2)
+    text_encoder = _tiny_text_encoder(tokenizer, TINY_WIDTH)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = _tiny_text_encoder(tokenizer_2, TINY_WIDTH_2, with_projection=True)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_pipeline(path, seed: int = 0, *, prediction_type: str = "epsilon", family: str = "sd1") -> Path:
+    """Write ``tiny_pipeline(...)`` as a diffusers model folder that ``--model PATH`` can load."""
     path = Path(path)
-    tiny_pipeline(seed, prediction_type=prediction_type).save_pretrained(path, safe_serialization=True)
+    tiny_pipeline(seed, prediction_type=prediction_type, family=family).save_pretrained(path, safe_serialization=True)
     return path

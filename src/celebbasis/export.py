@@ -1,0 +1,187 @@
+"""Identities everywhere SD runs: standard textual-inversion files out, any TI file in.
+
+Export layouts (safetensors, ``metadata={"format": "pt"}`` plus the token, base model and
+``modelspec.*`` keys):
+
+- ``diffusers``: ``{"<alice>": (K, d)}``; ``pipe.load_textual_inversion(FILE)`` needs no arguments.
+- ``a1111`` / ``comfyui``: ``{"emb_params": (K, d)}``; the file name is the trigger word.
+  ``pt=True`` writes A1111's classic ``.pt`` dict instead (tensors, strings and ints only, so it
+  loads with ``torch.load(weights_only=True)``).
+- SDXL, every format: ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
+
+Import reads any of these (and ``string_to_param`` ``.pt`` files through ``weights_only=True``) and
+projects the vectors onto the celeb basis (least squares), so old embeddings join identity prompts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import FileFormatError, InputError
+from .files import atomic_write, load_safetensors
+from .identity import Identity, check_name
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("diffusers", "a1111", "comfyui")
+_ARCH = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2-768-v"}
+
+
+def architecture(identity: Identity) -> str:
+    """``modelspec.architecture`` of an identity's embedding."""
+    if identity.is_sdxl:
+        return "stable-diffusion-xl-v1-base/textual-inversion"
+    return f"{_ARCH.get(identity.embedding_dim, 'stable-diffusion')}/textual-inversion"
+
+
+def export_tensors(identity: Identity, fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors of an export in layout ``fmt`` (see the module docstring)."""
+    if fmt not in FORMATS:
+        raise InputError(f"Unknown export format {fmt!r}. Choose one of: {', '.join(FORMATS)}.")
+    if identity.is_sdxl:
+        return {"clip_l": identity.embeddings.float().contiguous(), "clip_g": identity.embeddings_2.float().contiguous()}
+    if fmt == "diffusers":
+        return {identity.token: identity.embeddings.float().contiguous()}
+    return {"emb_params": identity.embeddings.float().contiguous()}
+
+
+def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", path=None, *, pt: bool = False,
+                    overwrite: bool = False) -> Path:
+    """Write an identity as a standard textual-inversion file.
+
+    Args:
+        identity: an ``Identity`` or an identity file.
+        fmt: ``diffusers``, ``a1111`` or ``comfyui``.
+        path: output file, or a folder (then ``NAME.safetensors`` / ``NAME.pt`` inside it);
+            ``None`` means the current folder.
+        pt: A1111's classic ``.pt`` layout instead of safetensors (SD 1.x/2.x only).
+        overwrite: replace an existing file.
+
+    Returns:
+        The written path.
+
+    Example:
+        >>> export_identity("identities/alice.safetensors", "diffusers", "exports/")
+        PosixPath('exports/alice.safetensors')
+        >>> pipe.load_textual_inversion("exports/alice.safetensors")  # then "<alice> person ..." works
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(identity, Identity):
+        identity = Identity.load(identity)
+    tensors = export_tensors(identity, fmt)
+    if pt and (fmt == "diffusers" or identity.is_sdxl):
+        raise InputError("--pt writes A1111's classic SD 1.x/2.x layout; use it with --format a1111 or comfyui on a non-SDXL identity.")
+    suffix = ".pt" if pt else ".safetensors"
+    path = Path(path) if path is not None else Path(".")
+    if path.is_dir() or path.suffix == "":
+        path = path / f"{identity.name}{suffix}"
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists. Pass --overwrite to replace it.")
+    trigger = identity.token if fmt == "diffusers" else path.stem
+    base = str(identity.metadata.get("base_model", ""))
+    if pt:
+        emb = tensors["emb_params"]
+        data = {"string_to_token": {"*": 265}, "string_to_param": {"*": emb}, "name": path.stem,
+                "step": int(identity.metadata.get("steps", 0) or 0), "sd_checkpoint": None, "sd_checkpoint_name": base}
+        atomic_write(path, lambda tmp: torch.save(data, tmp))
+    else:
+        meta = {
+            "format": "pt",
+            "token": trigger,
+            "base_model": base,
+            "celebbasis.version": __version__,
+            "celebbasis.kind": "textual-inversion",
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": architecture(identity),
+            "modelspec.implementation": "celebbasis",
+            "modelspec.title": identity.name,
+            "modelspec.trigger_phrase": trigger if fmt == "diffusers" else f"{'embedding:' if fmt == 'comfyui' else ''}{trigger}",
+            "modelspec.date": _dt.date.today().isoformat(),
+        }
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def read_embedding_file(path) -> dict[str, torch.Tensor]:
+    """Read a textual-inversion file of any common layout into ``{"": (K, d)}`` or ``{"clip_l", "clip_g"}``.
+
+    ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``: tensors and plain data
+    only, never arbitrary objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file. Pass a textual-inversion .safetensors or .pt file.")
+    if path.suffix.lower() in (".pt", ".bin", ".ckpt", ".pth"):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FileFormatError(
+                f"{path} could not be read as a plain PyTorch file ({type(e).__name__}); only tensors and plain data "
+                "are loaded (weights_only=True). Convert it to safetensors."
+            ) from None
+    else:
+        data, _ = load_safetensors(path)
+    if isinstance(data, torch.Tensor):
+        data = {"": data}
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path} holds a {type(data).__name__}, not a textual-inversion dict.")
+    if "clip_l" in data and "clip_g" in data:
+        out = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    elif "string_to_param" in data and isinstance(data["string_to_param"], dict) and data["string_to_param"]:
+        out = {"": next(iter(data["string_to_param"].values()))}
+    elif "emb_params" in data:
+        out = {"": data["emb_params"]}
+    elif len(data) == 1:
+        out = {"": next(iter(data.values()))}
+    else:
+        raise FileFormatError(
+            f"{path} is not a textual-inversion file: expected one tensor, 'emb_params', 'string_to_param' or "
+            f"'clip_l'+'clip_g', found keys {sorted(map(str, data))[:6]}."
+        )
+    for k, v in out.items():
+        if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or not v.is_floating_point():
+            raise FileFormatError(f"{path}: the embedding {k or 'tensor'} is not a float (K, d) tensor.")
+        out[k] = v.detach().float().reshape(-1, v.shape[-1])
+    return out
+
+
+def import_embedding(path, name: str, bases, *, base_model: str = "") -> tuple[Identity, list[float]]:
+    """Turn a textual-inversion file into an identity by least-squares projection onto the basis.
+
+    Args:
+        path: a TI file (see ``read_embedding_file``).
+        name: the person's name; the token is ``<name>``.
+        bases: the ``CelebBasis`` of the target model (a list of two for SDXL).
+        base_model: recorded in the identity.
+
+    Returns:
+        The identity (its embeddings are the projections) and, per text encoder, the relative
+        residual ``||e - proj(e)|| / ||e - mean||``: 0 when the vectors lie in the basis.
+    """
+    name = check_name(name)
+    bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
+    found = read_embedding_file(path)
+    vectors = [found["clip_l"], found["clip_g"]] if "clip_l" in found else [found[""]]
+    if len(vectors) != len(bases):
+        kind = "SDXL (clip_l + clip_g)" if len(vectors) == 2 else "SD 1.x/2.x (one encoder)"
+        raise FileFormatError(f"{path} is a {kind} embedding but the model has {len(bases)} text encoder(s).")
+    coeffs, residuals = [], []
+    for v, b in zip(vectors, bases):
+        if v.shape[1] != b.embedding_dim:
+            raise FileFormatError(f"{path} holds {v.shape[1]}-wide vectors but the model's text encoder is {b.embedding_dim} wide.")
+        c = b.project(v)  # (K', n)
+        recon = b.reconstruct(c)
+        slots = torch.arange(v.shape[0]).clamp(max=b.n_tokens - 1)
+        centred = (v - b.mean[slots]).norm()
+        residuals.append(float((v - recon).norm() / centred.clamp_min(1e-12)))
+        coeffs.append(c)
+    identity = Identity.from_coefficients(f"<{name}>", coeffs, bases, base_model=base_model,
+                                          face_encoder="imported", source_photo=Path(path).name,
+                                          import_residual=[round(r, 6) for r in residuals])
+    return identity, residuals

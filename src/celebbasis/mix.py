@@ -1,0 +1,73 @@
+"""Identity mixing (the paper's interpolation figure): weighted coefficients, rows re-normalised.
+
+Ingredients are identities or celebrity names; a name is written in the basis by projecting its
+token embeddings (first token onto slot 0, second onto slot 1, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .identity import Identity, check_name
+from .insert import text_encoders
+
+
+def celebrity_coefficients(name: str, tokenizer, text_encoder, basis) -> torch.Tensor:
+    """(K, n) coefficients of a name: its first K tokens projected onto the K slots (missing slots: 0)."""
+    special = set(tokenizer.all_special_ids)
+    ids = [int(t) for t in tokenizer(name).input_ids if int(t) not in special][: basis.n_tokens]
+    if not ids:
+        raise InputError(f"{name!r} has no tokens. Pass a name such as 'Anne Hathaway'.")
+    table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    coeffs = torch.zeros(basis.n_tokens, basis.n_components)
+    coeffs[: len(ids)] = basis.project(table[ids])
+    return coeffs
+
+
+def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=None) -> Identity:
+    """Mix identities and celebrity names with weights into a new identity.
+
+    Args:
+        ingredients: ``(Identity or celebrity name, weight)`` pairs; weights need not sum to 1.
+        name: the new person's name; the token is ``<name>``.
+        bases: the model's ``CelebBasis`` (a list of two for SDXL).
+        pipe: the pipeline whose text encoders give celebrity names (only needed for names).
+
+    Returns:
+        An ``Identity`` whose coefficient rows are the weighted sums, re-normalised to unit length.
+
+    Example:
+        >>> alibob = mix([(alice, 0.5), (bob, 0.5)], "alibob", basis)
+        >>> mix([(alice, 0.7), ("Anne Hathaway", 0.3)], "alianne", basis, pipe)
+    """
+    name = check_name(name)
+    bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
+    if not ingredients:
+        raise InputError("Nothing to mix. Pass at least one identity or celebrity name.")
+    if all(abs(w) < 1e-12 for _, w in ingredients):
+        raise InputError("All mixing weights are zero. Give at least one ingredient a weight.")
+    total = [torch.zeros(b.n_tokens, b.n_components) for b in bases]
+    sources = []
+    for item, weight in ingredients:
+        if isinstance(item, Identity):
+            parts = [c for c, _ in item.parts()]
+            if len(parts) != len(bases):
+                raise InputError(f"{item.token} was made for another model family ({len(parts)} text encoder(s), model has {len(bases)}).")
+            sources.append(item.token)
+        else:
+            if pipe is None:
+                raise InputError(f"Mixing with the name {item!r} needs the model; pass --model.")
+            parts = [celebrity_coefficients(item, tok, te, b) for (tok, te), b in zip(text_encoders(pipe), bases)]
+            sources.append(item)
+        for j, (c, b) in enumerate(zip(parts, bases)):
+            if c.shape[1] != b.n_components:
+                raise InputError(f"{sources[-1]} has {c.shape[1]} coefficients per row but the basis has {b.n_components}.")
+            rows = min(c.shape[0], b.n_tokens)
+            total[j][:rows] += weight * F.normalize(c[:rows].float(), dim=-1)
+    coeffs = [F.normalize(t, dim=-1) for t in total]
+    recipe = [[s, w] for s, (_, w) in zip(sources, ingredients)]
+    base_model = next((i.metadata.get("base_model") for i, _ in ingredients if isinstance(i, Identity)), "")
+    return Identity.from_coefficients(f"<{name}>", coeffs, bases, base_model=base_model or "", face_encoder="mix",
+                                      mix=recipe)

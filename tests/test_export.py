@@ -1,0 +1,183 @@
+"""Exports load through diffusers' own loaders; imports and mixes behave as documented."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+
+from celebbasis.basis import build_basis
+from celebbasis.cli import main
+from celebbasis.export import export_identity, import_embedding
+from celebbasis.identity import Identity
+from celebbasis.insert import load_identity, text_encoders
+from celebbasis.mix import celebrity_coefficients, mix
+from celebbasis.testing import save_tiny_pipeline, tiny_pipeline
+
+FAST = ["--steps", "2", "--resolution", "64", "-q"]
+
+
+def random_identity(pipe, name="alice", seed=1, n_components=512):
+    g = torch.Generator().manual_seed(seed)
+    bases = [build_basis(tok, te, n_components=n_components) for tok, te in text_encoders(pipe)]
+    coeffs = [F.normalize(torch.randn(2, b.n_components, generator=g), dim=-1) for b in bases]
+    return Identity.from_coefficients(f"<{name}>", coeffs, bases, base_model="tiny"), bases
+
+
+def embeds(pipe, prompt):
+    out = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return out[0], (out[2] if len(out) > 2 else None)  # prompt embeds, pooled (SDXL)
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_pipeline(family="sdxl")
+
+
+PROMPT = "a photo of <alice> person and Barack Obama"
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "a1111", "comfyui"])
+def test_sd1_export_loads_in_diffusers(tmp_path, sd1, fmt):
+    ident, _ = random_identity(sd1)
+    ours, theirs = copy.deepcopy(sd1), copy.deepcopy(sd1)
+    load_identity(ours, ident)
+    path = export_identity(ident, fmt, tmp_path)
+    assert path.name == "alice.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys == (["<alice>"] if fmt == "diffusers" else ["emb_params"])
+    assert meta["format"] == "pt" and meta["modelspec.title"] == "alice" and meta["base_model"] == "tiny"
+    assert meta["modelspec.architecture"].endswith("/textual-inversion") and "modelspec.date" in meta
+    if fmt == "diffusers":
+        theirs.load_textual_inversion(str(path))  # no arguments needed
+    else:
+        theirs.load_textual_inversion(str(path), token="<alice>")
+    assert torch.allclose(embeds(ours, PROMPT)[0], embeds(theirs, PROMPT)[0], atol=1e-5)
+
+
+def test_a1111_pt_loads_weights_only(tmp_path, sd1):
+    ident, _ = random_identity(sd1)
+    path = export_identity(ident, "a1111", tmp_path, pt=True)
+    assert path.name == "alice.pt"
+    data = torch.load(path, weights_only=True)
+    assert data["name"] == "alice" and data["string_to_token"] == {"*": 265}
+    assert torch.equal(data["string_to_param"]["*"], ident.embeddings)
+    theirs, ours = copy.deepcopy(sd1), copy.deepcopy(sd1)
+    theirs.load_textual_inversion(data, token="<alice>")
+    load_identity(ours, ident)
+    assert torch.allclose(embeds(ours, PROMPT)[0], embeds(theirs, PROMPT)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "a1111"])
+def test_sdxl_export_loads_per_encoder(tmp_path, sdxl, fmt):
+    from safetensors.torch import load_file
+
+    ident, _ = random_identity(sdxl)
+    ours, theirs = copy.deepcopy(sdxl), copy.deepcopy(sdxl)
+    load_identity(ours, ident)
+    path = export_identity(ident, fmt, tmp_path)
+    state = load_file(path)
+    assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (2, 32) and state["clip_g"].shape == (2, 64)
+    theirs.load_textual_inversion(state["clip_l"], token="<alice>", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(state["clip_g"], token="<alice>", text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2)
+    (a, pa), (b, pb) = embeds(ours, PROMPT), embeds(theirs, PROMPT)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(pa, pb, atol=1e-5)
+    plain, _ = embeds(copy.deepcopy(sdxl), "a photo of person and Barack Obama")
+    assert not torch.allclose(a[:, :6], plain[:, :6], atol=1e-3)
+
+
+def test_import_round_trip_and_residual(tmp_path, sd1):
+    ident, bases = random_identity(sd1, n_components=8)  # a basis narrower than the width: residuals exist
+    path = export_identity(ident, "a1111", tmp_path, pt=True)
+    back, residual = import_embedding(path, "alice2", bases)
+    assert residual[0] < 1e-5
+    assert torch.allclose(back.coefficients, ident.coefficients, atol=1e-5)
+    assert torch.allclose(back.embeddings, ident.embeddings, atol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    outside = {"<x>": torch.randn(3, 32, generator=g) * 0.5}  # 3 vectors, in no basis
+    from safetensors.torch import save_file
+
+    save_file(outside, tmp_path / "x.safetensors")
+    other, residual = import_embedding(tmp_path / "x.safetensors", "x", bases)
+    assert 0.3 < residual[0] < 1.0
+    assert other.n_tokens == 3 and other.coefficients.shape == (3, 8)
+    # the projection is least squares: the residual is orthogonal to the basis directions
+    for i, slot in enumerate([0, 1, 1]):
+        r = outside["<x>"][i] - other.embeddings[i]
+        assert torch.allclose(bases[0].components[slot] @ r, torch.zeros(8), atol=1e-5)
+
+
+def test_mix_weights_and_renormalises(sd1):
+    alice, bases = random_identity(sd1, "alice", 1)
+    bob, _ = random_identity(sd1, "bob", 2)
+    mixed = mix([(alice, 0.5), (bob, 0.5)], "alibob", bases)
+    expect = F.normalize(alice.coefficients + bob.coefficients, dim=-1)
+    assert torch.allclose(mixed.coefficients, expect, atol=1e-6)
+    assert torch.allclose(mixed.embeddings, bases[0].reconstruct(expect), atol=1e-6)
+    assert torch.allclose(mix([(alice, 1.0), (bob, 0.0)], "a2", bases).coefficients, alice.coefficients, atol=1e-6)
+    with_name = mix([(alice, 0.7), ("Anne Hathaway", 0.3)], "alianne", bases, sd1)
+    anne = F.normalize(celebrity_coefficients("Anne Hathaway", sd1.tokenizer, sd1.text_encoder, bases[0]), dim=-1)
+    assert torch.allclose(with_name.coefficients, F.normalize(0.7 * alice.coefficients + 0.3 * anne, dim=-1), atol=1e-6)
+    # a name's coefficients reproduce its token embeddings when the basis spans the width
+    ids = sd1.tokenizer("Anne Hathaway", add_special_tokens=False).input_ids
+    table = sd1.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.allclose(bases[0].reconstruct(celebrity_coefficients("Anne Hathaway", sd1.tokenizer, sd1.text_encoder, bases[0])),
+                          table[ids], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_add_export_generate_every_family(tmp_path, astronaut_path, family):
+    from diffusers import DiffusionPipeline
+
+    model = save_tiny_pipeline(tmp_path / f"tiny-{family}", family=family)
+    ids, out = tmp_path / "ids", tmp_path / "out"
+    assert main(["add", str(astronaut_path), "--name", "alice", "--model", str(model), "-o", str(ids), *FAST]) == 0
+    ident = Identity.load(ids / "alice.safetensors")
+    assert ident.is_sdxl == (family == "sdxl")
+    run = json.loads((ids / "alice.run.json").read_text())
+    assert len(run["losses"]) == 2
+    assert main(["export", str(ids / "alice.safetensors"), "--format", "diffusers", "-o", str(tmp_path / "ti"), "-q"]) == 0
+    pipe = DiffusionPipeline.from_pretrained(model)
+    if family == "sd2":
+        assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.tokenizer.pad_token == "!"
+    if family == "sdxl":
+        from safetensors.torch import load_file
+
+        state = load_file(tmp_path / "ti" / "alice.safetensors")
+        pipe.load_textual_inversion(state["clip_l"], token="<alice>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token="<alice>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    else:
+        pipe.load_textual_inversion(str(tmp_path / "ti" / "alice.safetensors"))
+    image = pipe("<alice> person", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+    assert main(["generate", "<alice> person at the beach", "--identity", str(ids / "alice.safetensors"), "--model", str(model),
+                 "-o", str(out), "--steps", "2", "-q"]) == 0
+    assert Image.open(next(out.glob("*.png"))).text["identities"] == '["<alice>"]'
+
+
+def test_cli_import_and_mix(tmp_path, tiny_model_dir, astronaut_path, capsys):
+    ids = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), "--name", "alice", "--model", str(tiny_model_dir), "-o", str(ids), *FAST]) == 0
+    assert main(["export", str(ids / "alice.safetensors"), "--format", "a1111", "--pt", "-o", str(tmp_path / "emb"), "-q"]) == 0
+    assert main(["import-embedding", str(tmp_path / "emb" / "alice.pt"), "--name", "alice_back", "--model", str(tiny_model_dir),
+                 "-o", str(ids)]) == 0
+    assert "relative residual of the projection: 0.000" in capsys.readouterr().err
+    back = Identity.load(ids / "alice_back.safetensors")
+    assert torch.allclose(back.embeddings, Identity.load(ids / "alice.safetensors").embeddings, atol=1e-5)
+    assert main(["mix", str(ids / "alice.safetensors"), "--celebrity", "Anne Hathaway", "--weights", "0.7", "0.3",
+                 "--name", "alianne", "--model", str(tiny_model_dir), "-o", str(ids), "-q"]) == 0
+    mixed = Identity.load(ids / "alianne.safetensors")
+    assert torch.allclose(mixed.coefficients.norm(dim=-1), torch.ones(2), atol=1e-6)
+    assert main(["mix", str(ids / "alice.safetensors"), "--weights", "0.5", "0.5", "--name", "x", "--tiny", "-o", str(ids), "-q"]) == 2
+    assert main(["export", str(ids / "alice.safetensors"), "--format", "diffusers", "--pt", "-o", str(tmp_path / "e2"), "-q"]) == 2
