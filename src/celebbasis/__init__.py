@@ -15,11 +15,13 @@ __version__ = "0.1.0"
 
 from .basis import CelebBasis, build_basis, cached_basis  # noqa: E402
 from .errors import CelebBasisError, FileFormatError, InputError, ModelLoadError, NoFaceFoundError  # noqa: E402
+from .export import export_identity, import_embedding  # noqa: E402
 from .face import FaceAnalyzer, FaceEncoder, load_image  # noqa: E402
 from .generate import GeneratedImage, generate, save_images  # noqa: E402
 from .identity import Identity, IdentityEncoder  # noqa: E402
 from .insert import load_identity  # noqa: E402
-from .models import DEFAULT_MODEL, load_pipeline  # noqa: E402
+from .mix import mix  # noqa: E402
+from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, load_pipeline  # noqa: E402
 from .train import PersonalizeResult, TrainConfig, personalize  # noqa: E402
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "CelebBasis",
     "CelebBasisError",
     "DEFAULT_MODEL",
+    "DEFAULT_SDXL_MODEL",
     "FaceAnalyzer",
     "FaceEncoder",
     "FileFormatError",
@@ -40,6 +43,9 @@ __all__ = [
     "TrainConfig",
     "build_basis",
     "cached_basis",
+    "export_identity",
+    "import_embedding",
+    "mix",
     "generate",
     "load_identity",
     "load_image",
