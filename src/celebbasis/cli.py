@@ -67,6 +67,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (default: the model's, 512 for SD 1.x)")
     g.add_argument("--batch-size", type=int, default=2, help="views per step (default: 2, as the paper)")
     g.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate (default: 0.01)")
+    g.add_argument("--face-encoder", default="dlib", metavar="SPEC",
+                   help="identity network: dlib (default), arcface:/path/backbone.pth (the paper's) or onnx:/path/model.onnx")
     g.add_argument("--face-index", type=int, default=None, help="which face to use in photos with several (0 = largest; default: largest)")
     g.add_argument("--basis", action="append", default=None,
                    help="basis file from build-basis; twice for SDXL (default: built from the model and cached)")
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("generate", help="draw prompts that use learned people")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help='e.g. "<alice> person and Barack Obama cooking in a kitchen"')
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help='e.g. "<alice> person and Barack Obama cooking in a kitchen"')
+    p.add_argument("--prompts-file", default=None, help="more prompts, one a line, or CATEGORY<TAB>PROMPT (from benchmark-prompts)")
     p.add_argument("--identity", action="append", default=[], help="identity file to load (repeat for several people)")
     p.add_argument("-o", "--output", default="out", help="folder for the PNGs (default: out/)")
     p.add_argument("--negative-prompt", default=None, help="what the images should not show")
@@ -135,6 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--basis", action="append", default=None, help="basis file(s) (default: built from the model and cached)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing identity")
     _common(p)
+
+    p = sub.add_parser("evaluate", help="score generated images: ID similarity, CLIP score, face-detection rate")
+    p.add_argument("images", metavar="IMAGES_DIR", help="folder of generated images (PNG metadata gives the prompts)")
+    p.add_argument("--reference", action="append", default=[], required=True, metavar="[NAME=]PHOTO",
+                   help="photo of a person; NAME=PHOTO ties it to <NAME> in prompts (repeat for several people)")
+    p.add_argument("-o", "--output", default="report", help="report folder (default: report/)")
+    p.add_argument("--prompts", default=None, help="prompts file, one per image in file-name order (default: PNG metadata)")
+    p.add_argument("--eval-encoder", default="dlib", metavar="SPEC",
+                   help="evaluation face network: dlib (default), arcface:PATH or onnx:PATH; use one that did not train the identity")
+    p.add_argument("--identity", action="append", default=[], help="identity files, to warn when they were trained with the evaluation network")
+    p.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP for the prompt score: hub id or local folder")
+    p.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
+    _common(p, model=False)
+
+    p = sub.add_parser("benchmark-prompts", help="write the paper's four prompt categories for some identities")
+    p.add_argument("names", nargs="+", metavar="NAME", help="identity names (alice or <alice>)")
+    p.add_argument("-o", "--output", default="benchmark_prompts.txt", help="prompts file (CATEGORY<TAB>PROMPT lines)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _common(p, model=False)
 
     p = sub.add_parser("demo", help="learn the packaged public-domain face and draw the example prompts")
     p.add_argument("-o", "--output", default="celebbasis-demo", help="output folder (default: celebbasis-demo/)")
@@ -227,12 +249,13 @@ def cmd_build_basis(args) -> int:
     return 0
 
 
-def _personalize(args, pipe, photos, names, out_dir: Path, overwrite: bool):
+def _personalize(args, pipe, photos, names, out_dir: Path, overwrite: bool, analyzer=None):
+    from .face import FaceAnalyzer
     from .train import personalize
 
     cfg = _train_config(args, pipe, len(photos))
     result = personalize(pipe, photos, names, config=cfg, basis=_basis(args), face_index=args.face_index,
-                         show_progress=not args.quiet)
+                         face_analyzer=analyzer or FaceAnalyzer(encoder=args.face_encoder), show_progress=not args.quiet)
     paths = result.save(out_dir, overwrite=overwrite)
     for p in paths:
         logger.info("Wrote %s", p)
@@ -250,12 +273,12 @@ def cmd_add(args) -> int:
     for n in names:
         if (out / f"{n}.safetensors").exists() and not args.overwrite:
             raise InputError(f"{out / (n + '.safetensors')} already exists. Pass --overwrite to replace it, or choose another --name.")
-    from .face import load_image
+    from .face import FaceAnalyzer
 
-    for photo in args.photos:
-        load_image(photo)  # fail on a bad photo before loading the model
+    analyzer = FaceAnalyzer(encoder=args.face_encoder)
+    photos = [analyzer(p, face_index=args.face_index) for p in args.photos]  # bad photos fail before the model loads
     pipe = _load(args)
-    _personalize(args, pipe, args.photos, names, out, args.overwrite)
+    _personalize(args, pipe, photos, names, out, args.overwrite, analyzer)
     tokens = " ".join(f"<{n}>" for n in names)
     logger.info('Done. Use %s in prompts, e.g.: celebbasis generate "%s person reading a book" %s', tokens,
                 f"<{names[0]}>", " ".join(f"--identity {out / (n + '.safetensors')}" for n in names))
@@ -266,15 +289,69 @@ def cmd_generate(args) -> int:
     from .generate import generate, save_images
     from .identity import Identity
 
+    from .evaluate import read_prompt_file
+
     out = Path(args.output)
     _check_output_dir(out)
+    items = [(None, p) for p in args.prompts] + (read_prompt_file(args.prompts_file) if args.prompts_file else [])
+    if not items:
+        raise InputError("No prompt given. Pass a prompt, or --prompts-file FILE.")
     identities = [Identity.load(p) for p in args.identity]  # bad files fail before the model loads
     pipe = _load(args)
-    results = generate(pipe, args.prompts, identities=identities, negative_prompt=args.negative_prompt,
+    results = generate(pipe, [p for _, p in items], identities=identities, negative_prompt=args.negative_prompt,
                        num_images=args.num_images, steps=args.steps, guidance=args.guidance, height=args.height,
                        width=args.width, seed=args.seed, scheduler=args.scheduler, show_progress=not args.quiet)
+    categories = {p: c for c, p in items if c}
+    for r in results:
+        if r.prompt in categories:
+            r.metadata["category"] = categories[r.prompt]
     paths = save_images(results, out)
     logger.info("Wrote %d image(s) to %s", len(paths), out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import ClipScorer, evaluate, find_images, read_prompt_file, write_report
+    from .face import FaceAnalyzer
+    from .identity import Identity
+
+    images = find_images(args.images)
+    refs = []
+    for spec in args.reference:
+        name, eq, path = spec.partition("=")
+        refs.append((f"<{name.strip('<>')}>", path) if eq else (None, spec))
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    out = Path(args.output)
+    _check_output_dir(out)
+    analyzer = FaceAnalyzer(encoder=args.eval_encoder)
+    for p in args.identity:
+        trained = Identity.load(p).metadata.get("face_encoder")
+        if trained == analyzer.encoder.name:
+            logger.warning("%s was trained with %s, the evaluation network too: ID similarity will read high. "
+                           "Pass another --eval-encoder (arcface:PATH or onnx:PATH).", p, trained)
+    clip = None if args.no_clip else ClipScorer(args.clip_model)
+    report = evaluate(images, refs, analyzer=analyzer, clip=clip, prompts=prompts, show_progress=not args.quiet)
+    write_report(report, out)
+    s = report.summary()
+    logger.info("%d images: face detection rate %.3f, ID similarity %s, CLIP score %s. Report in %s",
+                s["n_images"], s["face_detection_rate"], s["id_similarity_mean"], s["clip_score_mean"], out)
+    return 0
+
+
+def cmd_benchmark_prompts(args) -> int:
+    from .evaluate import benchmark_prompts
+    from .files import atomic_write
+    from .identity import check_name
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out} already exists. Pass --overwrite to replace it.")
+    _check_output_dir(out.parent)
+    rows = benchmark_prompts([check_name(n) for n in args.names])
+    text = "".join(f"{c}\t{p}\n" for c, p in rows)
+    atomic_write(out, lambda t: Path(t).write_text(text, encoding="utf-8"))
+    logger.info("Wrote %d prompts to %s. The paper's protocol: celebbasis generate --prompts-file %s --scheduler ddim "
+                "--steps 50 --guidance 10 --height 512 --width 512 --num-images 4 --seed 0 --identity ...", len(rows), out, out)
     return 0
 
 
@@ -392,7 +469,8 @@ def cmd_mix(args) -> int:
 
 
 COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "generate": cmd_generate, "export": cmd_export,
-            "import-embedding": cmd_import_embedding, "mix": cmd_mix, "demo": cmd_demo}
+            "import-embedding": cmd_import_embedding, "mix": cmd_mix, "evaluate": cmd_evaluate,
+            "benchmark-prompts": cmd_benchmark_prompts, "demo": cmd_demo}
 
 
 def _on_sigterm(signum, frame):

@@ -27,6 +27,15 @@ MIN_FACE_PX = 64  # faces narrower than this are upscaled noise for the identity
 # Where the eye centres and the base of the nose land in the square training crop: an FFHQ-like
 # framing (eyes a quarter of the width apart, slightly above the middle), head and some shoulders.
 CROP_TEMPLATE = np.array([[0.375, 0.47], [0.625, 0.47], [0.5, 0.625]])
+CROP_TEMPLATE_NOSE_TIP = np.array([[0.375, 0.47], [0.625, 0.47], [0.5, 0.58]])
+
+# The standard 112x112 ArcFace template (insightface): left eye, right eye, nose tip, mouth corners.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
+
+DLIB5 = "dlib5"  # two corners of each eye, base of the nose
+FIVE_POINT = "five-point"  # eye centres, nose tip, mouth corners (MTCNN; the ArcFace layout)
 
 
 @dataclass
@@ -42,6 +51,7 @@ class Face:
     box: tuple[float, float, float, float]
     landmarks: np.ndarray
     score: float = 1.0
+    layout: str = DLIB5
 
     @property
     def width(self) -> float:
@@ -52,7 +62,9 @@ class Face:
         return self.width * (self.box[3] - self.box[1])
 
     def key_points(self) -> np.ndarray:
-        """(3, 2): left eye centre, right eye centre (as seen in the image), base of the nose."""
+        """(3, 2): left eye centre, right eye centre (as seen in the image), nose (base or tip)."""
+        if self.layout == FIVE_POINT:
+            return self.landmarks[:3].copy()
         eyes = sorted([self.landmarks[0:2].mean(0), self.landmarks[2:4].mean(0)], key=lambda p: p[0])
         return np.stack([eyes[0], eyes[1], self.landmarks[4]])
 
@@ -66,6 +78,7 @@ class FaceEncoder(Protocol):
 
     name: str
     embedding_dim: int
+    landmarks: str  # the landmark layout ``align`` needs: DLIB5 or FIVE_POINT
 
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
         """(H, W, 3) uint8 photo + detected face -> the aligned crop this network expects."""
@@ -120,6 +133,7 @@ class DlibFaceEncoder:
 
     name = "dlib-resnet-v1"
     embedding_dim = 128
+    landmarks = DLIB5
 
     def __init__(self):
         dlib, models = _dlib()
@@ -127,6 +141,8 @@ class DlibFaceEncoder:
         self.net = dlib.face_recognition_model_v1(models.face_recognition_model_location())
 
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
+        if face.layout != DLIB5:
+            raise InputError("The dlib identity network needs dlib's 5-point landmarks; use the dlib detector with it.")
         dlib = self._dlib
         rect = dlib.rectangle(*(int(v) for v in face.box))
         shape = dlib.full_object_detection(rect, [dlib.point(int(round(x)), int(round(y))) for x, y in face.landmarks])
@@ -135,6 +151,164 @@ class DlibFaceEncoder:
     def embed(self, aligned: np.ndarray) -> np.ndarray:
         v = np.asarray(self.net.compute_face_descriptor(np.ascontiguousarray(aligned)), dtype=np.float32)
         return v / np.linalg.norm(v)
+
+
+class MTCNNDetector:
+    """MTCNN with the packaged weights: boxes and the standard five points ArcFace aligns with."""
+
+    def __init__(self, min_face: int = 20):
+        from safetensors.torch import load_file
+
+        from .facenets import MTCNN
+        from .resources import data_path
+
+        self.net = MTCNN(load_file(str(data_path("mtcnn.safetensors"))), min_face=min_face)
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """(H, W, 3) uint8 RGB -> faces, largest first."""
+        h, w = image.shape[:2]
+        scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
+        small = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR)) if scale < 1 else image
+        boxes, points = self.net.detect(small)
+        faces = [Face(tuple(float(v) / scale for v in b[:4]), p / scale, float(b[4]), FIVE_POINT) for b, p in zip(boxes, points)]
+        return sorted(faces, key=lambda f: f.area, reverse=True)
+
+
+def arcface_align(image: np.ndarray, face: Face, size: int = 112) -> np.ndarray:
+    """Warp the face onto the standard ArcFace five-point template: (size, size, 3) uint8."""
+    if face.layout != FIVE_POINT:
+        raise InputError(
+            "ArcFace alignment needs five landmarks (eye centres, nose tip, mouth corners); use the MTCNN detector."
+        )
+    m = similarity_transform(face.landmarks, ARCFACE_TEMPLATE * (size / 112.0))
+    return np.asarray(warp_affine(Image.fromarray(image), m, size))
+
+
+def _file_tag(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+class ArcFaceEncoder:
+    """The paper's identity network: an IResNet (r18/r34/r50/r100/r200) from insightface's
+    ``arcface_torch``, weights from a user-given ``backbone.pth`` (read with ``weights_only=True``)
+    or ``.safetensors``. Input: the 112x112 ArcFace-aligned face; output: 512-d, L2-normalised.
+    """
+
+    landmarks = FIVE_POINT
+
+    def __init__(self, path, device: str = "cpu"):
+        import torch
+
+        from .facenets import IRESNET_LAYERS, IResNet, iresnet_layers_from_state_dict
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"ArcFace weights {path}: no such file. Pass the backbone.pth of an arcface_torch model.")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+            layers = iresnet_layers_from_state_dict(state)
+            self.net = IResNet(layers, num_features=state["fc.weight"].shape[0])
+            self.net.load_state_dict(state)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(
+                f"{path} is not an arcface_torch IResNet state dict ({type(e).__name__}: {str(e).splitlines()[0][:120]}). "
+                "Pass insightface's backbone.pth (r18/r34/r50/r100)."
+            ) from None
+        self.net.eval().to(device)
+        self.device = device
+        arch = {v: k for k, v in IRESNET_LAYERS.items()}.get(layers, "iresnet")
+        self.embedding_dim = self.net.fc.out_features
+        self.name = f"arcface-{arch}:{_file_tag(path)}"
+
+    def align(self, image: np.ndarray, face: Face) -> np.ndarray:
+        return arcface_align(image, face)
+
+    def embed(self, aligned: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.asarray(aligned, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0  # (1, 3, 112, 112)
+        with torch.no_grad():
+            v = self.net(x.to(self.device))[0].float().cpu().numpy()
+        return v / np.linalg.norm(v)
+
+
+class OnnxFaceEncoder:
+    """Any insightface-style recognition ONNX model (e.g. w600k_r50) through onnxruntime.
+
+    Input: the 112x112 ArcFace-aligned RGB face, scaled ``(x - 127.5) / 127.5`` unless the graph
+    normalises itself (it then starts with Sub/Mul nodes, as insightface checks).
+    """
+
+    landmarks = FIVE_POINT
+
+    def __init__(self, path):
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"ONNX model {path}: no such file. Pass an insightface recognition .onnx file.")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("The onnx face encoder needs onnxruntime: pip install 'celebbasis[eval]'") from None
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise InputError(f"{path} is not a loadable ONNX model ({type(e).__name__}). Pass an insightface recognition .onnx file.") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.size = int(inp.shape[2]) if isinstance(inp.shape[2], int) else 112
+        self.embedding_dim = int(self.session.get_outputs()[0].shape[-1])
+        self.mean, self.std = 127.5, 127.5
+        try:
+            import onnx
+
+            nodes = [n.op_type for n in onnx.load(str(path)).graph.node[:8]]
+            if "Sub" in nodes and "Mul" in nodes:
+                self.mean, self.std = 0.0, 1.0
+        except Exception:  # onnx not installed or unreadable: keep insightface's default scaling
+            pass
+        self.name = f"onnx-{path.stem}:{_file_tag(path)}"
+
+    def align(self, image: np.ndarray, face: Face) -> np.ndarray:
+        return arcface_align(image, face, self.size)
+
+    def embed(self, aligned: np.ndarray) -> np.ndarray:
+        x = (np.asarray(aligned, dtype=np.float32) - self.mean) / self.std
+        x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W) RGB
+        v = self.session.run(None, {self.input_name: x})[0][0].astype(np.float32)
+        return v / np.linalg.norm(v)
+
+
+def face_encoder(spec: str = "dlib") -> FaceEncoder:
+    """An identity network from a spec: ``dlib``, ``arcface:/path/backbone.pth`` or ``onnx:/path/model.onnx``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "dlib" and not arg:
+        return DlibFaceEncoder()
+    if kind == "arcface" and arg:
+        return ArcFaceEncoder(arg)
+    if kind == "onnx" and arg:
+        return OnnxFaceEncoder(arg)
+    raise InputError(f"Unknown face encoder {spec!r}. Use dlib, arcface:/path/backbone.pth or onnx:/path/model.onnx.")
+
+
+def detector_for(encoder: FaceEncoder):
+    """The detector whose landmarks the encoder aligns with: dlib's for dlib, MTCNN otherwise."""
+    return MTCNNDetector() if getattr(encoder, "landmarks", DLIB5) == FIVE_POINT else DlibFaceDetector()
 
 
 def load_image(path) -> Image.Image:
@@ -224,7 +398,8 @@ def warp_affine(image: Image.Image, m: np.ndarray, size: int) -> Image.Image:
 
 def crop_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
     """The training view: the face rotated upright and framed like FFHQ, ``size``² pixels."""
-    m = similarity_transform(face.key_points(), CROP_TEMPLATE * size)
+    template = CROP_TEMPLATE_NOSE_TIP if face.layout == FIVE_POINT else CROP_TEMPLATE
+    m = similarity_transform(face.key_points(), template * size)
     return warp_affine(image, m, size)
 
 
@@ -247,9 +422,9 @@ class FaceAnalysis:
 class FaceAnalyzer:
     """Detector + identity network, loaded once and reused for every photo."""
 
-    def __init__(self, detector=None, encoder: FaceEncoder | None = None):
-        self.detector = detector or DlibFaceDetector()
-        self.encoder = encoder or DlibFaceEncoder()
+    def __init__(self, detector=None, encoder: FaceEncoder | str | None = None):
+        self.encoder = face_encoder(encoder) if isinstance(encoder, str) else encoder or DlibFaceEncoder()
+        self.detector = detector or detector_for(self.encoder)
 
     def __call__(self, path, face_index: int | None = None) -> FaceAnalysis:
         """Analyse the face in the photo at ``path``.
