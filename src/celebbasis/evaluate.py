@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CATEGORIES = ("style", "single action", "with a celebrity", "two identities")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# Celebrities the example and benchmark prompts use that the basis name list lacks.
+_PROMPT_CELEBRITIES = ("Barack Obama", "Emma Watson")
 _STYLE_WORDS = ("painting", "sketch", "style", "drawing", "watercolor", "watercolour", "anime", "cartoon", "illustration",
                 "render", "pixel art", "mosaic", "pop art", "ukiyo-e", "comic", "statue", "sculpture", "oil")
 
@@ -45,7 +47,7 @@ def categorize(prompt: str, n_identities: int) -> str:
     if n_identities >= 2:
         return "two identities"
     low = prompt.lower()
-    if any(name.lower() in low for name in celeb_names()):
+    if any(name.lower() in low for name in (*celeb_names(), *_PROMPT_CELEBRITIES)):
         return "with a celebrity"
     if any(w in low for w in _STYLE_WORDS):
         return "style"

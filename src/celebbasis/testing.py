@@ -173,3 +173,28 @@ def save_tiny_pipeline(path, seed: int = 0, *, prediction_type: str = "epsilon",
     path = Path(path)
     tiny_pipeline(seed, prediction_type=prediction_type, family=family).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_tiny_clip(path, seed: int = 0) -> Path:
+    """A tiny random CLIP (transformers ``CLIPModel`` + processor) folder for ``--clip-model PATH``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           num_hidden_layers=2),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(path)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(path)
+    return path
