@@ -10,6 +10,7 @@ import torch
 from celebbasis.basis import build_basis
 from celebbasis.errors import InputError
 from celebbasis.identity import Identity
+from celebbasis.insert import expand_prompt
 from celebbasis.testing import tiny_pipeline
 from celebbasis.train import Personalizer, TrainConfig, augment, personalize
 
@@ -121,3 +122,24 @@ def test_bad_names_fail_before_training(tiny_pipe, astronaut, names, match):
 def test_config_validation(kwargs):
     with pytest.raises(InputError):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("views, expect_pool", [(6, True), (0, False)])
+def test_frozen_work_is_done_once(tiny_pipe, astronaut, views, expect_pool):
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    calls = []
+    encode = tiny_pipe.vae.encode
+    tiny_pipe.vae.encode = lambda x, *a, **k: calls.append(len(x)) or encode(x, *a, **k)
+    trainer = Personalizer(tiny_pipe, [astronaut], ["alice"], TrainConfig(steps=10, views_per_identity=views, **CFG), basis, "tiny")
+    built = sum(calls)
+    for _ in range(5):
+        trainer.step()
+    if expect_pool:
+        assert built == 6 and sum(calls) == 6  # the VAE never runs inside the loop
+        assert trainer.pool[0][0].shape == (6, 4, 8, 8)
+    else:
+        assert built == 0 and sum(calls) == 10  # the recipe's way: two new views every step
+    b = trainer.sample_batch()
+    for ids, cap in zip(b["input_ids"][0], b["captions"]):  # pre-tokenized captions match their text
+        expect = tiny_pipe.tokenizer(expand_prompt(tiny_pipe.tokenizer, cap), padding="max_length", max_length=77).input_ids
+        assert ids.tolist() == expect

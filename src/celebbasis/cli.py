@@ -67,6 +67,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (default: the model's, 512 for SD 1.x)")
     g.add_argument("--batch-size", type=int, default=2, help="views per step (default: 2, as the paper)")
     g.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate (default: 0.01)")
+    g.add_argument("--views", type=int, default=64, help="augmented views per person encoded once up front (default: 64; 0: new views every step)")
+    g.add_argument("--low-memory", action="store_true", help="gradient checkpointing: less GPU memory, about 30%% slower")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU, long runs)")
     g.add_argument("--face-encoder", default="dlib", metavar="SPEC",
                    help="identity network: dlib (default), arcface:/path/backbone.pth (the paper's) or onnx:/path/model.onnx")
     g.add_argument("--face-index", type=int, default=None, help="which face to use in photos with several (0 = largest; default: largest)")
@@ -93,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", default=[], required=True, help="name of each person, in photo order; the prompt word is <name>")
     p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
     p.add_argument("--overwrite", action="store_true", help="replace identities that already exist")
+    _train_flags(p)
+    _common(p)
+
+    p = sub.add_parser("add-many", help="learn every photo in a folder (groups trained jointly; resumable; shards under accelerate launch)")
+    p.add_argument("faces", metavar="FACES_DIR", help="folder of face photos, one person each; the file name becomes the name")
+    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
+    p.add_argument("--group-size", type=int, default=2, help="people trained jointly per group (default: 2, as the paper)")
+    p.add_argument("--overwrite", action="store_true", help="learn again people that already have an identity (default: skip them)")
     _train_flags(p)
     _common(p)
 
@@ -211,7 +222,8 @@ def _train_config(args, pipe, n_people: int):
 
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                       resolution=resolution, seed=args.seed)
+                       resolution=resolution, seed=args.seed, views_per_identity=args.views,
+                       compile=args.compile, low_memory=args.low_memory)
 
 
 def _basis(args):
@@ -249,13 +261,14 @@ def cmd_build_basis(args) -> int:
     return 0
 
 
-def _personalize(args, pipe, photos, names, out_dir: Path, overwrite: bool, analyzer=None):
+def _personalize(args, pipe, photos, names, out_dir: Path, overwrite: bool, analyzer=None, show_progress: bool = True):
     from .face import FaceAnalyzer
     from .train import personalize
 
     cfg = _train_config(args, pipe, len(photos))
     result = personalize(pipe, photos, names, config=cfg, basis=_basis(args), face_index=args.face_index,
-                         face_analyzer=analyzer or FaceAnalyzer(encoder=args.face_encoder), show_progress=not args.quiet)
+                         face_analyzer=analyzer or FaceAnalyzer(encoder=args.face_encoder),
+                         show_progress=show_progress and not args.quiet)
     paths = result.save(out_dir, overwrite=overwrite)
     for p in paths:
         logger.info("Wrote %s", p)
@@ -282,6 +295,63 @@ def cmd_add(args) -> int:
     tokens = " ".join(f"<{n}>" for n in names)
     logger.info('Done. Use %s in prompts, e.g.: celebbasis generate "%s person reading a book" %s', tokens,
                 f"<{names[0]}>", " ".join(f"--identity {out / (n + '.safetensors')}" for n in names))
+    return 0
+
+
+def cmd_add_many(args) -> int:
+    """Every photo in a folder becomes an identity. Under ``accelerate launch`` (or torchrun) each
+    process takes every N-th group; a rerun skips identities that already exist."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from .evaluate import IMAGE_SUFFIXES
+    from .face import FaceAnalyzer
+    from .identity import name_from_filename
+
+    folder, out = Path(args.faces), Path(args.output)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder. Pass a folder of face photos.")
+    if args.group_size < 1:
+        raise InputError(f"--group-size must be >= 1, got {args.group_size}.")
+    _check_output_dir(out)
+    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not photos:
+        raise InputError(f"{folder} holds no JPEG/PNG/WebP photos.")
+    names, seen = [], set()
+    for p in photos:
+        base = name = name_from_filename(p.stem)
+        k = 2
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        seen.add(name)
+        names.append(name)
+    todo = [(p, n) for p, n in zip(photos, names) if args.overwrite or not (out / f"{n}.safetensors").exists()]
+    if len(todo) < len(photos):
+        logger.info("%d of %d people already have an identity in %s; skipping them.", len(photos) - len(todo), len(photos), out)
+    groups = [todo[i : i + args.group_size] for i in range(0, len(todo), args.group_size)]
+    state = PartialState(cpu=args.device == "cpu")
+    mine = groups[state.process_index :: state.num_processes]
+    if state.num_processes > 1:
+        args.device = str(state.device)
+        logger.info("Process %d of %d: %d of %d groups.", state.process_index + 1, state.num_processes, len(mine), len(groups))
+    failed = []
+    if mine:
+        analyzer = FaceAnalyzer(encoder=args.face_encoder)
+        pipe = _load(args)
+        bar = tqdm(mine, desc="add-many", unit="group", disable=args.quiet or not state.is_local_main_process)
+        for group in bar:
+            ok = []
+            for photo, name in group:
+                try:
+                    ok.append((analyzer(photo, face_index=args.face_index), name))
+                except InputError as e:
+                    failed.append(str(e))
+                    logger.warning("Skipping %s: %s", photo, e)
+            if ok:
+                _personalize(args, pipe, [a for a, _ in ok], [n for _, n in ok], out, True, analyzer, show_progress=False)
+    if failed:
+        logger.error("%d photo(s) could not be used; fix or remove them and run again to finish.", len(failed))
+        return 1
     return 0
 
 
@@ -468,7 +538,7 @@ def cmd_mix(args) -> int:
     return 0
 
 
-COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "generate": cmd_generate, "export": cmd_export,
+COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "add-many": cmd_add_many, "generate": cmd_generate, "export": cmd_export,
             "import-embedding": cmd_import_embedding, "mix": cmd_mix, "evaluate": cmd_evaluate,
             "benchmark-prompts": cmd_benchmark_prompts, "demo": cmd_demo}
 
@@ -504,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, MemoryError) as e:
         if args.verbose or not (isinstance(e, MemoryError) or _out_of_memory(e)):
             raise
-        hint = ("--resolution 384 or --batch-size 1" if args.command in ("add", "demo")
+        hint = ("--low-memory, --resolution 384 or --batch-size 1" if args.command in ("add", "add-many", "demo")
                 else "smaller --height/--width or --num-images 1")
         print(f"celebbasis: error: out of memory on {getattr(args, 'device', 'the device')}. Try --dtype float16, {hint}.",
               file=sys.stderr)

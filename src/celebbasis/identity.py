@@ -60,6 +60,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def name_from_filename(stem: str) -> str:
+    """A valid name made from a file name: other characters become ``_`` ("Ann Lee (2).jpg" -> "Ann_Lee_2")."""
+    name = re.sub(r"[^A-Za-z0-9_\-]+", "_", stem).strip("_-")[:64].strip("_-")
+    return name or "person"
+
+
 def token_for(name: str) -> str:
     """The prompt token of a name: ``alice`` -> ``<alice>``."""
     return f"<{check_name(name)}>"

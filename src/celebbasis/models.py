@@ -95,8 +95,12 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
                 f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x "
                 f"or SDXL ({', '.join(SUPPORTED_PIPELINES)})."
             )
+    import warnings
+
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, torch_dtype=dt, revision=revision)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, torch_dtype=dt, revision=revision)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not looks_local and ("cached" in first or "connect" in first.lower() or "offline" in first.lower()):

@@ -1,0 +1,70 @@
+"""add-many: a folder of photos -> identities, resumable, sharded across processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from celebbasis.cli import main
+from celebbasis.identity import Identity, name_from_filename
+
+FAST = ["--steps", "2", "--resolution", "64", "--views", "2", "-q"]
+
+
+@pytest.fixture
+def faces(tmp_path, astronaut_path, hopper_path, mirrored_path):
+    d = tmp_path / "faces"
+    d.mkdir()
+    shutil.copy(astronaut_path, d / "Eileen Collins.png")
+    shutil.copy(hopper_path, d / "grace.jpg")
+    shutil.copy(mirrored_path, d / "mirror (2).png")
+    (d / "notes.txt").write_text("not a photo")
+    return d
+
+
+def test_every_photo_becomes_an_identity_and_reruns_skip(faces, tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "ids"
+    assert main(["add-many", str(faces), "--model", str(tiny_model_dir), "-o", str(out), *FAST]) == 0
+    names = sorted(p.stem for p in out.glob("*.safetensors"))
+    assert names == ["Eileen_Collins", "grace", "mirror_2"]
+    assert Identity.load(out / "grace.safetensors").token == "<grace>"
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    (out / "grace.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["add-many", str(faces), "--model", str(tiny_model_dir), "-o", str(out), *FAST[:-1]]) == 0
+    assert "2 of 3 people already have an identity" in capsys.readouterr().err
+    for name, stamp in stamps.items():
+        if name != "grace.safetensors":
+            assert (out / name).stat().st_mtime_ns == stamp  # not learned again
+    assert (out / "grace.safetensors").exists()
+
+
+def test_a_bad_photo_is_reported_and_the_rest_learned(faces, tmp_path, tiny_model_dir, faceless_path, capsys):
+    shutil.copy(faceless_path, faces / "cat.png")
+    out = tmp_path / "ids"
+    assert main(["add-many", str(faces), "--model", str(tiny_model_dir), "-o", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "No face found in" in err and "cat.png" in err and "run again to finish" in err
+    assert len(list(out.glob("*.safetensors"))) == 3
+
+
+def test_two_processes_share_the_work(faces, tmp_path, tiny_model_dir):
+    out = tmp_path / "ids"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "celebbasis.cli", "add-many", str(faces), "--model", str(tiny_model_dir), "-o", str(out),
+           "--group-size", "1", "--device", "cpu", "--steps", "2", "--resolution", "64", "--views", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Process 1 of 2: 2 of 3 groups" in r.stderr and "Process 2 of 2: 1 of 3 groups" in r.stderr
+    assert sorted(p.stem for p in out.glob("*.safetensors")) == ["Eileen_Collins", "grace", "mirror_2"]
+    assert r.stderr.count("Wrote ") == 3  # each person learned once
+
+
+@pytest.mark.parametrize("stem, name", [("Ann Lee (2)", "Ann_Lee_2"), ("..", "person"), ("émile", "mile"), ("a" * 80, "a" * 64)])
+def test_names_from_file_names(stem, name):
+    assert name_from_filename(stem) == name
