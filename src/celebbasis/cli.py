@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     _common(p, model=False)
 
+    p = sub.add_parser("webui", help="the local web app: learn, library, create, mix")
+    p.add_argument("-o", "--output", default="identities", help="identities folder (default: identities/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    _common(p)
+
     p = sub.add_parser("demo", help="learn the packaged public-domain face and draw the example prompts")
     p.add_argument("-o", "--output", default="celebbasis-demo", help="output folder (default: celebbasis-demo/)")
     p.add_argument("--photo", action="append", default=None, help="use your own photo(s) instead of the packaged one; a second photo also fills <id2> prompts")
@@ -425,6 +432,18 @@ def cmd_benchmark_prompts(args) -> int:
     return 0
 
 
+def cmd_webui(args) -> int:
+    from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL
+    from .webui import WebApp, launch
+
+    out = Path(args.output)
+    _check_output_dir(out)
+    label = "tiny random model" if args.tiny else args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
+    app = WebApp(lambda: _load(args), out, default_steps=50 if args.tiny else 400, model_label=label)
+    launch(app, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .errors import ModelLoadError
     from .generate import generate, save_images
@@ -540,7 +559,7 @@ def cmd_mix(args) -> int:
 
 COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "add-many": cmd_add_many, "generate": cmd_generate, "export": cmd_export,
             "import-embedding": cmd_import_embedding, "mix": cmd_mix, "evaluate": cmd_evaluate,
-            "benchmark-prompts": cmd_benchmark_prompts, "demo": cmd_demo}
+            "benchmark-prompts": cmd_benchmark_prompts, "webui": cmd_webui, "demo": cmd_demo}
 
 
 def _on_sigterm(signum, frame):
