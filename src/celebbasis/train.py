@@ -497,5 +497,8 @@ def personalize(
         "seconds": round(elapsed, 3),
         "losses": [round(x, 6) for x in trainer.losses],
     }
-    logger.info("Learned %s in %d steps (%.1f s).", ", ".join(trainer.tokens), total, elapsed)
+    window = max(1, min(50, total // 4))
+    logger.info("Learned %s in %d steps (%.1f s); mean loss %.4f over the first %d steps, %.4f over the last %d "
+                "(the whole curve is in the run record).", ", ".join(trainer.tokens), total, elapsed,
+                float(np.mean(trainer.losses[:window])), window, float(np.mean(trainer.losses[-window:])), window)
     return PersonalizeResult(identities, trainer.losses, run)
