@@ -84,3 +84,13 @@ def astronaut(face_analyzer, astronaut_path):
 @pytest.fixture(scope="session")
 def hopper(face_analyzer, hopper_path):
     return face_analyzer(hopper_path)
+
+
+def side_by_side(*images: Image.Image) -> Image.Image:
+    """Pictures pasted left to right at their own sizes, top-aligned: a photo of several people."""
+    out = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+    x = 0
+    for im in images:
+        out.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    return out

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from celebbasis.cli import main
+from conftest import side_by_side
 from celebbasis.evaluate import best_assignment, benchmark_prompts, categorize, clip_text
 from celebbasis.testing import save_tiny_clip
 
@@ -68,11 +69,7 @@ def test_clip_score_matches_the_model(tiny_clip, astronaut_path):
 def test_two_people_are_matched_to_their_references(tmp_path, astronaut_path, hopper_path):
     from celebbasis.generate import png_info
 
-    a = Image.open(astronaut_path).convert("RGB")
-    h = Image.open(hopper_path).convert("RGB").resize((256, 300))
-    both = Image.new("RGB", (a.width + h.width, a.height))
-    both.paste(h, (0, 0))
-    both.paste(a, (h.width, 0))
+    both = side_by_side(Image.open(hopper_path).resize((256, 300)), Image.open(astronaut_path))
     images = tmp_path / "images"
     images.mkdir()
     meta = {"prompt": "<alice> person and <grace> person dancing", "negative_prompt": "", "seed": 0, "steps": 1,

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from celebbasis.cli import main
+from conftest import side_by_side
 from celebbasis.errors import InputError
 from celebbasis.face import load_image
 from celebbasis.identity import Identity, check_name
@@ -97,13 +98,8 @@ def test_small_face_warns(tmp_path, face_analyzer, astronaut_path, caplog):
 
 
 def test_two_faces_largest_with_warning_or_face_index(tmp_path, face_analyzer, astronaut_path, hopper_path, caplog, astronaut, hopper):
-    a = Image.open(astronaut_path).convert("RGB")
-    h = Image.open(hopper_path).convert("RGB").resize((256, 300))
-    both = Image.new("RGB", (a.width + h.width, a.height))
-    both.paste(a, (0, 0))
-    both.paste(h, (a.width, 0))
     path = tmp_path / "two people.jpg"
-    both.save(path, quality=95)
+    side_by_side(Image.open(astronaut_path), Image.open(hopper_path).resize((256, 300))).save(path, quality=95)
     with caplog.at_level(logging.WARNING, logger="celebbasis"):
         largest = face_analyzer(path)
     assert largest.n_faces == 2 and "2 faces found; using the largest" in caplog.text

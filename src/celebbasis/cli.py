@@ -43,7 +43,10 @@ def _setup_logging(args) -> None:
     from transformers.utils import logging as transformers_logging
 
     for lib in (diffusers_logging, transformers_logging):
-        lib.disable_progress_bar() if args.quiet else lib.enable_progress_bar()
+        if args.quiet:
+            lib.disable_progress_bar()
+        else:
+            lib.enable_progress_bar()
 
 
 def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
@@ -75,6 +78,15 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--face-index", type=int, default=None, help="which face to use in photos with several (0 = largest; default: largest)")
     g.add_argument("--basis", action="append", default=None,
                    help="basis file from build-basis; twice for SDXL (default: built from the model and cached)")
+
+
+def _new_identity_flags(p: argparse.ArgumentParser, name_help: str) -> None:
+    """Flags of commands that write one new identity from existing material (import, mix)."""
+    p.add_argument("--name", required=True, help=name_help)
+    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
+    p.add_argument("--basis", action="append", default=None, help="basis file(s) (default: built from the model and cached)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing identity")
+    _common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,22 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import-embedding", help="turn a textual-inversion file into an identity (projected onto the basis)")
     p.add_argument("embedding", metavar="FILE", help="TI file: .safetensors, or .pt (read with weights_only=True)")
-    p.add_argument("--name", required=True, help="name of the person; the prompt word is <name>")
-    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
-    p.add_argument("--basis", action="append", default=None, help="basis file(s) (default: built from the model and cached)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing identity")
-    _common(p)
+    _new_identity_flags(p, "name of the person; the prompt word is <name>")
 
     p = sub.add_parser("mix", help="mix identities (and celebrity names) into a new identity")
     p.add_argument("identities", nargs="*", metavar="IDENTITY", help="identity files to mix")
     p.add_argument("--celebrity", action="append", default=[], help='a celebrity name to mix in, e.g. "Anne Hathaway" (repeatable)')
     p.add_argument("--weights", type=float, nargs="+", default=None,
                    help="one weight per identity, then per celebrity (default: equal weights)")
-    p.add_argument("--name", required=True, help="name of the mix; the prompt word is <name>")
-    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
-    p.add_argument("--basis", action="append", default=None, help="basis file(s) (default: built from the model and cached)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing identity")
-    _common(p)
+    _new_identity_flags(p, "name of the mix; the prompt word is <name>")
 
     p = sub.add_parser("evaluate", help="score generated images: ID similarity, CLIP score, face-detection rate")
     p.add_argument("images", metavar="IMAGES_DIR", help="folder of generated images (PNG metadata gives the prompts)")

@@ -33,7 +33,7 @@ def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: st
         >>> pipe.tokenizer("sks", add_special_tokens=False).input_ids
         [48136]
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if family == "sdxl":
         return tiny_sdxl_pipeline(seed)
@@ -44,13 +44,7 @@ def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: st
         prediction_type = "v_prediction"
     tokenizer = clip_tokenizer(pad_token="!" if sd2 else "<|endoftext|>")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
+    unet = _tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TINY_WIDTH,
@@ -80,6 +74,14 @@ def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: st
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def _tiny_unet(**kwargs):
+    """A two-stage UNet for 8x8 latents; ``kwargs`` set the blocks, attention and conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4,
+                                block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, **kwargs)
 
 
 def _tiny_vae():
@@ -121,17 +123,11 @@ TINY_WIDTH_2 = 64  # the tiny SDXL's second text encoder (OpenCLIP-G is 1280 wid
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """A tiny random ``StableDiffusionXLPipeline``: CLIP-L-like (32 wide) + OpenCLIP-G-like (64 wide, pad "!")."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
