@@ -78,6 +78,7 @@ def test_demo_tiny(tmp_path):
     assert (out / "identities" / "id1.safetensors").exists()
     images = sorted((out / "images").glob("0*.png"))
     assert len(images) == 8  # the example prompts with one person
+    assert Image.open(images[0]).text["identities"] == '["<id1>"]'
     assert (out / "images" / "grid.png").exists()
 
 

@@ -274,8 +274,11 @@ def cmd_build_basis(args) -> int:
 
 def _personalize(args, pipe, photos, names, out_dir: Path, overwrite: bool, analyzer=None, show_progress: bool = True):
     from .face import FaceAnalyzer
+    from .models import TINY_MODEL, model_name
     from .train import personalize
 
+    if pipe.unet.device.type == "cpu" and model_name(pipe) != TINY_MODEL and pipe.unet.config.sample_size >= 32:
+        logger.warning("Training a full-size model on the CPU takes hours; a GPU (--device cuda) takes minutes.")
     cfg = _train_config(args, pipe, len(photos))
     result = personalize(pipe, photos, names, config=cfg, basis=_basis(args), face_index=args.face_index,
                          face_analyzer=analyzer or FaceAnalyzer(encoder=args.face_encoder),
@@ -443,7 +446,8 @@ def cmd_webui(args) -> int:
     out = Path(args.output)
     _check_output_dir(out)
     label = "tiny random model" if args.tiny else args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
-    app = WebApp(lambda: _load(args), out, default_steps=50 if args.tiny else 400, model_label=label)
+    size = 64 if args.tiny else 1024 if args.sdxl else 512
+    app = WebApp(lambda: _load(args), out, default_steps=50 if args.tiny else 400, model_label=label, default_size=size)
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 

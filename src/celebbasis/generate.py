@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import InputError
-from .insert import check_prompt_tokens, expand_prompt, load_identity
+from .insert import PLACEHOLDER_RE, check_prompt_tokens, expand_prompt, load_identity
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,9 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or default, width or default
-    loaded = [load_identity(pipe, ident) for ident in identities]
+    for ident in identities:
+        load_identity(pipe, ident)
+    known = set(pipe.tokenizer.get_added_vocab())
     check_inputs(pipe, prompts, height, width, num_images, steps, guidance)
     set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=not show_progress or len(prompts) > 1)
@@ -146,7 +148,7 @@ def generate(
                 "scheduler": type(pipe.scheduler).__name__,
                 "size": f"{width}x{height}",
                 "model": model_name(pipe),
-                "identities": [t for t in loaded if t in prompt],
+                "identities": list(dict.fromkeys(t for t in PLACEHOLDER_RE.findall(prompt) if t in known)),
                 "celebbasis_version": __version__,
             }
             results.append(GeneratedImage(image, prompt, seed + i, meta))

@@ -45,9 +45,11 @@ class WebApp:
         load: a function returning the diffusers pipeline (called once, on first use).
         identities_dir: where identities live (``NAME.safetensors`` + ``NAME.thumb.png``).
         default_steps: training steps offered by default.
+        model_label: what the page says the model is.
+        default_size: image size offered by default (the model's native size).
     """
 
-    def __init__(self, load, identities_dir, default_steps: int = 400, model_label: str = ""):
+    def __init__(self, load, identities_dir, default_steps: int = 400, model_label: str = "", default_size: int = 512):
         self._load = load
         self._pipe = None
         self._analyzer = None
@@ -60,6 +62,7 @@ class WebApp:
         self.exports.mkdir(exist_ok=True)
         self.default_steps = default_steps
         self.model_label = model_label
+        self.default_size = default_size
 
     # -- resources ---------------------------------------------------------------------------
     @property
@@ -289,13 +292,12 @@ def build_ui(app: WebApp):
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="create-prompt")
             negative = gr.Textbox(label="Negative prompt", elem_id="create-negative")
             with gr.Row():
-                c_steps = gr.Slider(1, 150, value=50 if app.default_steps >= 100 else 10, step=1, label="Steps", elem_id="create-steps")
+                c_steps = gr.Slider(1, 150, value=50 if app.default_size >= 256 else 10, step=1, label="Steps", elem_id="create-steps")
                 guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="create-seed")
             with gr.Row():
-                default_size = 512 if app.default_steps >= 100 else 64
-                width = gr.Slider(64, 1536, value=default_size, step=8, label="Width", elem_id="create-width")
-                height = gr.Slider(64, 1536, value=default_size, step=8, label="Height", elem_id="create-height")
+                width = gr.Slider(64, 1536, value=app.default_size, step=8, label="Width", elem_id="create-width")
+                height = gr.Slider(64, 1536, value=app.default_size, step=8, label="Height", elem_id="create-height")
                 n = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="create-n")
             presets = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[p] for p in example_prompts()],
                                  label="Example prompts (<id1>/<id2>: pick people above first)")
