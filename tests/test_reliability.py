@@ -207,9 +207,10 @@ def test_basis_from_another_model_warns(tmp_path, capsys, astronaut_path, tiny_m
 
 
 def test_long_prompt_warns_what_is_cut(tmp_path, capsys, tiny_model_dir):
-    prompt = "a photo of a person " + "with a red hat " * 30
+    prompt = "a photo of a person " + "with a red hat " * 17 + "and green shoes on the moon"
     assert main(["generate", prompt, "--model", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--steps", "1", "-q"]) == 0
-    assert "the model reads only 77, the rest is cut" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the model reads only 77, so this part is cut: 'shoes on the moon'" in err
 
 
 @pytest.mark.parametrize("where, match", [("/proc/celebbasis-out", "Cannot write to"), ("FILE/ids", "is a file")])
@@ -225,6 +226,21 @@ def test_full_disk_fails_before_training(tmp_path, capsys, astronaut_path, monke
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     assert main(["add", str(astronaut_path), "--name", "x", "--tiny", "-o", str(tmp_path / "o"), *FAST]) == 2
     assert "MB free" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["add", "generate"])
+def test_out_of_memory_says_what_to_do(tmp_path, capsys, astronaut_path, monkeypatch, command):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("celebbasis.train.personalize", oom)
+    monkeypatch.setattr("celebbasis.generate.generate", oom)
+    args = (["add", str(astronaut_path), "--name", "x"] if command == "add" else ["generate", "a photo"])
+    assert main([*args, "--tiny", "-o", str(tmp_path / "o"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "Traceback" not in err[0]
+    assert ("--low-memory" in err[0]) == (command == "add") and "--dtype float16" in err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_existing_identity_is_never_overwritten(tmp_path, good_identity, astronaut_path, tiny_model_dir, capsys):

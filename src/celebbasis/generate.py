@@ -73,10 +73,12 @@ def check_inputs(pipe, prompts: list[str], height: int, width: int, num_images: 
         raise InputError(f"--guidance must be >= 0, got {guidance}.")
     for p in prompts:
         check_prompt_tokens(pipe.tokenizer, p)
-        n = len(pipe.tokenizer(expand_prompt(pipe.tokenizer, p)).input_ids)
-        if n > pipe.tokenizer.model_max_length:
-            logger.warning("Prompt is %d tokens; the model reads only %d, the rest is cut: %r",
-                           n, pipe.tokenizer.model_max_length, p)
+        tok = pipe.tokenizer
+        ids = tok(expand_prompt(tok, p)).input_ids
+        if len(ids) > tok.model_max_length:
+            cut = tok.decode(ids[tok.model_max_length - 1 : -1])  # what falls past the last slot (before the end token)
+            logger.warning("Prompt is %d tokens; the model reads only %d, so this part is cut: %r",
+                           len(ids), tok.model_max_length, cut)
 
 
 def generate(
