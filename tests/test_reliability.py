@@ -233,8 +233,8 @@ def test_out_of_memory_says_what_to_do(tmp_path, capsys, astronaut_path, monkeyp
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("celebbasis.train.personalize", oom)
-    monkeypatch.setattr("celebbasis.generate.generate", oom)
+    monkeypatch.setattr(sys.modules["celebbasis.train"], "personalize", oom)
+    monkeypatch.setattr(sys.modules["celebbasis.generate"], "generate", oom)
     args = (["add", str(astronaut_path), "--name", "x"] if command == "add" else ["generate", "a photo"])
     assert main([*args, "--tiny", "-o", str(tmp_path / "o"), "-q"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
