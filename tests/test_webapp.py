@@ -19,7 +19,7 @@ def app(tmp_path):
 
 def test_learn_rename_export_delete(app, astronaut_path):
     seen = []
-    ident = app.learn(str(astronaut_path), "alice", 3, threading.Event(), lambda s, t, lo: seen.append(s))
+    [ident] = app.learn(str(astronaut_path), "alice", 3, threading.Event(), lambda s, t, lo: seen.append(s))
     assert ident.token == "<alice>" and seen == [1, 2, 3]
     assert [r["name"] for r in app.identities()] == ["alice"]
     with pytest.raises(InputError, match="already exists"):
@@ -34,6 +34,16 @@ def test_learn_rename_export_delete(app, astronaut_path):
     assert app.zip_folder(folder).stat().st_size > 0
     app.delete("ann")
     assert app.identities() == []
+
+
+def test_several_people_learn_together(app, astronaut_path, hopper_path):
+    seen = []
+    idents = app.learn([str(astronaut_path), str(hopper_path)], "alice, grace", 2, threading.Event(),
+                       lambda s, t, lo: seen.append((s, t)))
+    assert [i.token for i in idents] == ["<alice>", "<grace>"] and seen[-1] == (4, 4)  # steps per person
+    assert sorted(r["name"] for r in app.identities()) == ["alice", "grace"]
+    with pytest.raises(InputError, match="2 photo"):
+        app.learn([str(astronaut_path), str(hopper_path)], "x", 2, threading.Event())
 
 
 def test_cancelled_learning_writes_nothing(app, astronaut_path):

@@ -153,18 +153,27 @@ class WebApp:
         msg = f"Found {len(faces)} face(s); using the largest (green)." if len(faces) > 1 else "Found one face."
         return shown, crop, msg
 
-    def learn(self, photo, name: str, steps: int, cancel: threading.Event, report=None) -> Identity:
-        """Personalize one photo; ``report(step, total, loss)`` is called as it trains.
+    def learn(self, photos, names, steps: int, cancel: threading.Event, report=None) -> list[Identity]:
+        """Personalize one photo, or several people jointly; ``report(step, total, loss)`` as it trains.
+
+        Args:
+            photos: a photo path, or one path per person.
+            names: a name, a comma-separated string of names, or a list, in photo order.
 
         Nothing is written unless training finishes; ``cancel`` stops it.
         """
         from .train import TrainConfig, personalize
 
-        name = check_name(name)
-        target = self._path(name)
-        if target.exists():
-            raise InputError(f"An identity named {name!r} already exists. Pick another name or delete it in the Library.")
-        analysis = self.analyzer(photo)
+        photos = [photos] if isinstance(photos, (str, Path)) else [p for p in photos if p]
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        names = [check_name(n) for n in names]
+        if len(names) != len(photos):
+            raise InputError(f"{len(photos)} photo(s) but {len(names)} name(s). Give one name per photo, separated by commas.")
+        for n in names:
+            if self._path(n).exists():
+                raise InputError(f"An identity named {n!r} already exists. Pick another name or delete it in the Library.")
+        analyses = [self.analyzer(p) for p in photos]
 
         def callback(step, total, loss):
             if cancel.is_set():
@@ -175,11 +184,12 @@ class WebApp:
         with self.lock:
             pipe = self.pipe
             resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            result = personalize(pipe, [analysis], [name], config=TrainConfig(steps=int(steps), resolution=resolution),
-                                 show_progress=False, callback=callback)
+            cfg = TrainConfig(steps=int(steps) * len(names), resolution=resolution)
+            result = personalize(pipe, analyses, names, config=cfg, show_progress=False, callback=callback)
         result.save(self.dir)
-        analysis.crop(128).save(target.with_suffix(".thumb.png"))
-        return result.identities[0]
+        for a, n in zip(analyses, names):
+            a.crop(128).save(self._path(n).with_suffix(".thumb.png"))
+        return result.identities
 
     # -- create ------------------------------------------------------------------------------
     def create(self, prompt: str, negative: str, steps: int, guidance: float, seed: int, width: int, height: int,
@@ -262,9 +272,12 @@ def build_ui(app: WebApp):
                 boxed = gr.Image(label="Detected faces", interactive=False, elem_id="learn-boxes")
                 crop = gr.Image(label="Training crop", interactive=False, elem_id="learn-crop")
             detect_msg = gr.Markdown(elem_id="learn-detect-msg")
+            more = gr.File(label="More people, learned together with the first (optional)", file_count="multiple",
+                           file_types=["image"], elem_id="learn-more")
             with gr.Row():
-                name = gr.Textbox(label="Name (the prompt word becomes <name>)", elem_id="learn-name")
-                steps = gr.Slider(1, 1600, value=app.default_steps, step=1, label="Steps", elem_id="learn-steps")
+                name = gr.Textbox(label="Name (the prompt word becomes <name>); for several people: names in order, "
+                                  "separated by commas", elem_id="learn-name")
+                steps = gr.Slider(1, 1600, value=app.default_steps, step=1, label="Steps per person", elem_id="learn-steps")
             with gr.Row():
                 learn_btn = gr.Button("Learn", variant="primary", elem_id="learn-button")
                 cancel_btn = gr.Button("Cancel", elem_id="learn-cancel")
@@ -346,14 +359,15 @@ def build_ui(app: WebApp):
 
         cancel_event = threading.Event()
 
-        def on_learn(path, who, n_steps, progress=gr.Progress()):
+        def on_learn(path, extra, who, n_steps, progress=gr.Progress()):
             cancel_event.clear()
             updates: queue.Queue = queue.Queue()
             box: dict = {}
 
             def work():
                 try:
-                    box["identity"] = app.learn(path, who, n_steps, cancel_event, lambda s, t, lo: updates.put((s, t, lo)))
+                    photos = [path] + [getattr(f, "name", f) for f in (extra or [])]
+                    box["identity"] = app.learn(photos, who, n_steps, cancel_event, lambda s, t, lo: updates.put((s, t, lo)))
                 except Exception as e:  # reported below
                     box["error"] = e
                 finally:
@@ -363,7 +377,7 @@ def build_ui(app: WebApp):
                 raise gr.Error("Upload a photo first.")
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
-            losses, t0, total = [], time.time(), int(n_steps)
+            losses, t0 = [], time.time()
             yield "Preparing (face, basis, model) …", pd.DataFrame({"step": [], "loss": []})
             try:
                 while True:
@@ -388,10 +402,11 @@ def build_ui(app: WebApp):
                 err = box["error"]
                 yield (f"**{_md(err)}**" if isinstance(err, CelebBasisError) else f"**Failed: {type(err).__name__}: {_md(err)}**"), gr.skip()
                 return
-            ident = box["identity"]
-            yield f"Learned `{ident.token}`. Use it in **Create**: `{ident.token} person …`", gr.skip()
+            tokens = [i.token for i in box["identity"]]
+            yield (f"Learned {', '.join(f'`{t}`' for t in tokens)}. Use it in **Create**: `{tokens[0]} person …`",
+                   gr.skip())
 
-        learn_event = learn_btn.click(on_learn, [photo, name, steps], [status, plot])
+        learn_event = learn_btn.click(on_learn, [photo, more, name, steps], [status, plot])
         learn_event.then(refresh, lib_name, refresh_outputs)
 
         def on_cancel():
