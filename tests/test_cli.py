@@ -118,3 +118,38 @@ def test_bad_input_one_line_errors(tmp_path, monkeypatch, capsys, args, match):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.safetensors"))
+
+
+CONFIGS = __import__("pathlib").Path(__file__).parent.parent / "configs"
+
+
+def test_config_file_and_flags_that_win(tmp_path, astronaut_path):
+    out = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), "--name", "alice", "-o", str(out), "--config", str(CONFIGS / "tiny.toml"),
+                 "--steps", "2", "-q"]) == 0
+    run = json.loads((out / "alice.run.json").read_text())
+    assert run["config"]["steps"] == 2  # the flag wins
+    assert run["config"]["resolution"] == 64 and run["config"]["views_per_identity"] == 8  # from the file
+    assert run["base_model"] == "tiny"
+
+
+def test_shipped_configs_parse():
+    import tomllib
+
+    from celebbasis.cli import build_parser
+
+    for path in CONFIGS.glob("*.toml"):
+        keys = {k.replace("-", "_") for k in tomllib.loads(path.read_text())}
+        args = build_parser().parse_args(["add", "x.jpg", "--name", "x"])
+        assert keys <= set(vars(args)), path
+
+
+@pytest.mark.parametrize("content, match", [("stepz = 3", "stepz is not a flag of `celebbasis add`"), ("steps = ", "not valid TOML"),
+                                            (None, "no such config file")])
+def test_bad_config_files(tmp_path, capsys, astronaut_path, content, match):
+    cfg = tmp_path / "c.toml"
+    if content is not None:
+        cfg.write_text(content)
+    assert main(["add", str(astronaut_path), "--name", "x", "--config", str(cfg), "-o", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]

@@ -143,3 +143,11 @@ def test_frozen_work_is_done_once(tiny_pipe, astronaut, views, expect_pool):
     for ids, cap in zip(b["input_ids"][0], b["captions"]):  # pre-tokenized captions match their text
         expect = tiny_pipe.tokenizer(expand_prompt(tiny_pipe.tokenizer, cap), padding="max_length", max_length=77).input_ids
         assert ids.tolist() == expect
+
+
+def test_a_joint_run_refuses_two_face_encoders(tiny_pipe, astronaut, hopper):
+    import dataclasses
+
+    other = dataclasses.replace(hopper, encoder="arcface-r100:0123456789ab")
+    with pytest.raises(InputError, match="different face encoders"):
+        personalize(tiny_pipe, [astronaut, other], ["a", "b"], config=TrainConfig(steps=1, **CFG), show_progress=False)

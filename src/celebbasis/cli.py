@@ -60,6 +60,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
         g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
         g.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--config", default=None, metavar="TOML",
+                   help="read this command's flags from a TOML file (keys as flag names); flags given here win")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
 
@@ -570,6 +572,28 @@ COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "add-many": cmd_add_
             "benchmark-prompts": cmd_benchmark_prompts, "webui": cmd_webui, "demo": cmd_demo}
 
 
+def _with_config(parser: argparse.ArgumentParser, argv, args) -> argparse.Namespace:
+    """Parse again with the TOML file's values as defaults, so flags on the command line win."""
+    import tomllib
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise InputError(f"{path}: no such config file. Pass a TOML file, e.g. configs/sd15.toml.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid TOML ({e}). Fix the file.") from None
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    valid = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise InputError(f"{path}: {', '.join(unknown)} is not a flag of `celebbasis {args.command}`. "
+                         f"Valid keys: {', '.join(sorted(valid))}.")
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
 def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -589,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
+        if args.config:
+            args = _with_config(parser, argv, args)
         return COMMANDS[args.command](args)
     except CelebBasisError as e:
         if args.verbose:
