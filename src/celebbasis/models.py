@@ -106,7 +106,7 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         if not looks_local and ("cached" in first or "connect" in first.lower() or "offline" in first.lower()):
             raise ModelLoadError(
                 f"Cannot load {model!r}: it is not in the local Hugging Face cache and the Hub cannot be reached (offline?). "
-                f"Download it where there is network (huggingface-cli download {model}) or pass a local diffusers folder with --model PATH."
+                f"Download it where there is network (hf download {model}) or pass a local diffusers folder with --model PATH."
             ) from None
         raise ModelLoadError(f"Cannot load model {model!r}: {first}") from None
     except (ValueError, TypeError, KeyError) as e:
