@@ -152,7 +152,7 @@ def test_cache_builds_once(tokenizer, tiny_pipe, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("rebuilt instead of read from the cache")
 
-    monkeypatch.setattr("celebbasis.basis.build_basis", boom)
+    monkeypatch.setattr("celebbasis.basis._build_basis", boom)
     again = cached_basis(tokenizer, tiny_pipe.text_encoder)
     assert torch.equal(first.components, again.components)
     with pytest.raises(AssertionError, match="rebuilt"):

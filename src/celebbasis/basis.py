@@ -134,14 +134,10 @@ def token_columns(token_ids: list[list[int]], n_tokens: int, dedupe: bool = Fals
     return columns
 
 
-def embedding_fingerprint(text_encoder, tokenizer, names: list[str], n_components: int, n_tokens: int, dedupe: bool) -> str:
-    """SHA-256 of what a basis depends on: the base vocabulary's embedding rows, names, settings.
-
-    Rows are hashed as float16, so loading a model in fp16 or fp32 gives the same fingerprint.
-    """
-    table = text_encoder.get_input_embeddings().weight.detach()[: tokenizer.vocab_size]
+def embedding_fingerprint(table_sha256: str, names: list[str], n_components: int, n_tokens: int, dedupe: bool) -> str:
+    """SHA-256 of what a basis depends on: the embedding table (its ``table_fingerprint``), names, settings."""
     h = hashlib.sha256()
-    h.update(table.to("cpu", torch.float16).contiguous().numpy().tobytes())
+    h.update(table_sha256.encode())
     h.update(names_sha256(names).encode())
     h.update(f"n={n_components};k={n_tokens};dedupe={bool(dedupe)}".encode())
     return h.hexdigest()
@@ -183,6 +179,11 @@ def build_basis(
         >>> basis.components.shape
         torch.Size([2, 512, 768])
     """
+    return _build_basis(tokenizer, text_encoder, names, n_components, n_tokens, dedupe, source,
+                        table_fingerprint(tokenizer, text_encoder))
+
+
+def _build_basis(tokenizer, text_encoder, names, n_components, n_tokens, dedupe, source, table_sha256: str) -> CelebBasis:
     names = normalize_names(celeb_names() if names is None else names)
     if not names:
         raise InputError("The celebrity name list is empty. Pass at least a few hundred names, or none for the packaged list.")
@@ -215,8 +216,8 @@ def build_basis(
         "names_sha256": names_sha256(names),
         "n_names": len(names),
         "dedupe": bool(dedupe),
-        "basis_sha256": embedding_fingerprint(text_encoder, tokenizer, names, n_components, n_tokens, dedupe),
-        "text_encoder_sha256": table_fingerprint(tokenizer, text_encoder),
+        "basis_sha256": embedding_fingerprint(table_sha256, names, n_components, n_tokens, dedupe),
+        "text_encoder_sha256": table_sha256,
     }
     return CelebBasis(torch.stack(means).float(), torch.stack(comps).float(), ranks, meta)
 
@@ -245,7 +246,8 @@ def cached_basis(
     names = normalize_names(celeb_names() if names is None else names)
     d = text_encoder.get_input_embeddings().weight.shape[1]
     n = min(n_components, d)
-    key = embedding_fingerprint(text_encoder, tokenizer, names, n, n_tokens, dedupe)
+    table_sha256 = table_fingerprint(tokenizer, text_encoder)  # hashed once, for the key and the metadata
+    key = embedding_fingerprint(table_sha256, names, n, n_tokens, dedupe)
     path = cache_dir() / "basis" / f"{key[:32]}.safetensors"
     if path.exists():
         try:
@@ -255,7 +257,7 @@ def cached_basis(
                 return basis
         except InputError:
             logger.warning("Ignoring a damaged cached basis at %s; rebuilding it.", path)
-    basis = build_basis(tokenizer, text_encoder, names, n_components=n, n_tokens=n_tokens, dedupe=dedupe, source=source)
+    basis = _build_basis(tokenizer, text_encoder, names, n, n_tokens, dedupe, source, table_sha256)
     try:
         basis.save(path)
     except OSError as e:
