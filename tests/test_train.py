@@ -151,3 +151,21 @@ def test_a_joint_run_refuses_two_face_encoders(tiny_pipe, astronaut, hopper):
     other = dataclasses.replace(hopper, encoder="arcface-r100:0123456789ab")
     with pytest.raises(InputError, match="different face encoders"):
         personalize(tiny_pipe, [astronaut, other], ["a", "b"], config=TrainConfig(steps=1, **CFG), show_progress=False)
+
+
+def test_low_memory_gives_the_same_loss_and_gradient(_tiny_pipe, astronaut):
+    import copy
+
+    def grads(low_memory):
+        pipe = copy.deepcopy(_tiny_pipe)
+        basis = build_basis(pipe.tokenizer, pipe.text_encoder)
+        trainer = Personalizer(pipe, [astronaut], ["alice"], TrainConfig(low_memory=low_memory, **CFG), basis, "tiny")
+        assert pipe.unet.is_gradient_checkpointing == low_memory
+        batch = trainer.sample_batch()
+        loss = trainer.loss(batch)
+        loss.backward()
+        return loss.item(), trainer.mlp.linear.weight.grad.clone()
+
+    (l0, g0), (l1, g1) = grads(False), grads(True)
+    assert l0 == pytest.approx(l1, abs=1e-6)
+    assert torch.allclose(g0, g1, atol=1e-5)
