@@ -153,3 +153,13 @@ def test_bad_config_files(tmp_path, capsys, astronaut_path, content, match):
     assert main(["add", str(astronaut_path), "--name", "x", "--config", str(cfg), "-o", str(tmp_path / "o"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
+
+
+def test_every_command_has_working_help(capsys):
+    from celebbasis.cli import COMMANDS
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "--seed" in capsys.readouterr().out
