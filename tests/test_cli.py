@@ -163,3 +163,18 @@ def test_every_command_has_working_help(capsys):
             main([name, "--help"])
         assert e.value.code == 0
         assert "--seed" in capsys.readouterr().out
+
+
+def test_batched_prompts_give_the_same_images(tiny_pipe):
+    import numpy as np
+
+    from celebbasis.generate import generate
+
+    prompts = ["a photo of a person", "a painting of a dog", "a red car"]
+    one = generate(tiny_pipe, prompts, num_images=2, steps=3, seed=5, batch_images=1, show_progress=False)
+    many = generate(tiny_pipe, prompts, num_images=2, steps=3, seed=5, batch_images=6, show_progress=False)
+    assert [(r.prompt, r.seed) for r in one] == [(r.prompt, r.seed) for r in many]
+    assert [r.seed for r in one] == [5, 6, 5, 6, 5, 6]
+    for a, b in zip(one, many):
+        diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))
+        assert diff.max() <= 2  # the same image, up to float rounding

@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out", help="folder for the PNGs (default: out/)")
     p.add_argument("--negative-prompt", default=None, help="what the images should not show")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    p.add_argument("--batch-images", type=int, default=4, help="images per model call; prompts are batched up to it (default: 4)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
@@ -386,7 +387,8 @@ def cmd_generate(args) -> int:
     pipe = _load(args)
     results = generate(pipe, [p for _, p in items], identities=identities, negative_prompt=args.negative_prompt,
                        num_images=args.num_images, steps=args.steps, guidance=args.guidance, height=args.height,
-                       width=args.width, seed=args.seed, scheduler=args.scheduler, show_progress=not args.quiet)
+                       width=args.width, seed=args.seed, scheduler=args.scheduler, show_progress=not args.quiet,
+                       batch_images=args.batch_images)
     categories = {p: c for c, p in items if c}
     for r in results:
         if r.prompt in categories:

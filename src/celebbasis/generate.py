@@ -58,7 +58,8 @@ def set_scheduler(pipe, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def check_inputs(pipe, prompts: list[str], height: int, width: int, num_images: int, steps: int, guidance: float) -> None:
+def check_inputs(pipe, prompts: list[str], height: int, width: int, num_images: int, steps: int, guidance: float,
+                 batch_images: int = 1) -> None:
     """Validate everything before the first denoising step."""
     if not prompts or any(not p.strip() for p in prompts):
         raise InputError("Empty prompt. Write what to draw, e.g. \"<alice> person reading a book\".")
@@ -67,6 +68,8 @@ def check_inputs(pipe, prompts: list[str], height: int, width: int, num_images: 
             raise InputError(f"{label} must be a positive multiple of 8, got {h}.")
     if num_images < 1:
         raise InputError(f"--num-images must be >= 1, got {num_images}.")
+    if batch_images < 1:
+        raise InputError(f"--batch-images must be >= 1, got {batch_images}.")
     if steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}.")
     if guidance < 0:
@@ -95,6 +98,7 @@ def generate(
     seed: int = 0,
     scheduler: str | None = "ddim",
     show_progress: bool = True,
+    batch_images: int = 4,
 ) -> list[GeneratedImage]:
     """Draw each prompt ``num_images`` times; image ``i`` of every prompt uses seed ``seed + i``.
 
@@ -108,7 +112,9 @@ def generate(
         height, width: image size (multiples of 8); the model's default when ``None``.
         seed: base seed.
         scheduler: short scheduler name (see ``SCHEDULERS``); ``None`` keeps the pipeline's.
-        show_progress: a tqdm bar over prompts.
+        show_progress: a tqdm bar over batches.
+        batch_images: images per pipeline call: prompts are batched up to this many images
+            (at least one prompt per call). Lower it on small GPUs.
 
     Example:
         >>> images = generate(pipe, "<alice> person and Barack Obama cooking", identities=["alice.safetensors"])
@@ -122,17 +128,20 @@ def generate(
     for ident in identities:
         load_identity(pipe, ident)
     known = set(pipe.tokenizer.get_added_vocab())
-    check_inputs(pipe, prompts, height, width, num_images, steps, guidance)
+    check_inputs(pipe, prompts, height, width, num_images, steps, guidance, batch_images)
     set_scheduler(pipe, scheduler)
-    pipe.set_progress_bar_config(disable=not show_progress or len(prompts) > 1)
+    pipe.set_progress_bar_config(disable=not show_progress or len(prompts) * num_images > batch_images)
     device = pipe.unet.device
     gen_device = "cpu" if device.type == "mps" else device
+    per_call = max(1, batch_images // num_images)  # prompts per pipeline call
+    batches = [prompts[i : i + per_call] for i in range(0, len(prompts), per_call)]
     results = []
-    for prompt in tqdm(prompts, desc="generate", disable=not show_progress or len(prompts) < 2, unit="prompt"):
-        gens = [torch.Generator(gen_device).manual_seed(seed + i) for i in range(num_images)]
+    for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
+        # one generator per image, seeded as if each prompt ran alone: batching never changes an image's seed
+        gens = [torch.Generator(gen_device).manual_seed(seed + i) for _ in batch for i in range(num_images)]
         out = pipe(
-            prompt,
-            negative_prompt=negative_prompt,
+            batch,
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
             num_images_per_prompt=num_images,
             num_inference_steps=steps,
             guidance_scale=guidance,
@@ -140,7 +149,8 @@ def generate(
             width=width,
             generator=gens,
         )
-        for i, image in enumerate(out.images):
+        for j, image in enumerate(out.images):
+            prompt, i = batch[j // num_images], j % num_images
             meta = {
                 "prompt": prompt,
                 "negative_prompt": negative_prompt or "",
