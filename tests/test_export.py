@@ -181,3 +181,15 @@ def test_cli_import_and_mix(tmp_path, tiny_model_dir, astronaut_path, capsys):
     assert torch.allclose(mixed.coefficients.norm(dim=-1), torch.ones(2), atol=1e-6)
     assert main(["mix", str(ids / "alice.safetensors"), "--weights", "0.5", "0.5", "--name", "x", "--tiny", "-o", str(ids), "-q"]) == 2
     assert main(["export", str(ids / "alice.safetensors"), "--format", "diffusers", "--pt", "-o", str(tmp_path / "e2"), "-q"]) == 2
+
+
+def test_file_name_must_match_the_layout(tmp_path, sd1):
+    from celebbasis.errors import InputError
+
+    ident, _ = random_identity(sd1)
+    with pytest.raises(InputError, match="needs a .safetensors file name"):
+        export_identity(ident, "a1111", tmp_path / "alice.pt")
+    with pytest.raises(InputError, match="needs a .pt file name"):
+        export_identity(ident, "a1111", tmp_path / "alice.safetensors", pt=True)
+    assert export_identity(ident, "a1111", tmp_path / "Alice_Doe.safetensors").name == "Alice_Doe.safetensors"
+    assert not list(tmp_path.glob("alice*"))

@@ -81,6 +81,9 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     path = Path(path) if path is not None else Path(".")
     if path.is_dir() or path.suffix == "":
         path = path / f"{identity.name}{suffix}"
+    elif path.suffix != suffix:
+        raise InputError(f"{path}: a {'.pt' if pt else 'safetensors'} export needs a {suffix} file name"
+                         f"{'' if pt else ' (or pass --pt for the .pt layout)'}.")
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists. Pass --overwrite to replace it.")
     trigger = identity.token if fmt == "diffusers" else path.stem
