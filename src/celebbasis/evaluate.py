@@ -183,6 +183,15 @@ class Report:
         return {**self.summary(), "images": [asdict(r) for r in self.images]}
 
 
+def _identities(value: str | None) -> list[str]:
+    """The ``identities`` PNG field (a JSON list of tokens); anything else counts as absent."""
+    try:
+        tokens = json.loads(value) if value else []
+    except ValueError:
+        return []
+    return [t for t in tokens if isinstance(t, str)] if isinstance(tokens, list) else []
+
+
 def _image_meta(path: Path) -> dict:
     from PIL import Image
 
@@ -224,7 +233,7 @@ def evaluate(images: list, references: list[tuple[str | None, str]], *, analyzer
         path = Path(path)
         meta = _image_meta(path)
         category, prompt = prompts[i] if prompts is not None else (meta.get("category"), meta.get("prompt", ""))
-        tokens = json.loads(meta["identities"]) if "identities" in meta else sorted(set(PLACEHOLDER_RE.findall(prompt)))
+        tokens = _identities(meta.get("identities")) or sorted(set(PLACEHOLDER_RE.findall(prompt)))
         category = category or categorize(prompt, len(tokens))
         image = load_image(path)
         arr = np.asarray(image)
