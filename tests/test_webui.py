@@ -96,6 +96,15 @@ def test_bound_to_localhost_only(server):
     assert addrs == {"0100007F"}  # 127.0.0.1 only: not 0.0.0.0 (00000000) nor any other interface
 
 
+def start_learning(page, name: str, steps: int) -> None:
+    """Fill in the Learn tab's name and steps, then press Learn."""
+    page.locator("#learn-name textarea").fill(name)
+    box = page.locator("#learn-steps input[type=number]")
+    box.fill(str(steps))
+    box.press("Enter")
+    page.click("#learn-button")
+
+
 def test_learn_library_create(page, server, shots, astronaut_path):
     from playwright.sync_api import expect
 
@@ -104,11 +113,7 @@ def test_learn_library_create(page, server, shots, astronaut_path):
     expect(page.locator("#learn-detect-msg")).to_contain_text("Found one face", timeout=60_000)
     expect(page.locator("#learn-boxes img")).to_be_visible()
     expect(page.locator("#learn-crop img")).to_be_visible()
-    page.locator("#learn-name textarea").fill("alice")
-    steps = page.locator("#learn-steps input[type=number]")
-    steps.fill("12")
-    steps.press("Enter")
-    page.click("#learn-button")
+    start_learning(page, "alice", 12)
     expect(page.locator("#learn-status")).to_contain_text("Learned <alice>", timeout=180_000)
     page.screenshot(path=str(shots / "learn.png"), full_page=True)
     assert (ids / "alice.safetensors").exists() and (ids / "alice.thumb.png").exists()
@@ -141,11 +146,7 @@ def test_cancel_leaves_nothing(page, server, astronaut_path):
 
     url, ids = server
     page.get_by_role("tab", name="Learn").click()
-    page.locator("#learn-name textarea").fill("bob")
-    steps = page.locator("#learn-steps input[type=number]")
-    steps.fill("1600")
-    steps.press("Enter")
-    page.click("#learn-button")
+    start_learning(page, "bob", 1600)
     expect(page.locator("#learn-status")).to_contain_text("Learning: step", timeout=120_000)
     page.click("#learn-cancel")
     expect(page.locator("#learn-status")).to_contain_text("Cancelled; nothing was saved", timeout=60_000)

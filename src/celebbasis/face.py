@@ -98,6 +98,15 @@ def _dlib():
     return dlib, face_recognition_models
 
 
+def _shrink_for_detection(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """The image at most ``DETECT_MAX_SIDE`` on its longest side, and the scale applied (<= 1)."""
+    h, w = image.shape[:2]
+    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
+    if scale == 1.0:
+        return image, scale
+    return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR)), scale
+
+
 class DlibFaceDetector:
     """dlib's MMOD CNN face detector with its 5-point landmark model."""
 
@@ -110,9 +119,8 @@ class DlibFaceDetector:
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """(H, W, 3) uint8 RGB -> faces, largest first."""
+        small, scale = _shrink_for_detection(image)
         h, w = image.shape[:2]
-        scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
-        small = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR)) if scale < 1 else image
         dets = self.detector(small, self.upsample)
         if not dets and self.upsample == 0 and max(h, w) * scale < 800:
             dets = self.detector(small, 1)  # small photos: look again at twice the size
@@ -166,9 +174,7 @@ class MTCNNDetector:
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """(H, W, 3) uint8 RGB -> faces, largest first."""
-        h, w = image.shape[:2]
-        scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
-        small = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR)) if scale < 1 else image
+        small, scale = _shrink_for_detection(image)
         boxes, points = self.net.detect(small)
         faces = [Face(tuple(float(v) / scale for v in b[:4]), p / scale, float(b[4]), FIVE_POINT) for b, p in zip(boxes, points)]
         return sorted(faces, key=lambda f: f.area, reverse=True)

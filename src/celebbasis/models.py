@@ -14,8 +14,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-TINY_MODEL = "tiny"
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # shown in metadata for the in-process tiny random model
+TINY_MODEL = "tiny"  # shown in metadata for the in-process tiny random model
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
