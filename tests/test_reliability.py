@@ -7,11 +7,9 @@ import logging
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +20,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from celebbasis.cli import main
-from conftest import side_by_side
+from conftest import png_header_only, side_by_side
 from celebbasis.errors import InputError
 from celebbasis.face import load_image
 from celebbasis.identity import Identity, check_name
 from celebbasis.insert import add_placeholder, expand_prompt
 
 FAST = ["--steps", "2", "--resolution", "64", "-q"]
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that claims width x height pixels: a decompression bomb without the memory."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    return path
 
 
 def truncated(src: Path, dst: Path, fmt: str) -> Path:

@@ -61,6 +61,14 @@ def test_detect_boxes_and_refuses_faceless(app, astronaut_path, faceless_path):
         app.detect(str(faceless_path))
 
 
+def test_uploads_over_the_pixel_cap_are_refused(app, tmp_path):
+    from conftest import png_header_only
+
+    big = png_header_only(tmp_path / "big.png", 8000, 6000)  # 48 MP: under the CLI's cap, over the web UI's
+    with pytest.raises(InputError, match="up to 40 MP"):
+        app.detect(str(big))
+
+
 @pytest.mark.parametrize("bad", ["../x", "a/b", ""])
 def test_names_are_sanitised(app, bad):
     with pytest.raises(InputError, match="Invalid name"):
