@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
 import pytest
 import torch
 
-from celebbasis.basis import CelebBasis, build_basis, cached_basis
+from celebbasis.basis import CelebBasis, build_basis
+from celebbasis.models import cached_basis
 from celebbasis.errors import FileFormatError
 from celebbasis.resources import celeb_names, clip_tokenizer
 
@@ -146,14 +148,35 @@ def test_load_refuses_other_files(tmp_path):
         CelebBasis.load(bad)
 
 
-def test_cache_builds_once(tokenizer, tiny_pipe, monkeypatch):
+def test_cache_builds_once_for_every_dtype_of_a_model(tokenizer, tiny_pipe, monkeypatch):
     first = cached_basis(tokenizer, tiny_pipe.text_encoder)
 
     def boom(*a, **k):
         raise AssertionError("rebuilt instead of read from the cache")
 
-    monkeypatch.setattr("celebbasis.basis._build_basis", boom)
+    monkeypatch.setattr("celebbasis.basis.build_basis", boom)
     again = cached_basis(tokenizer, tiny_pipe.text_encoder)
     assert torch.equal(first.components, again.components)
+    for dtype in (torch.float16, torch.bfloat16):  # a half-precision copy of the same model: the same entry
+        half = copy.deepcopy(tiny_pipe.text_encoder).to(dtype)
+        assert torch.equal(cached_basis(tokenizer, half).components, first.components)
     with pytest.raises(AssertionError, match="rebuilt"):
-        cached_basis(tokenizer, tiny_pipe.text_encoder, dedupe=True)  # other settings: other key
+        cached_basis(tokenizer, tiny_pipe.text_encoder, dedupe=True)  # other settings: other entry
+    other = copy.deepcopy(tiny_pipe.text_encoder)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(1.01)  # another model
+    with pytest.raises(AssertionError, match="rebuilt"):
+        cached_basis(tokenizer, other)
+
+
+def test_table_signature_is_dtype_independent_and_tells_models_apart(tokenizer, tiny_pipe):
+    from celebbasis.models import same_signature, table_signature
+
+    te = tiny_pipe.text_encoder
+    base = table_signature(tokenizer, te)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert same_signature(base, table_signature(tokenizer, copy.deepcopy(te).to(dtype)))
+    other = copy.deepcopy(te)
+    with torch.no_grad():
+        other.get_input_embeddings().weight[:100] += 0.01  # a fine-tune that moved 100 rows
+    assert not same_signature(base, table_signature(tokenizer, other))

@@ -11,21 +11,23 @@ Example:
     >>> cb.save_images(cb.generate(pipe, "<alice> person and Barack Obama cooking"), "out/")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .basis import CelebBasis, build_basis, cached_basis  # noqa: E402
-from .errors import CelebBasisError, FileFormatError, InputError, ModelLoadError, NoFaceFoundError  # noqa: E402
-from .export import export_identity, import_embedding  # noqa: E402
-from .face import FaceAnalyzer, FaceEncoder, load_image  # noqa: E402
-from .generate import GeneratedImage, generate, save_images  # noqa: E402
-from .identity import Identity, IdentityEncoder  # noqa: E402
-from .insert import load_identity  # noqa: E402
-from .mix import mix  # noqa: E402
-from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, load_pipeline  # noqa: E402
-from .train import PersonalizeResult, TrainConfig, personalize  # noqa: E402
+from .basis import CelebBasis, build_basis
+from .errors import CelebBasisError, FileFormatError, InputError, ModelLoadError, NoFaceFoundError
+from .export import export_identity, import_embedding
+from .face import FaceAnalyzer, FaceEncoder, load_image
+from .generate import GeneratedImage, generate, save_images
+from .identity import Identity, IdentityEncoder
+from .insert import load_identity
+from .mix import mix
+from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, cached_basis, load_pipeline
+from .config import BasisConfig, GenerateConfig, TrainConfig
+from .train import PersonalizeResult, personalize
 
 __all__ = [
     "__version__",
+    "BasisConfig",
     "CelebBasis",
     "CelebBasisError",
     "DEFAULT_MODEL",
@@ -33,6 +35,7 @@ __all__ = [
     "FaceAnalyzer",
     "FaceEncoder",
     "FileFormatError",
+    "GenerateConfig",
     "GeneratedImage",
     "Identity",
     "IdentityEncoder",

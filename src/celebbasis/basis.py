@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import InputError
-from .insert import table_fingerprint
+from .errors import FileFormatError, InputError
 from .files import decode_json, load_artifact, save_artifact
 from .resources import celeb_names, names_sha256, normalize_names
 
@@ -101,8 +100,6 @@ class CelebBasis:
         tensors, meta = load_artifact(path, BASIS_FORMAT, ("mean", "components", "ranks"))
         mean, comps = tensors["mean"], tensors["components"]
         if mean.ndim != 2 or comps.ndim != 3 or comps.shape[0] != mean.shape[0] or comps.shape[2] != mean.shape[1]:
-            from .errors import FileFormatError
-
             raise FileFormatError(
                 f"{path}: inconsistent shapes mean {tuple(mean.shape)}, components {tuple(comps.shape)}. Re-create the basis."
             )
@@ -134,10 +131,11 @@ def token_columns(token_ids: list[list[int]], n_tokens: int, dedupe: bool = Fals
     return columns
 
 
-def embedding_fingerprint(table_sha256: str, names: list[str], n_components: int, n_tokens: int, dedupe: bool) -> str:
-    """SHA-256 of what a basis depends on: the embedding table (its ``table_fingerprint``), names, settings."""
+def embedding_fingerprint(signature: str, names: list[str], n_components: int, n_tokens: int, dedupe: bool) -> str:
+    """SHA-256 naming what a basis depends on: the table (its signature, to 5 digits), names, settings."""
+    coarse = ",".join(f"{float(x):.5g}" for x in signature.split(",")) if signature else ""
     h = hashlib.sha256()
-    h.update(table_sha256.encode())
+    h.update(coarse.encode())
     h.update(names_sha256(names).encode())
     h.update(f"n={n_components};k={n_tokens};dedupe={bool(dedupe)}".encode())
     return h.hexdigest()
@@ -159,6 +157,7 @@ def build_basis(
     n_tokens: int = 2,
     dedupe: bool = False,
     source: str = "",
+    signature: str = "",
 ) -> CelebBasis:
     """Build the celeb basis from a text encoder's input token-embedding table (METHOD §1).
 
@@ -170,6 +169,8 @@ def build_basis(
         n_tokens: slots K, i.e. token vectors per identity.
         dedupe: keep each distinct token once per column instead of every occurrence.
         source: model id or path, recorded in the metadata.
+        signature: the table's ``models.table_signature`` in metadata form, recorded so that the
+            basis can be matched to its text encoder in any dtype.
 
     Returns:
         ``CelebBasis`` with mean (K, d), components (K, n, d) and the rank of each slot.
@@ -179,11 +180,6 @@ def build_basis(
         >>> basis.components.shape
         torch.Size([2, 512, 768])
     """
-    return _build_basis(tokenizer, text_encoder, names, n_components, n_tokens, dedupe, source,
-                        table_fingerprint(tokenizer, text_encoder))
-
-
-def _build_basis(tokenizer, text_encoder, names, n_components, n_tokens, dedupe, source, table_sha256: str) -> CelebBasis:
     names = normalize_names(celeb_names() if names is None else names)
     if not names:
         raise InputError("The celebrity name list is empty. Pass at least a few hundred names, or none for the packaged list.")
@@ -191,8 +187,8 @@ def _build_basis(tokenizer, text_encoder, names, n_components, n_tokens, dedupe,
         raise InputError(f"n_tokens must be >= 1, got {n_tokens}.")
     if n_components < 1:
         raise InputError(f"n_components must be >= 1, got {n_components}.")
-    table = text_encoder.get_input_embeddings().weight.detach().to("cpu", torch.float64)  # (V, d)
-    d = table.shape[1]
+    weight = text_encoder.get_input_embeddings().weight.detach()  # (V, d), any device and dtype
+    d = weight.shape[1]
     if n_components > d:
         logger.info("n_components %d is larger than the embedding width %d; using %d.", n_components, d, d)
         n_components = d
@@ -203,7 +199,7 @@ def _build_basis(tokenizer, text_encoder, names, n_components, n_tokens, dedupe,
             raise InputError(
                 f"Only {len(col)} names have a token in position {j}; pass more (or longer) names or fewer tokens."
             )
-        e = table[torch.tensor(col)]  # (m_j, d)
+        e = weight[torch.tensor(col, device=weight.device)].to("cpu", torch.float64)  # (m_j, d): only the name rows
         mean = e.mean(0)
         x = e - mean
         _, s, vh = torch.linalg.svd(x, full_matrices=True)  # vh: (d, d), rows past the rank complete the span
@@ -216,8 +212,8 @@ def _build_basis(tokenizer, text_encoder, names, n_components, n_tokens, dedupe,
         "names_sha256": names_sha256(names),
         "n_names": len(names),
         "dedupe": bool(dedupe),
-        "basis_sha256": embedding_fingerprint(table_sha256, names, n_components, n_tokens, dedupe),
-        "text_encoder_sha256": table_sha256,
+        "basis_sha256": embedding_fingerprint(signature, names, n_components, n_tokens, dedupe),
+        "text_encoder_signature": signature,
     }
     return CelebBasis(torch.stack(means).float(), torch.stack(comps).float(), ranks, meta)
 
@@ -230,36 +226,3 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("celebbasis"))
-
-
-def cached_basis(
-    tokenizer,
-    text_encoder,
-    names: list[str] | None = None,
-    *,
-    n_components: int = 512,
-    n_tokens: int = 2,
-    dedupe: bool = False,
-    source: str = "",
-) -> CelebBasis:
-    """``build_basis``, but read from / written to the cache, keyed by the embedding fingerprint."""
-    names = normalize_names(celeb_names() if names is None else names)
-    d = text_encoder.get_input_embeddings().weight.shape[1]
-    n = min(n_components, d)
-    table_sha256 = table_fingerprint(tokenizer, text_encoder)  # hashed once, for the key and the metadata
-    key = embedding_fingerprint(table_sha256, names, n, n_tokens, dedupe)
-    path = cache_dir() / "basis" / f"{key[:32]}.safetensors"
-    if path.exists():
-        try:
-            basis = CelebBasis.load(path)
-            if basis.fingerprint == key:
-                logger.debug("basis from cache %s", path)
-                return basis
-        except InputError:
-            logger.warning("Ignoring a damaged cached basis at %s; rebuilding it.", path)
-    basis = _build_basis(tokenizer, text_encoder, names, n, n_tokens, dedupe, source, table_sha256)
-    try:
-        basis.save(path)
-    except OSError as e:
-        logger.warning("Could not cache the basis at %s (%s); it will be rebuilt next time.", path, e)
-    return basis

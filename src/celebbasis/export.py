@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .errors import FileFormatError, InputError
 from .files import atomic_write, load_safetensors
 from .identity import Identity, check_name

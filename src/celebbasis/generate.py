@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .errors import InputError
 from .insert import PLACEHOLDER_RE, check_prompt_tokens, expand_prompt, load_identity
 

@@ -32,11 +32,11 @@ class IdentityEncoder(nn.Module):
     official code's equal-linear layer does; with Adam this sets how fast coefficients move.
     """
 
-    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512):
+    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator=None):
         super().__init__()
         self.n_tokens, self.n_components = n_tokens, n_components
-        self.linear = nn.Linear(face_dim, n_tokens * n_components)
-        nn.init.normal_(self.linear.weight, 0.0, 1.0)
+        self.linear = nn.Linear(face_dim, n_tokens * n_components, device="meta").to_empty(device="cpu")  # no global RNG
+        nn.init.normal_(self.linear.weight, 0.0, 1.0, generator=generator)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, face: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ textual inversions: ``<alice>``, ``<alice>_1``, ... Any diffusers SD pipeline th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from contextlib import contextmanager
@@ -16,6 +15,8 @@ import torch
 from torch import Tensor
 
 from .errors import FileFormatError, InputError
+from .identity import Identity, token_for
+from .models import text_encoders, trained_on_other_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +26,6 @@ PLACEHOLDER_RE = re.compile(r"<[^<>\s]+>")
 def placeholder_tokens(token: str, n_tokens: int) -> list[str]:
     """``"<alice>", 2`` -> ``["<alice>", "<alice>_1"]`` (diffusers' multi-vector naming)."""
     return [token] + [f"{token}_{i}" for i in range(1, n_tokens)]
-
-
-def table_fingerprint(tokenizer, text_encoder) -> str:
-    """SHA-256 of the base vocabulary's token-embedding rows, hashed as float16.
-
-    Identifies the text encoder an identity was trained with, whatever dtype it is loaded in.
-    """
-    table = text_encoder.get_input_embeddings().weight.detach()[: tokenizer.vocab_size]
-    return hashlib.sha256(table.to("cpu", torch.float16).contiguous().numpy().tobytes()).hexdigest()
 
 
 def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[int]:
@@ -64,19 +56,6 @@ def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[
     return tokenizer.convert_tokens_to_ids(words)
 
 
-def text_encoders(pipe) -> list[tuple]:
-    """(tokenizer, text_encoder) pairs of a pipeline: one for SD 1.x/2.x, two for SDXL."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs
-
-
-def encoders_fingerprint(pipe) -> str:
-    """``table_fingerprint`` of every text encoder, comma-separated."""
-    return ",".join(table_fingerprint(tok, te) for tok, te in text_encoders(pipe))
-
-
 def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
     """Make a diffusers pipeline understand an identity's token in prompts.
 
@@ -96,8 +75,6 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
         '<alice>'
         >>> image = pipe("<alice> person reading a book").images[0]
     """
-    from .identity import Identity, token_for
-
     identity = identity_or_path if isinstance(identity_or_path, Identity) else Identity.load(identity_or_path)
     token = token_for(token) if token else identity.token
     pairs = text_encoders(pipe)
@@ -116,8 +93,7 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
                 f"Identity {identity.token} has {embeddings.shape[1]}-wide embeddings but this model's text encoder is "
                 f"{width} wide. Use the model family it was trained for ({family})."
             )
-    trained_on = identity.metadata.get("text_encoder_sha256")
-    if trained_on and trained_on != encoders_fingerprint(pipe):
+    if trained_on_other_encoder(identity.metadata, pipe):
         logger.warning(
             "Identity %s was trained with a different text encoder (base model %s); it may not look like the person.",
             identity.token, family,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -123,3 +125,145 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
 def model_name(pipe) -> str:
     """The id or path a pipeline was loaded from."""
     return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown")
+
+
+# -- text encoders and their fingerprints ---------------------------------------------------------
+
+def text_encoders(pipe) -> list[tuple]:
+    """(tokenizer, text_encoder) pairs of a pipeline: one for SD 1.x/2.x, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+SIGNATURE_DIRECTIONS = 16  # random directions the table is summarised along
+SIGNATURE_RTOL = 1e-4  # relative to the signature's largest entry; fp32/fp16/bf16 copies differ by ~1e-6
+_signatures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def table_signature(tokenizer, text_encoder, chunk: int = 4096) -> list[float]:
+    """A dtype-independent summary of the base vocabulary's token-embedding rows: 2 x 16 numbers.
+
+    The table's mean and root-mean-square along 16 fixed random unit directions, accumulated in
+    float64 a chunk of rows at a time. float32, float16 and bfloat16 copies of one model give the
+    same numbers to ~1e-6 (rounding errors average out over ~50,000 rows), different models differ
+    in every entry, so two signatures are compared with ``same_signature`` rather than for equality.
+    Computed once per text encoder and remembered (the rows it sampled are checked on reuse).
+    """
+    weight = text_encoder.get_input_embeddings().weight.detach()
+    rows = tokenizer.vocab_size
+    probe = weight[:8].to("cpu", torch.float64).clone()
+    cached = _signatures.get(text_encoder)
+    if cached is not None and cached[0] == rows and torch.equal(cached[1], probe):
+        return cached[2]
+    d = weight.shape[1]
+    directions = torch.randn(d, SIGNATURE_DIRECTIONS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    directions /= directions.norm(dim=0, keepdim=True)  # (d, 16) unit columns
+    first = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
+    second = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, rows, chunk):
+            proj = weight[start:min(rows, start + chunk)].to("cpu", torch.float64) @ directions  # (chunk, 16)
+            first += proj.sum(0)
+            second += (proj * proj).sum(0)
+    signature = [float(x) for x in torch.cat([first / rows, (second / rows).sqrt()])]
+    _signatures[text_encoder] = (rows, probe, signature)
+    return signature
+
+
+def same_signature(a, b) -> bool:
+    """Whether two ``table_signature`` results come from the same token table (any dtype)."""
+    a, b = list(a or []), list(b or [])
+    if not a or len(a) != len(b):
+        return False
+    scale = max(abs(x) for x in a + b) or 1.0
+    return max(abs(x - y) for x, y in zip(a, b)) <= SIGNATURE_RTOL * scale
+
+
+def format_signature(signature) -> str:
+    """Metadata form of a signature: comma-separated, 9 significant digits."""
+    return ",".join(f"{x:.9g}" for x in signature)
+
+
+def parse_signature(text: str | None) -> list[float] | None:
+    try:
+        return [float(x) for x in text.split(",")] if text else None
+    except ValueError:
+        return None
+
+
+def encoders_signature(pipe) -> str:
+    """``format_signature`` of every text encoder of a pipeline, joined by ``;``."""
+    return ";".join(format_signature(table_signature(tok, te)) for tok, te in text_encoders(pipe))
+
+
+def legacy_table_sha256(tokenizer, text_encoder) -> str:
+    """The exact float16 hash that version 0.1 files record as ``text_encoder_sha256`` (read only)."""
+    table = text_encoder.get_input_embeddings().weight.detach()[: tokenizer.vocab_size]
+    return hashlib.sha256(table.to("cpu", torch.float16).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _other_tables(metadata: dict, pairs: list[tuple]) -> bool:
+    same = None
+    parts = [parse_signature(p) for p in (metadata.get("text_encoder_signature") or "").split(";") if p]
+    if parts and all(p is not None for p in parts):
+        same = len(parts) == len(pairs) and all(same_signature(p, table_signature(tok, te)) for p, (tok, te) in zip(parts, pairs))
+        return not same
+    legacy = metadata.get("text_encoder_sha256")
+    return bool(legacy) and legacy != ",".join(legacy_table_sha256(tok, te) for tok, te in pairs)
+
+
+def trained_on_other_encoder(metadata: dict, pipe) -> bool:
+    """True when an identity's metadata says it was made with other text encoders than ``pipe``'s."""
+    return _other_tables(metadata, text_encoders(pipe))
+
+
+def built_from_other_table(metadata: dict, tokenizer, text_encoder) -> bool:
+    """True when a basis' metadata says it was built from another token table than this encoder's."""
+    return _other_tables(metadata, [(tokenizer, text_encoder)])
+
+
+# -- the model's celeb bases, built once and cached -------------------------------------------------
+
+def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_components: int = 512, n_tokens: int = 2,
+                 dedupe: bool = False, source: str = ""):
+    """``build_basis``, read from or written to the cache (``basis.cache_dir()``).
+
+    A cached basis is reused when its names and settings are the same and its recorded table
+    signature matches this text encoder's (``same_signature``), so float32, float16 and bfloat16
+    copies of one model share one entry.
+    """
+    from .basis import CelebBasis, build_basis, cache_dir, embedding_fingerprint
+    from .resources import celeb_names, normalize_names
+
+    names = normalize_names(celeb_names() if names is None else names)
+    n = min(n_components, text_encoder.get_input_embeddings().embedding_dim)
+    signature = table_signature(tokenizer, text_encoder)
+    settings = embedding_fingerprint("", names, n, n_tokens, dedupe)[:16]  # names and settings, not the table
+    folder = cache_dir() / "basis"
+    for path in sorted(folder.glob(f"{settings}-*.safetensors")):
+        try:
+            basis = CelebBasis.load(path)
+        except InputError:
+            logger.warning("Ignoring a damaged cached basis at %s; it will be rebuilt.", path)
+            continue
+        if same_signature(parse_signature(basis.metadata.get("text_encoder_signature")), signature):
+            logger.debug("basis from cache %s", path)
+            return basis
+    basis = build_basis(tokenizer, text_encoder, names, n_components=n, n_tokens=n_tokens, dedupe=dedupe, source=source,
+                        signature=format_signature(signature))
+    try:
+        basis.save(folder / f"{settings}-{basis.fingerprint[:16]}.safetensors")
+    except OSError as e:
+        logger.warning("Could not cache the basis in %s (%s); it will be rebuilt next time.", folder, e)
+    return basis
+
+
+def pipeline_bases(pipe, config=None, source: str | None = None) -> list:
+    """The cached basis of each text encoder of ``pipe`` (``config``: a ``BasisConfig``)."""
+    from .config import BasisConfig
+
+    cfg = config or BasisConfig()
+    return [cached_basis(tok, te, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
+                         source=source or model_name(pipe)) for tok, te in text_encoders(pipe)]

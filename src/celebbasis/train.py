@@ -9,6 +9,7 @@ average of its predicted coefficients.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,10 +26,12 @@ from torch import nn
 from PIL import Image, ImageEnhance
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .errors import InputError
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, encoders_fingerprint, expand_prompt, load_identity, table_fingerprint, text_encoders, token_override
+from .config import BasisConfig, TrainConfig
+from .insert import add_placeholder, expand_prompt, load_identity, token_override
+from .models import encoders_signature, model_name, built_from_other_table, pipeline_bases, text_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -62,73 +65,6 @@ TEMPLATES = [
     "a photo of a cool {}",
     "a photo of a small {}",
 ]
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one personalization run. Defaults follow the paper's official code.
-
-    Args:
-        steps: optimisation steps; ``None`` means 400 per identity (800 for two, as the paper).
-        batch_size: views per step (2 in the paper).
-        learning_rate: AdamW learning rate (official: base 5e-3 x batch 2).
-        weight_decay: AdamW weight decay.
-        resolution: side of the square training views in pixels; a multiple of 8.
-        seed: seeds augmentation, noise, timesteps and the network's initial weights.
-        ema_momentum: momentum of the per-identity average of coefficients that is saved.
-        min_scale, max_scale: range of the face view's size relative to the canvas.
-        flip_p: probability of a horizontal flip.
-        jitter: brightness/contrast/saturation factors are drawn from 1 ± jitter.
-        hue: hue shift drawn from ± hue (fraction of the colour circle).
-        n_components: basis directions per token, n (capped at the text encoder's width).
-        n_tokens: token vectors per identity, K.
-        dedupe: build the basis from distinct name tokens only.
-        views_per_identity: augmented views encoded by the VAE once, up front, per person; each step
-            draws from this pool and samples a fresh latent from the stored distribution. 0 encodes
-            new views every step (slower; what the textual-inversion recipe does).
-        compile: ``torch.compile`` the UNet (GPU; pays off on long runs).
-        low_memory: gradient checkpointing in the UNet: less memory, about 30 % slower.
-    """
-
-    steps: int | None = None
-    batch_size: int = 2
-    learning_rate: float = 1e-2
-    weight_decay: float = 0.0
-    resolution: int = 512
-    seed: int = 0
-    ema_momentum: float = 0.99
-    min_scale: float = 0.1
-    max_scale: float = 1.0
-    flip_p: float = 0.5
-    jitter: float = 0.2
-    hue: float = 0.01
-    n_components: int = 512
-    n_tokens: int = 2
-    dedupe: bool = False
-    views_per_identity: int = 64
-    compile: bool = False
-    low_memory: bool = False
-
-    def __post_init__(self):
-        if self.steps is not None and self.steps < 1:
-            raise InputError(f"--steps must be >= 1, got {self.steps}.")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.resolution < 8 or self.resolution % 8:
-            raise InputError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if not 0 <= self.ema_momentum < 1:
-            raise InputError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}.")
-        if not 0 < self.min_scale <= self.max_scale <= 1:
-            raise InputError(f"need 0 < min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}.")
-        if self.n_tokens < 1 or self.n_components < 1:
-            raise InputError("n_tokens and n_components must be >= 1.")
-        if self.views_per_identity < 0:
-            raise InputError(f"views_per_identity must be >= 0, got {self.views_per_identity}.")
-
-    def total_steps(self, n_identities: int) -> int:
-        return self.steps if self.steps is not None else 400 * n_identities
 
 
 @dataclass
@@ -209,6 +145,8 @@ class Personalizer:
     def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str):
         from diffusers import DDPMScheduler
 
+        if config.resolution is None:  # the model's native size
+            config = dataclasses.replace(config, resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.pipe, self.cfg, self.base_model = pipe, config, base_model
         self.bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
         self.encoders = text_encoders(pipe)  # [(tokenizer, text_encoder)], two for SDXL
@@ -234,9 +172,9 @@ class Personalizer:
         self.faces = torch.from_numpy(np.stack([a.embedding for a in analyses])).float().to(self.device)  # (n_id, f)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
-        torch.manual_seed(config.seed)
+        init = torch.Generator("cpu").manual_seed(config.seed)  # the network's start, without touching global RNG
         self.heads = nn.ModuleList(
-            IdentityEncoder(self.faces.shape[1], self.k, b.n_components) for b in self.bases
+            IdentityEncoder(self.faces.shape[1], self.k, b.n_components, generator=init) for b in self.bases
         ).to(self.device)
         self.means = [b.mean.to(self.device) for b in self.bases]  # (K, d) each
         self.components = [b.components.to(self.device) for b in self.bases]  # (K, n, d) each
@@ -389,14 +327,14 @@ class Personalizer:
         """The averaged coefficients (rows re-normalised to unit length) as ``Identity`` objects."""
         with torch.no_grad():
             current = [c.float().cpu() for c in self.coefficients()]
-        te_hash = encoders_fingerprint(self.pipe)
+        te_signature = encoders_signature(self.pipe)
         out = []
         for i, token in enumerate(self.tokens):
             avg = self.ema[i] if self.ema[i] is not None else [c[i] for c in current]
             out.append(Identity.from_coefficients(
                 token, [F.normalize(c, dim=-1) for c in avg], self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
-                text_encoder_sha256=te_hash, source_photo=Path(self.analyses[i].path).name,
+                text_encoder_signature=te_signature, source_photo=Path(self.analyses[i].path).name,
             ))
         return out
 
@@ -408,6 +346,7 @@ def personalize(
     *,
     config: TrainConfig | None = None,
     basis=None,
+    basis_config: BasisConfig | None = None,
     face_analyzer=None,
     face_index: int | None = None,
     base_model: str | None = None,
@@ -423,6 +362,7 @@ def personalize(
         names: one name per photo; the prompt token is ``<name>``.
         config: ``TrainConfig``; defaults follow the paper.
         basis: a ``CelebBasis`` for this text encoder (a list of two for SDXL); built and cached when ``None``.
+        basis_config: how to build the basis when ``basis`` is ``None`` (default ``BasisConfig()``).
         face_analyzer: detector + identity network; dlib's when ``None``.
         face_index: which face to use in photos with several (0 = largest).
         base_model: id or path of the model, recorded in the identity files.
@@ -437,18 +377,17 @@ def personalize(
         >>> result = personalize(pipe, ["alice.jpg"], ["alice"])
         >>> result.save("identities/")
     """
-    from .basis import cached_basis
     from .face import FaceAnalysis, FaceAnalyzer
-    from .models import model_name
 
     cfg = config or TrainConfig()
     names = check_inputs(pipe, list(names), len(photos))
     base_model = base_model or model_name(pipe)
     bases = list(basis) if isinstance(basis, (list, tuple)) else [basis] if basis is not None else []
     pairs = text_encoders(pipe)
+    if bases and basis_config is not None:
+        raise InputError("Pass either a basis or the settings to build one (basis_config), not both.")
     if not bases:
-        bases = [cached_basis(tok, te, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
-                              source=base_model) for tok, te in pairs]
+        bases = pipeline_bases(pipe, basis_config, source=base_model)
     if len(bases) != len(pairs):
         raise InputError(f"This model has {len(pairs)} text encoder(s) but {len(bases)} basis file(s) were given; "
                          "pass one per encoder or none.")
@@ -456,8 +395,7 @@ def personalize(
         width = te.get_input_embeddings().embedding_dim
         if b.embedding_dim != width:
             raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. Build the basis from this model.")
-        built_from = b.metadata.get("text_encoder_sha256")
-        if built_from and built_from != table_fingerprint(tok, te):
+        if built_from_other_table(b.metadata, tok, te):
             logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
                            "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")
     analyses = []
@@ -469,7 +407,7 @@ def personalize(
 
     trainer = Personalizer(pipe, analyses, names, cfg, bases, base_model)
     total = cfg.total_steps(len(names))
-    logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, cfg.resolution, trainer.device)
+    logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution, trainer.device)
     t0 = time.perf_counter()
     bar = tqdm(range(total), desc="personalize", disable=not show_progress, unit="step")
     for step in bar:
@@ -491,7 +429,7 @@ def personalize(
         "names": names,
         "photos": [a.path for a in analyses],
         "face_encoder": trainer.face_encoder,
-        "config": {**asdict(cfg), "steps": total},
+        "config": {**asdict(trainer.cfg), "steps": total},
         "seed": cfg.seed,
         "device": str(trainer.device),
         "seconds": round(elapsed, 3),

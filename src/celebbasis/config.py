@@ -1,0 +1,146 @@
+"""Every setting of every stage, with its default and one line of help: the one place defaults live.
+
+``BasisConfig`` (METHOD §1), ``TrainConfig`` (§4) and ``GenerateConfig`` (§5) are typed dataclasses in
+the manner of peft's configs: each field has a default and ``metadata={"help": ...}``, and
+``__post_init__`` checks values before any model is loaded. The CLI builds its flags from these
+fields, TOML files fill the same fields, and the web UI reads its defaults from them.
+Errors name the field, not a command-line flag: the library does not know who called it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import InputError
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class BasisConfig:
+    """How the celeb basis is built from a text encoder's name embeddings (METHOD §1)."""
+
+    n_components: int = field(default=512, metadata=_help("directions per token slot, n (capped at the model's width)"))
+    n_tokens: int = field(default=2, metadata=_help("token vectors per identity, K"))
+    dedupe: bool = field(default=False, metadata=_help(
+        "count each distinct name token once per slot (default: every occurrence, as the paper's code)"))
+
+    def __post_init__(self):
+        if self.n_components < 1:
+            raise InputError(f"n_components must be >= 1, got {self.n_components}.")
+        if self.n_tokens < 1:
+            raise InputError(f"n_tokens must be >= 1, got {self.n_tokens}.")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one personalization run. Defaults follow the paper's official code (METHOD §4)."""
+
+    steps: int | None = field(default=None, metadata=_help(
+        "optimisation steps (default: 400 per person, as the paper's config)"))
+    batch_size: int = field(default=2, metadata=_help("views per step (2, as the paper)"))
+    learning_rate: float = field(default=1e-2, metadata=_help("AdamW learning rate (official: base 5e-3 x batch 2)"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (torch's default, as the official optimiser)"))
+    resolution: int | None = field(default=None, metadata=_help(
+        "side of the square training views in pixels, a multiple of 8 (default: the model's native size)"))
+    seed: int = field(default=0, metadata=_help("seeds augmentation, noise, timesteps and the network's initial weights"))
+    ema_momentum: float = field(default=0.99, metadata=_help("momentum of the per-person average of coefficients that is saved"))
+    min_scale: float = field(default=0.1, metadata=_help("smallest size of the face relative to the canvas"))
+    max_scale: float = field(default=1.0, metadata=_help("largest size of the face relative to the canvas"))
+    aspect_jitter: float = field(default=0.1, metadata=_help("the pasted face's width/height ratio is drawn from 1 +- this"))
+    flip_p: float = field(default=0.5, metadata=_help("probability of a horizontal flip"))
+    jitter: float = field(default=0.2, metadata=_help("brightness/contrast/saturation factors are drawn from 1 +- this"))
+    hue: float = field(default=0.01, metadata=_help("hue shift drawn from +- this (fraction of the colour circle)"))
+    views_per_identity: int = field(default=64, metadata=_help(
+        "augmented views per person encoded once up front; 0 encodes new views every step", flag="views"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the UNet (GPU; pays off on long runs)"))
+    low_memory: bool = field(default=False, metadata=_help("gradient checkpointing in the UNet: less memory, about 30% slower"))
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise InputError(f"steps must be >= 1, got {self.steps}.")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InputError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.weight_decay < 0:
+            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if not 0 <= self.ema_momentum < 1:
+            raise InputError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}.")
+        if not 0 < self.min_scale <= self.max_scale <= 1:
+            raise InputError(f"need 0 < min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}.")
+        if not 0 <= self.aspect_jitter < 1:
+            raise InputError(f"aspect_jitter must be in [0, 1), got {self.aspect_jitter}.")
+        if self.views_per_identity < 0:
+            raise InputError(f"views_per_identity must be >= 0, got {self.views_per_identity}.")
+
+    def total_steps(self, n_identities: int) -> int:
+        return self.steps if self.steps is not None else 400 * n_identities
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling settings (METHOD §5). ``GenerateConfig.preset("paper")`` is the official evaluation's."""
+
+    negative_prompt: str | None = field(default=None, metadata=_help("what the images should not show"))
+    num_images: int = field(default=1, metadata=_help("images per prompt; image i uses seed + i"))
+    batch_images: int = field(default=4, metadata=_help("images per model call; prompts are batched up to it"))
+    steps: int = field(default=50, metadata=_help("denoising steps"))
+    guidance: float = field(default=7.5, metadata=_help("classifier-free guidance scale (the paper's evaluation: 10)"))
+    height: int | None = field(default=None, metadata=_help("image height, a multiple of 8 (default: the model's)"))
+    width: int | None = field(default=None, metadata=_help("image width, a multiple of 8 (default: the model's)"))
+    seed: int = field(default=0, metadata=_help("seed of the first image of each prompt"))
+    scheduler: str = field(default="ddim", metadata=_help("sampler", choices=tuple(SCHEDULERS)))
+
+    def __post_init__(self):
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v < 8 or v % 8):
+                raise InputError(f"{name} must be a positive multiple of 8, got {v}.")
+        for name in ("num_images", "batch_images", "steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.guidance < 0:
+            raise InputError(f"guidance must be >= 0, got {self.guidance}.")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"Unknown scheduler {self.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GenerateConfig":
+        """A named preset with ``overrides`` on top (``paper``: the official evaluation settings)."""
+        if name not in GENERATE_PRESETS:
+            raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(GENERATE_PRESETS)}.")
+        return cls(**{**GENERATE_PRESETS[name], **overrides})
+
+
+# The official test and evaluation scripts: DDIM (eta 0), 50 steps, guidance 10, 512 px, seed 42, 8 samples.
+GENERATE_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(scheduler="ddim", steps=50, guidance=10.0, height=512, width=512, seed=42, num_images=8),
+}
+
+
+def config_fields(cls) -> list:
+    """The dataclass fields of a config class, in declaration order."""
+    return list(fields(cls))
+
+
+def updated(config, **changes):
+    """A copy of ``config`` with ``changes`` (checked again by ``__post_init__``)."""
+    return replace(config, **changes)
