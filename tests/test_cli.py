@@ -105,7 +105,9 @@ def test_uncached_hub_model_offline_says_so(tmp_path, alice):
 
 @pytest.mark.parametrize("args, match", [
     (["add", "missing.jpg", "--name", "x"], "missing.jpg: no such file"),
-    (["add", "a.jpg", "b.jpg", "--name", "x"], "2 photo(s) but 1 --name"),
+    (["add", "a.jpg", "b.jpg", "c.jpg", "--name", "x", "--name", "y"], "3 photo argument(s) but 2 --name(s). Either one --name"),
+    (["add", "a.jpg", "--name", "x", "--steps", "0"], "steps must be >= 1"),
+    (["generate", "x", "--model", "/no/such/folder", "--steps", "0"], "steps must be >= 1"),
     (["add", "a.jpg", "--name", "../x"], "Invalid name"),
     (["generate", "<carol> person", "--tiny"], "<carol> but no identity"),
     (["generate", "x", "--identity", "nope.safetensors"], "nope.safetensors: no such file"),
@@ -134,17 +136,48 @@ def test_config_file_and_flags_that_win(tmp_path, astronaut_path):
 
 
 def test_shipped_configs_parse():
-    import tomllib
-
     from celebbasis.cli import build_parser
+    from celebbasis.cli_flags import read_toml
 
+    parser = build_parser()
     for path in CONFIGS.glob("*.toml"):
-        keys = {k.replace("-", "_") for k in tomllib.loads(path.read_text())}
-        args = build_parser().parse_args(["add", "x.jpg", "--name", "x"])
-        assert keys <= set(vars(args)), path
+        command = "generate" if "eval" in path.stem else "add"
+        assert read_toml(path, parser.subparsers[command], command), path  # every key a flag, of the right type
 
 
-@pytest.mark.parametrize("content, match", [("stepz = 3", "stepz is not a flag of `celebbasis add`"), ("steps = ", "not valid TOML"),
+def test_misspelled_flags_are_not_taken_for_others(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["add", "x.jpg", "--nmae", "x"])
+    assert e.value.code == 2
+    assert "unknown --nmae; did you mean --name?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["add", "x.jpg", "--name", "x", "--step", "3"])  # no prefix matching: --step is not --steps
+    assert "unknown --step; did you mean --steps?" in capsys.readouterr().err
+
+
+def test_config_defaults_live_in_the_dataclasses(capsys):
+    from celebbasis.cli import build_parser
+    from celebbasis.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["add", "--help"])
+    help_text = capsys.readouterr().out
+    assert f"(default: {TrainConfig.learning_rate})" in help_text.replace("\n", " ").replace("  ", " ") or "0.01" in help_text
+    assert "--weight-decay" in help_text and "--aspect-jitter" in help_text  # every TrainConfig field is a flag
+
+
+def test_toml_quiet_and_lists_replace(tmp_path, astronaut_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('quiet = true\nname = ["bob"]\n')
+    out = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), "--name", "alice", "--tiny", "--steps", "1", "--resolution", "64",
+                 "--views", "1", "-o", str(out), "--config", str(cfg)]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["alice.safetensors"]  # the command line replaces the file's list
+    assert "Wrote" not in capsys.readouterr().err  # quiet from the file took effect
+
+
+@pytest.mark.parametrize("content, match", [("stepz = 3", "stepz is not a flag of `celebbasis add` (did you mean steps?)"), ("steps = ", "not valid TOML"),
+                                            ("steps = 'many'", "steps = 'many' should be int"),
                                             (None, "no such config file")])
 def test_bad_config_files(tmp_path, capsys, astronaut_path, content, match):
     cfg = tmp_path / "c.toml"
