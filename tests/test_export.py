@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import pickle
+import re
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -193,3 +198,71 @@ def test_file_name_must_match_the_layout(tmp_path, sd1):
         export_identity(ident, "a1111", tmp_path / "alice.safetensors", pt=True)
     assert export_identity(ident, "a1111", tmp_path / "Alice_Doe.safetensors").name == "Alice_Doe.safetensors"
     assert not list(tmp_path.glob("alice*"))
+
+
+# --- AUTOMATIC1111's safe loader, re-implemented from its rules (modules/safe.py: check_pt) ---------------------
+# A zip may hold only DIR/data.pkl, DIR/version and DIR/data/<n>; a non-zip file is legacy torch: five pickles
+# (magic number, protocol, system info, the object, storage keys), each unpickled with this allow-list of globals.
+A1111_ZIP_ENTRY = re.compile(r"^[^/]+/(data\.pkl|version|data/\d+)$")
+A1111_DATA_PKL = re.compile(r"^[^/]+/data\.pkl$")
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"),
+    *(("torch._utils", n) for n in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_device_tensor_from_numpy")),
+    *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage", "ByteStorage",
+                             "float32", "BFloat16Storage")),
+    ("torch.nn.modules.container", "ParameterDict"),
+    ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("_codecs", "encode"), ("__builtin__", "set"),
+}  # (A1111 also admits two pytorch_lightning checkpoint classes, irrelevant to embeddings)
+
+
+class A1111Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in A1111_GLOBALS:
+            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+    def persistent_load(self, saved_id):
+        assert saved_id[0] == "storage"
+        return torch.storage.TypedStorage(_internal=True)  # an empty storage: only the pickle's globals are checked
+
+
+def a1111_check(path):
+    """Raise where A1111 would print "Error verifying pickled file" and skip the embedding."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                bad = [n for n in names if not A1111_ZIP_ENTRY.match(n)]
+                if bad:
+                    raise ValueError(f"bad file inside {path}: {bad[0]}")
+                pkls = [n for n in names if A1111_DATA_PKL.match(n)]
+                if len(pkls) != 1:
+                    raise ValueError(f"{len(pkls)} data.pkl in {path}")
+                with z.open(pkls[0]) as fh:
+                    A1111Unpickler(fh).load()
+        except zipfile.BadZipFile:
+            with open(path, "rb") as fh:
+                unpickler = A1111Unpickler(fh)
+                for _ in range(5):
+                    unpickler.load()
+
+
+def test_a1111_pt_passes_a1111_safe_loader(tmp_path, sd1):
+    ident, _ = random_identity(sd1)
+    path = export_identity(ident, "a1111", tmp_path, pt=True)
+    a1111_check(path)
+    data = torch.load(path, weights_only=True)
+    # what A1111's embedding loader reads: one string_to_param entry, named by the file, plus step and checkpoint name
+    (vec,) = data["string_to_param"].values()
+    assert torch.equal(vec, ident.embeddings) and vec.shape == (2, 32)
+    assert data["name"] == "alice" and isinstance(data["step"], int) and data["sd_checkpoint_name"] == "tiny"
+    # the rule has teeth: current torch's default zip archive fails it, and so does a global off the allow-list
+    torch.save(data, tmp_path / "zip.pt")
+    with pytest.raises(ValueError, match=r"bad file inside .*(\.format_version|byteorder|\.storage_alignment)"):
+        a1111_check(tmp_path / "zip.pt")
+    torch.save({"f": os.getcwd}, tmp_path / "evil.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError, match="forbidden"):
+        a1111_check(tmp_path / "evil.pt")
+
