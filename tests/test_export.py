@@ -7,8 +7,10 @@ import json
 import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,4 +267,24 @@ def test_a1111_pt_passes_a1111_safe_loader(tmp_path, sd1):
     torch.save({"f": os.getcwd}, tmp_path / "evil.pt", _use_new_zipfile_serialization=False)
     with pytest.raises(pickle.UnpicklingError, match="forbidden"):
         a1111_check(tmp_path / "evil.pt")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
+def test_written_files_get_the_users_mode(tmp_path, sd1, umask, mode):
+    from celebbasis.files import atomic_write
+
+    ident, _ = random_identity(sd1)
+    before = os.umask(umask)
+    try:
+        paths = [ident.save(tmp_path / "ids" / "alice.safetensors"),
+                 export_identity(ident, "diffusers", tmp_path / "d"),
+                 export_identity(ident, "a1111", tmp_path / "p", pt=True),
+                 atomic_write(tmp_path / "notes.txt", lambda t: Path(t).write_text("x"))]
+        ident.save(tmp_path / "ids" / "alice.safetensors")  # replacing a file gives the same mode
+        assert os.umask(umask) == umask  # the library left the umask as it found it
+    finally:
+        os.umask(before)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {oct(mode)}
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
