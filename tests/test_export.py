@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import stat
 import warnings
 import zipfile
@@ -288,3 +289,69 @@ def test_written_files_get_the_users_mode(tmp_path, sd1, umask, mode):
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {oct(mode)}
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
+
+def readme_section(title):
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_export_commands_run_in_order(tmp_path, sd1, monkeypatch):
+    from safetensors.torch import load_file
+
+    section = readme_section("Use an identity in other tools")
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 4 and all(c[:2] == ["celebbasis", "export"] for c in commands)
+    monkeypatch.chdir(tmp_path)
+    ident, _ = random_identity(sd1)
+    ident.save("identities/alice.safetensors")  # a fresh identity where the README's commands expect it
+    for argv in commands:
+        assert main(argv[1:]) == 0, argv
+    written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "exports").rglob("*") if p.is_file())
+    assert len(written) == 4
+    # every export file the per-tool paragraphs name is one the commands wrote, in the layout its tool reads
+    named = set(re.findall(r"exports/[\w/.-]+\.(?:safetensors|pt)", section.split("**diffusers**", 1)[1]))
+    assert named == set(written)
+    diffusers_part = section.split("**diffusers**", 1)[1].split("**AUTOMATIC1111", 1)[0]
+    for p in set(re.findall(r"exports/[\w/.-]+\.safetensors", diffusers_part)):
+        assert list(load_file(p)) == ["<alice>"]
+    for tool in ("**AUTOMATIC1111", "**ComfyUI"):
+        part = section.split(tool, 1)[1].split("\n\n", 1)[0]
+        for p in re.findall(r"exports/[\w/.-]+\.(?:safetensors|pt)", part):
+            if p.endswith(".pt"):
+                a1111_check(p)
+                assert "string_to_param" in torch.load(p, weights_only=True)
+            else:
+                assert list(load_file(p)) == ["emb_params"]
+
+
+def load_file_keys(path):
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_export_output_paths_that_do_not_exist_yet(tmp_path, sd1):
+    ident, _ = random_identity(sd1)
+    ident.save(tmp_path / "alice.safetensors")
+    src = str(tmp_path / "alice.safetensors")
+    assert main(["export", src, "--format", "a1111", "-o", str(tmp_path / "some/new/file.safetensors"), "-q"]) == 0
+    assert load_file_keys(tmp_path / "some/new/file.safetensors") == ["emb_params"]
+    assert main(["export", src, "--format", "a1111", "--pt", "-o", str(tmp_path / "some/new/folder") + "/", "-q"]) == 0
+    assert (tmp_path / "some/new/folder/alice.pt").is_file()
+    assert main(["export", src, "-o", str(tmp_path / "other/new.pt"), "-q"]) == 2  # a suffix that does not match
+    assert not (tmp_path / "other").exists()
+    # through Python, a string ending in "/" is a folder even when its name has a dot
+    assert export_identity(ident, "diffusers", str(tmp_path / "sd-v1.5") + "/") == tmp_path / "sd-v1.5" / "alice.safetensors"
+
+
+def test_readme_identity_size_is_true(tmp_path):
+    """SD 1.5: 2×512 coefficients + 2×768 embeddings; SDXL adds 2×512 + 2×1280; float32, with add's metadata."""
+    claim = re.search(r"an identity file is ~(\d+) KB(?: \(SDXL: ~(\d+) KB\))?", (Path(__file__).parents[1] / "README.md").read_text())
+    assert claim, "the README's identity size sentence changed; update this test"
+    meta = {"basis_sha256": "a" * 64, "created": "2025-01-01T00:00:00+00:00", "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "face_encoder": "dlib", "steps": 400, "seed": 0, "text_encoder_sha256": "b" * 64, "source_photo": "alice.jpg"}
+    sd15 = Identity("<alice>", torch.randn(2, 512), torch.randn(2, 768), meta).save(tmp_path / "sd15.safetensors")
+    xl = Identity("<alice>", torch.randn(2, 512), torch.randn(2, 768), {**meta, "basis_sha256": "a" * 64 + "," + "c" * 64},
+                  torch.randn(2, 512), torch.randn(2, 1280)).save(tmp_path / "xl.safetensors")
+    for path, kb in ((sd15, claim[1]), (xl, claim[2])):
+        assert kb is not None and abs(path.stat().st_size / 1024 - int(kb)) <= 1, (path.name, path.stat().st_size, kb)
