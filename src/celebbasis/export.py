@@ -6,7 +6,9 @@ Export layouts (safetensors, ``metadata={"format": "pt"}`` plus the token, base 
 - ``diffusers``: ``{"<alice>": (K, d)}``; ``pipe.load_textual_inversion(FILE)`` needs no arguments.
 - ``a1111`` / ``comfyui``: ``{"emb_params": (K, d)}``; the file name is the trigger word.
   ``pt=True`` writes A1111's classic ``.pt`` dict instead (tensors, strings and ints only, so it
-  loads with ``torch.load(weights_only=True)``).
+  loads with ``torch.load(weights_only=True)``), in torch's legacy non-zip serialization: A1111's
+  safe unpickler (``modules/safe.py``) refuses the zip archives current torch writes, whose
+  ``.format_version``, ``byteorder``, ... entries are not on its allow-list.
 - SDXL, every format: ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
 
 Import reads any of these (and ``string_to_param`` ``.pt`` files through ``weights_only=True``) and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -57,8 +60,9 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     Args:
         identity: an ``Identity`` or an identity file.
         fmt: ``diffusers``, ``a1111`` or ``comfyui``.
-        path: output file, or a folder (then ``NAME.safetensors`` / ``NAME.pt`` inside it);
-            ``None`` means the current folder.
+        path: output file, or a folder (then ``NAME.safetensors`` / ``NAME.pt`` inside it): an
+            existing folder, a path without a suffix, or a string ending in ``/``; missing folders
+            are created. ``None`` means the current folder.
         pt: A1111's classic ``.pt`` layout instead of safetensors (SD 1.x/2.x only).
         overwrite: replace an existing file.
 
@@ -78,8 +82,9 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     if pt and (fmt == "diffusers" or identity.is_sdxl):
         raise InputError("--pt writes A1111's classic SD 1.x/2.x layout; use it with --format a1111 or comfyui on a non-SDXL identity.")
     suffix = ".pt" if pt else ".safetensors"
+    folder = path is None or (isinstance(path, str) and path.endswith(("/", os.sep)))
     path = Path(path) if path is not None else Path(".")
-    if path.is_dir() or path.suffix == "":
+    if folder or path.is_dir() or path.suffix == "":
         path = path / f"{identity.name}{suffix}"
     elif path.suffix != suffix:
         raise InputError(f"{path}: a {'.pt' if pt else 'safetensors'} export needs a {suffix} file name"
@@ -89,10 +94,10 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     trigger = identity.token if fmt == "diffusers" else path.stem
     base = str(identity.metadata.get("base_model", ""))
     if pt:
-        emb = tensors["emb_params"]
+        emb = tensors["emb_params"].clone()  # its own storage: torch.save writes whole storages
         data = {"string_to_token": {"*": 265}, "string_to_param": {"*": emb}, "name": path.stem,
                 "step": int(identity.metadata.get("steps", 0) or 0), "sd_checkpoint": None, "sd_checkpoint_name": base}
-        atomic_write(path, lambda tmp: torch.save(data, tmp))
+        atomic_write(path, lambda tmp: save_a1111_pt(data, tmp))
     else:
         meta = {
             "format": "pt",
@@ -109,6 +114,18 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
         }
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def save_a1111_pt(data: dict, path) -> None:
+    """``torch.save`` in the legacy (pre-1.6, non-zip) format, which A1111's safe unpickler accepts.
+
+    A1111 checks every ``.pt`` before loading it: a zip archive may only hold ``*/data.pkl``,
+    ``*/version`` and ``*/data/<n>`` (current torch adds ``.format_version``, ``.storage_alignment``,
+    ``byteorder`` and ``.data/serialization_id``, so A1111 reports "bad file inside" and skips the
+    embedding); a non-zip file is unpickled with an allow-list of globals, which a dict of strings,
+    ints, ``None`` and float tensors passes. ``torch.load(weights_only=True)`` reads both formats.
+    """
+    torch.save(data, path, _use_new_zipfile_serialization=False)
 
 
 def read_embedding_file(path) -> dict[str, torch.Tensor]:
