@@ -106,7 +106,8 @@ def _draw_parsers(sub) -> None:
     p = sub.add_parser("export", help="write an identity as a textual-inversion file for diffusers, A1111 or ComfyUI")
     p.add_argument("identity", metavar="IDENTITY", help="identity file (NAME.safetensors)")
     flag(p, p, "--format", default="diffusers", choices=["diffusers", "a1111", "comfyui"], help="target tool (default: diffusers)")
-    flag(p, p, "-o", "--output", default=".", help="output file, or folder for NAME.safetensors / NAME.pt (default: here)")
+    flag(p, p, "-o", "--output", default=".", help="output file (NAME.safetensors, or NAME.pt with --pt) or folder, created if missing; "
+         "a trailing / always means a folder (default: NAME.safetensors here)")
     flag(p, p, "--pt", default=False, action="store_true", help="A1111's classic .pt layout instead of safetensors (SD 1.x/2.x)")
     _overwrite(p)
     _common(p, model=False)
@@ -530,8 +531,9 @@ def cmd_export(args) -> int:
 
     identity = Identity.load(args.identity)
     out = Path(args.output)
-    _check_output_dir(out if out.is_dir() or out.suffix == "" else out.parent)
-    path = export_identity(identity, args.format, out, pt=args.pt, overwrite=args.overwrite)
+    folder = args.output.endswith(("/", os.sep)) or out.is_dir() or out.suffix == ""
+    _check_output_dir(out if folder else out.parent)
+    path = export_identity(identity, args.format, args.output, pt=args.pt, overwrite=args.overwrite)
     use = {
         "diffusers": f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts',
         "a1111": f'copy it into stable-diffusion-webui/embeddings/, then "{path.stem} person ..." in prompts',
