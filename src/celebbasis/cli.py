@@ -562,7 +562,6 @@ def cmd_import_embedding(args) -> int:
     from .export import import_embedding, read_embedding_file
     from .files import load_safetensors
     from .identity import check_name
-    from .models import encoders_signature, model_name
 
     name = check_name(args.name)
     target = _identity_target(args, name)
@@ -570,8 +569,7 @@ def cmd_import_embedding(args) -> int:
     recorded = load_safetensors(args.embedding)[1].get("base_model") if args.embedding.endswith(".safetensors") else None
     _follow_recorded_model(args, recorded)
     pipe = _load(args)
-    identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), base_model=model_name(pipe))
-    identity.metadata["text_encoder_signature"] = encoders_signature(pipe)
+    identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), pipe=pipe)
     identity.save(target)
     logger.info("Wrote %s (%d vectors); relative residual of the projection: %s. 0 means the embedding lies in the basis.",
                 target, identity.n_tokens, ", ".join(f"{r:.3f}" for r in residuals))

@@ -198,6 +198,11 @@ def encoders_signature(pipe) -> str:
     return ";".join(format_signature(table_signature(tok, te)) for tok, te in text_encoders(pipe))
 
 
+def model_metadata(pipe) -> dict[str, str]:
+    """What an identity made on ``pipe`` records about it: the model's name and its text encoders."""
+    return {"base_model": model_name(pipe), "text_encoder_signature": encoders_signature(pipe)}
+
+
 def legacy_table_sha256(tokenizer, text_encoder) -> str:
     """The exact float16 hash that version 0.1 files record as ``text_encoder_sha256`` (read only)."""
     table = text_encoder.get_input_embeddings().weight.detach()[: tokenizer.vocab_size]
