@@ -181,6 +181,8 @@ def test_config_of_another_architecture_is_refused(models):
       "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 8)}, "inpainting"),
     ({"model.diffusion_model.out.2.bias": torch.zeros(4),
       "conditioner.embedders.0.model.token_embedding.weight": torch.zeros(4, 8)}, "SDXL refiner"),
+    ({"model.diffusion_model.out.2.bias": torch.zeros(4),
+      "cond_stage_model.transformer.embeddings.token_embedding.weight": torch.zeros(4, 8)}, "old key layout"),
 ])
 def test_files_that_are_not_a_full_model(tmp_path, keys, match):
     path = tmp_path / "thing.safetensors"

@@ -240,6 +240,10 @@ def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
         family = "sd2"
     elif _FAMILY_KEYS["sd1"] in shapes:
         family = "sd1"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        raise ModelLoadError(f"{path.name} is an SD 1.x checkpoint whose text encoder has the old key layout "
+                             "(cond_stage_model.transformer.embeddings.*, no text_model.), which diffusers cannot read. "
+                             "Re-save it with a current tool (e.g. A1111's Checkpoint Merger) and pass that file.")
     else:
         raise ModelLoadError(f"{path.name} holds no SD 1.x/2.x or SDXL text encoder (cond_stage_model.* or conditioner.*): "
                              "it is a UNet-only file or another model family. Pass a full SD 1.x/2.x or SDXL checkpoint.")
