@@ -105,3 +105,12 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file(tmp_path_factory):
+    """The tiny SD 1.x pipeline (seed 0, the same weights as ``tiny_model_dir``) as one A1111/ComfyUI-style
+    ``.safetensors`` checkpoint; load it with ``config=tiny_model_dir`` (``--model-config``)."""
+    from celebbasis.testing import save_tiny_single_file
+
+    return save_tiny_single_file(tmp_path_factory.mktemp("checkpoints") / "tinyVision.safetensors")

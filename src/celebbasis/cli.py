@@ -32,10 +32,11 @@ BANNER = "=" * 78
 def _common(p: Parser, model: bool = True) -> None:
     g = p.add_argument_group("common")
     if model:
-        flag(p, g, "--model", help="hub id, local diffusers folder, or single-file checkpoint (.safetensors) of an SD 1.x/2.x "
+        flag(p, g, "--model", help="hub id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt) of an SD 1.x/2.x "
                                    "or SDXL model (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
         flag(p, g, "--model-config", metavar="FOLDER_OR_HUB_ID",
-             help="for a single-file --model: a diffusers folder or hub id of the same architecture to take its configuration from")
+             help="for a single-file --model (.safetensors/.ckpt): diffusers folder or hub id of the same architecture to "
+                  "take the configuration from (default: the family's, from the HF cache or the Hub)")
         flag(p, g, "--sdxl", default=False, action="store_true",
              help="SDXL: default model stabilityai/stable-diffusion-xl-base-1.0 (and a tiny SDXL with --tiny)")
         flag(p, g, "--tiny", default=False, action="store_true",
@@ -186,9 +187,8 @@ def _load(args, device: str | None = None):
     from .models import load_pipeline
 
     logger.info("Loading %s ...", "the tiny random model" if args.tiny else _model_label(args))
-    extra = {"config": args.model_config} if args.model_config else {}
-    return load_pipeline(args.model, device=device or args.device, dtype=args.dtype, revision=args.revision, tiny=args.tiny,
-                         sdxl=args.sdxl, **extra)
+    return load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
+                         revision=args.revision, tiny=args.tiny, sdxl=args.sdxl)
 
 
 def _model_label(args) -> str:
