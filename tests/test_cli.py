@@ -214,3 +214,17 @@ def test_batched_prompts_give_the_same_images(tiny_pipe):
     for a, b in zip(one, many):
         diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))
         assert diff.max() <= 2  # the same image, up to float rounding
+
+
+def test_single_file_model_on_the_command_line(tmp_path, tiny_single_file, tiny_model_dir, astronaut_path, capsys, monkeypatch):
+    out = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), "--name", "alice", "--model", str(tiny_single_file),
+                 "--model-config", str(tiny_model_dir), "-o", str(out), *FAST]) == 0
+    assert Identity.load(out / "alice.safetensors").metadata["base_model"] == tiny_single_file.name
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: the family's configuration cannot be had
+    capsys.readouterr()
+    assert main(["generate", "<alice> person", "--identity", str(out / "alice.safetensors"), "--model", str(tiny_single_file),
+                 "-o", str(tmp_path / "img"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model-config" in err[0], err

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from celebbasis import generate, load_identity, personalize
 from celebbasis.errors import ModelLoadError
 from celebbasis.identity import Identity
-from celebbasis.insert import encoders_fingerprint
+from celebbasis.models import encoders_signature
 from celebbasis.models import FAMILY_CONFIGS, checkpoint_family, load_pipeline, model_name
 from celebbasis.testing import save_single_file, save_tiny_pipeline, save_tiny_single_file, tiny_pipeline
 from celebbasis.train import TrainConfig
@@ -111,7 +111,7 @@ def test_single_file_loads_the_folders_weights(models, family):
     assert pipe.scheduler.config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     assert pipe.tokenizer.get_vocab() == ref.tokenizer.get_vocab() and pipe.tokenizer.pad_token == ref.tokenizer.pad_token
     assert model_name(pipe) == m["file"].name
-    assert encoders_fingerprint(pipe) == encoders_fingerprint(ref)
+    assert encoders_signature(pipe) == encoders_signature(ref)
 
 
 def test_tensors_only_ckpt_loads(tmp_path, models):

@@ -625,13 +625,27 @@ class _LoggingSetup:
         if not args.verbose:  # the libraries' own chatter (deprecations, load reports) is not for CLI users
             for name in self.NOISY:
                 logging.getLogger(name).setLevel(logging.ERROR)
+        self.bars = self._progress_bars()
+        if args.quiet:
+            for lib in self.bars:
+                lib.disable_progress_bar()
         return self
+
+    @staticmethod
+    def _progress_bars() -> dict:
+        """diffusers' and transformers' progress-bar switches, with their state now."""
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        return {lib: lib.is_progress_bar_enabled() for lib in (diffusers_logging, transformers_logging)}
 
     def __exit__(self, *exc):
         for lg, handlers, level, propagate in self.saved:
             lg.handlers[:] = handlers
             lg.setLevel(level)
             lg.propagate = propagate
+        for lib, enabled in self.bars.items():
+            (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
         return False
 
 

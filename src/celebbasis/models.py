@@ -117,35 +117,44 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         logger.warning("--model-config is only used with single-file checkpoints; ignoring it for %s.", model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if looks_local:
-        if not path.is_dir():
-            raise ModelLoadError(f"Model folder {path} does not exist. Pass a diffusers model folder or a Hugging Face hub id.")
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"{path} is not a diffusers model folder (no model_index.json). Pass a diffusers model folder, "
-                "a single-file checkpoint (.safetensors) or a hub id."
-            )
-        try:
-            cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON. Re-download or re-save the model.") from None
-        if cls not in SUPPORTED_PIPELINES:
-            raise ModelLoadError(
-                f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x "
-                f"or SDXL ({', '.join(SUPPORTED_PIPELINES)})."
-            )
+        _check_folder(path)
+    return _load_pretrained(str(path) if looks_local else model, looks_local, dev, dt, revision)
+
+
+def _check_folder(path: Path) -> None:
+    """A local model must be a diffusers folder of a supported pipeline class."""
+    if not path.is_dir():
+        raise ModelLoadError(f"Model folder {path} does not exist. Pass a diffusers model folder or a Hugging Face hub id.")
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a diffusers model folder (no model_index.json). Pass a diffusers model folder, "
+            "a single-file checkpoint (.safetensors) or a hub id."
+        )
+    try:
+        cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON. Re-download or re-save the model.") from None
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(
+            f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x "
+            f"or SDXL ({', '.join(SUPPORTED_PIPELINES)})."
+        )
+
+
+def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype, revision: str | None):
+    """``DiffusionPipeline.from_pretrained`` of a folder or hub id; offline, only the cache, and fast."""
     import warnings
 
-    cache_only = not looks_local and not hub_reachable()  # before importing diffusers: offline fails in ~2 s
+    cache_only = not local and not hub_reachable()  # before importing diffusers: offline fails in ~2 s
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, torch_dtype=dt, revision=revision,
-                                                     local_files_only=cache_only)
+            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dt, revision=revision, local_files_only=cache_only)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not looks_local and (cache_only or "cached" in first or "connect" in first.lower() or "offline" in first.lower()):
+        if not local and (cache_only or "cached" in first or "connect" in first.lower() or "offline" in first.lower()):
             raise ModelLoadError(
                 f"Cannot load {model!r}: it is not in the local Hugging Face cache and the Hub cannot be reached (offline?). "
                 f"Download it where there is network (hf download {model}) or pass a local diffusers folder with --model PATH."
