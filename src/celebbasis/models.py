@@ -148,10 +148,21 @@ def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype
     cache_only = not local and not hub_reachable()  # before importing diffusers: offline fails in ~2 s
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    try:
+    def load(variant):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dt, revision=revision, local_files_only=cache_only)
+            return DiffusionPipeline.from_pretrained(model, torch_dtype=dt, revision=revision, local_files_only=cache_only,
+                                                     variant=variant)
+
+    # float16: the repository's half-size fp16 files where it has them; else the full files, and the
+    # fp16 files when they are all there is (a cache or folder holding only the variant)
+    first, second = ("fp16", None) if dt == torch.float16 else (None, "fp16")
+    try:
+        try:
+            pipe = load(first)
+        except (OSError, ValueError) as e:
+            logger.debug("%s: no %s files (%s); trying %s", model, first or "default", str(e).splitlines()[0][:120], second or "default")
+            pipe = load(second)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not local and (cache_only or "cached" in first or "connect" in first.lower() or "offline" in first.lower()):
