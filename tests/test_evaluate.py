@@ -307,8 +307,6 @@ def test_scatter_with_both_scores(tmp_path):
 
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
 def test_clip_offline_fails_fast_in_one_line(monkeypatch, capsys, caplog, env):
-    import transformers  # noqa: F401  (imported before the clock starts)
-
     from celebbasis.evaluate import ClipScorer
 
     for k, v in env.items():

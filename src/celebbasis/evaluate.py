@@ -275,6 +275,16 @@ def hub_reachable(timeout: float = HUB_CHECK_SECONDS) -> bool:
     return bool(result and result[0])
 
 
+def _in_hub_cache(model: str) -> bool:
+    """Whether the local Hugging Face cache holds ``model``'s config (a cheap look, no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 @contextlib.contextmanager
 def _quiet_hub():
     """Hub and transformers log only errors inside (no retry warnings); their levels are restored after."""
@@ -293,28 +303,35 @@ class ClipScorer:
     """CLIP score of (image, text) with a transformers CLIP model (hub id or local folder).
 
     A hub id is read from the local Hugging Face cache first; the Hub is contacted only when the
-    model is not cached and the Hub answers within ``HUB_CHECK_SECONDS``, so offline it fails in
-    about that long with one line saying what to pass instead.
+    model is not cached and the Hub answers within ``HUB_CHECK_SECONDS``. Offline, it fails within
+    that time, before CLIP's code is even imported, with one line saying what to pass instead, and
+    the Hub's retry warnings are never printed.
 
     Raises:
         ModelLoadError: a missing or broken folder, or a hub id neither cached nor downloadable.
     """
 
     def __init__(self, model: str = DEFAULT_CLIP):
-        import torch
-        from transformers import CLIPModel, CLIPProcessor
-
         fix = "Pass a local CLIP folder with --clip-model PATH, or --no-clip to skip the CLIP score."
         path = Path(model).expanduser()
         looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+        offline = ModelLoadError(
+            f"Cannot load the CLIP model {model!r}: it is not in the local Hugging Face cache and the Hub "
+            f"({_hub_endpoint()}) cannot be reached (offline?). {fix}"
+        )
+        if looks_local and not path.is_dir():
+            raise ModelLoadError(f"CLIP model folder {path} does not exist. {fix}")
+        if not looks_local and not _in_hub_cache(model) and not hub_reachable():
+            raise offline  # before importing CLIP's modelling code, which alone takes seconds
+
+        import torch
+        from transformers import CLIPModel, CLIPProcessor
 
         def load(source, **kwargs):
             with _quiet_hub():
                 return CLIPModel.from_pretrained(source, **kwargs).eval(), CLIPProcessor.from_pretrained(source, **kwargs)
 
         if looks_local:
-            if not path.is_dir():
-                raise ModelLoadError(f"CLIP model folder {path} does not exist. {fix}")
             try:
                 self.model, self.processor = load(str(path), local_files_only=True)
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -324,10 +341,7 @@ class ClipScorer:
                 self.model, self.processor = load(model, local_files_only=True)
             except OSError:
                 if not hub_reachable():
-                    raise ModelLoadError(
-                        f"Cannot load the CLIP model {model!r}: it is not in the local Hugging Face cache and the Hub "
-                        f"({_hub_endpoint()}) cannot be reached (offline?). {fix}"
-                    ) from None
+                    raise offline from None
                 logger.info("Downloading the CLIP model %s …", model)
                 try:
                     self.model, self.processor = load(model)
