@@ -359,8 +359,6 @@ def test_prompt_file_round_trip_and_old_formats(tmp_path):
         PromptLine("an anime drawing of <alice> person", "style", "blurry"),
         PromptLine("<alice> person"),
     ]
-    category, prompt = read_prompt_file(path)[1]  # still unpacks as the old (category, prompt) pair
-    assert (category, prompt) == ("style", "an oil painting of <alice> person")
     path.write_text("style\ta\tb\tc\n", encoding="utf-8")
     with pytest.raises(InputError, match="line 1: 4 tab-separated fields"):
         read_prompt_file(path)

@@ -116,10 +116,6 @@ class PromptLine:
     category: str | None = None
     negative_prompt: str | None = None
 
-    def __iter__(self):
-        """Unpacks as the ``(category, prompt)`` pair ``read_prompt_file`` returned before 0.2."""
-        return iter((self.category, self.prompt))
-
 
 def negative_prompt_for(category: str) -> str:
     """The official evaluation's negative prompt for one of the paper's ``CATEGORIES``.
