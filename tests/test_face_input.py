@@ -79,10 +79,10 @@ def test_real_detectors_never_see_tiny_images(tmp_path, face_analyzer, mtcnn, de
     assert det.detect(np.zeros((h, w, 3), np.uint8)) == []  # called directly (as the web UI does): no crash
 
 
-@pytest.mark.parametrize("w, h", [(4000, 33), (33, 4000), (64000, 500)])
-def test_too_thin_is_refused_before_any_detector_runs(tmp_path, face_analyzer, w, h):
+@pytest.mark.parametrize("w, h, mode", [(4000, 33, "RGB"), (33, 4000, "RGB"), (64000, 500, "L")])
+def test_too_thin_is_refused_before_any_detector_runs(tmp_path, face_analyzer, w, h, mode):
     """Shrunk to 1024 px for detection these kept an 8 px side, which crashed dlib; 64000x500 is 32 MP, allowed."""
-    path = photo(tmp_path, w, h)
+    path = photo(tmp_path, w, h, mode)
     with pytest.raises(NoFaceFoundError, match="too thin to search for a face") as e:
         FaceAnalyzer(detector=NoDetector(), encoder=face_analyzer.encoder)(path)
     assert "Crop it" in one_line(e, path)

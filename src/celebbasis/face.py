@@ -462,6 +462,20 @@ def crop_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
     return warp_affine(image, m, size)
 
 
+def _check_searchable(h: int, w: int, path) -> None:
+    """Refuse, in one line naming ``path``, an image too small or too thin to hold a usable face."""
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise NoFaceFoundError(
+            f"{path} is only {w}x{h} px, too small to hold a usable face. Use a photo at least {MIN_IMAGE_SIDE} px "
+            f"on each side, with the face at least {MIN_FACE_PX} px wide."
+        )
+    if min(h, w) * _detection_scale(h, w) < MIN_IMAGE_SIDE:
+        raise NoFaceFoundError(
+            f"{path} is {w}x{h} px, too thin to search for a face (over {DETECT_MAX_SIDE // MIN_IMAGE_SIDE}:1). "
+            "Crop it to the person."
+        )
+
+
 @dataclass
 class FaceAnalysis:
     """Everything ``analyze_face`` found in one photo."""
@@ -507,16 +521,7 @@ class FaceAnalyzer:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InputError(f"{path}: expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}. Load it with load_image.")
         h, w = image.shape[:2]
-        if min(h, w) < MIN_IMAGE_SIDE:
-            raise NoFaceFoundError(
-                f"{path} is only {w}x{h} px, too small to hold a usable face. Use a photo at least {MIN_IMAGE_SIDE} px "
-                f"on each side, with the face at least {MIN_FACE_PX} px wide."
-            )
-        if min(h, w) * _detection_scale(h, w) < MIN_IMAGE_SIDE:
-            raise NoFaceFoundError(
-                f"{path} is {w}x{h} px, too thin to search for a face (over {DETECT_MAX_SIDE // MIN_IMAGE_SIDE}:1). "
-                "Crop it to the person."
-            )
+        _check_searchable(h, w, path)
         try:
             return self.detector.detect(np.ascontiguousarray(image))
         except CelebBasisError:
@@ -564,6 +569,7 @@ class FaceAnalyzer:
         """
         image = load_image(path)
         arr = np.asarray(image)
+        _check_searchable(*arr.shape[:2], path)
         logger.info("Looking for faces in %s …", path)
         faces = self.detect(arr, path)
         if not faces:
