@@ -515,7 +515,7 @@ def evaluate(images: list, references: list[tuple[str | None, str]], *, analyzer
     if not images:
         raise InputError("No images to evaluate. Pass a folder with PNG/JPEG images.")
     if not references:
-        raise InputError("No reference photo. Pass the person's photo with --reference.")
+        raise InputError("No reference photo. Give a photo (or folder of photos) of each person to compare with.")
     if prompts is not None and len(prompts) != len(images):
         raise InputError(f"{len(prompts)} prompts for {len(images)} images. Give one prompt per image, in file-name order.")
     lines = None if prompts is None else [_prompt_line(p) for p in prompts]

@@ -579,7 +579,7 @@ class FaceAnalyzer:
         if face_index is None:
             index = 0
             if len(faces) > 1:
-                logger.warning("%s: %d faces found; using the largest. Pick another with --face-index (0 = largest).", path, len(faces))
+                logger.warning("%s: %d faces found; using the largest. Pick another by its face index (0 = largest).", path, len(faces))
         else:
             if not 0 <= face_index < len(faces):
                 raise NoFaceFoundError(

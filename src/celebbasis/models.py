@@ -54,9 +54,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise InputError(f"Unknown device {name!r}. Use auto, cpu, cuda, cuda:N or mps.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA GPU is available here. Use --device cpu.")
+        raise InputError(f"Device {name}: no CUDA GPU is available here. Use the cpu device.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: MPS is not available here. Use --device cpu.")
+        raise InputError(f"Device {name}: MPS is not available here. Use the cpu device.")
     return dev
 
 
@@ -114,7 +114,7 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
     if path.is_file() or (not path.exists() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
         return _load_single_file(path, config, dev, dt, revision)
     if config:
-        logger.warning("--model-config is only used with single-file checkpoints; ignoring it for %s.", model)
+        logger.warning("A model configuration is only used with single-file checkpoints; ignoring it for %s.", model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if looks_local:
         _check_folder(path)
