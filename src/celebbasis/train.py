@@ -390,11 +390,12 @@ def photo_agreement(vectors: np.ndarray) -> list[float]:
 
 
 class Views(NamedTuple):
-    """A person's pool of views: VAE posterior mean and std (V, 4, h, w) and face vectors (V, f)."""
+    """A person's pool of views: VAE posterior mean and std (V, 4, h, w), face vectors (V, f), source photo (V,)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     face: torch.Tensor
+    photo: torch.Tensor
 
 
 class Personalizer:
@@ -573,7 +574,8 @@ class Personalizer:
                 means.append(m)
                 stds.append(s)
                 faces += [f for _, f in views]
-            pool.append(Views(torch.cat(means), torch.cat(stds), torch.stack(faces)))
+            photo = torch.arange(per_id) % len(crops)
+            pool.append(Views(torch.cat(means), torch.cat(stds), torch.stack(faces), photo))
         return pool
 
     def _latents_and_faces(self, who: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
