@@ -412,9 +412,9 @@ def test_a_photo_of_someone_else_is_named(tiny_pipe, face_analyzer, alice_photos
     assert len(warnings) == 1 and "grace_hopper.jpg" in warnings[0] and "leave it out of alice's photos" in warnings[0]
 
 
-def test_identical_photos_count_once(tiny_pipe, face_analyzer, astronaut_path, caplog):
+def test_identical_photos_count_once(tiny_pipe, face_analyzer, astronaut, caplog):
     caplog.set_level(logging.INFO, logger="celebbasis.train")
-    result = personalize(tiny_pipe, [[astronaut_path, astronaut_path]], ["alice"], config=TrainConfig(steps=1, **CFG),
+    result = personalize(tiny_pipe, [[astronaut, astronaut]], ["alice"], config=TrainConfig(steps=1, **CFG),
                          face_analyzer=face_analyzer, show_progress=False)
     assert result.identities[0].metadata["source_photos"] == ["astronaut.png"]
     assert "counts it once" in caplog.text

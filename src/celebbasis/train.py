@@ -513,7 +513,11 @@ class Personalizer:
         modules = [pipe.vae, pipe.unet] + [te for _, te in self.encoders]
         self._stack.enter_context(frozen_for_training(modules, pipe.unet, low_memory=cfg.low_memory,
                                                       channels_last=self.device.type == "cuda"))
-        unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+        try:
+            unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+        except BaseException:
+            self.close()
+            raise
         # Frozen weights may be half precision; the identity network stays float32.
         dtypes = [pipe.unet.dtype] + [te.dtype for _, te in self.encoders]
         return unet, torch.amp.GradScaler("cuda") if needs_loss_scaling(self.device, dtypes) else None
