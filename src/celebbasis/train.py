@@ -167,11 +167,10 @@ class PersonalizeResult:
         placed: list[Path] = []  # finals that did not exist before
         try:
             for ident, path, run_path in targets:
-                tmp = path.with_name(f".{path.name}.staged")
-                staged.append((ident.save(tmp), path))
-                tmp_run = run_path.with_name(f".{run_path.name}.staged")
+                tmp, tmp_run = (p.with_name(f".{p.name}.staged") for p in (path, run_path))
+                staged += [(tmp, path), (tmp_run, run_path)]
+                ident.save(tmp)
                 tmp_run.write_text(text, encoding="utf-8")
-                staged.append((tmp_run, run_path))
             for tmp, final in staged:
                 existed = final.exists()
                 os.replace(tmp, final)
@@ -185,6 +184,8 @@ class PersonalizeResult:
 
 
 def _check_targets(paths: list[Path], overwrite: bool) -> None:
+    if not paths:
+        return
     for p in paths:
         if p.is_dir():
             raise InputError(f"{p} is a folder. Remove it or choose another --name.")
