@@ -94,8 +94,9 @@ def first_step_movement(face, lift_to, seed):
 def test_a_lifted_dlib_vector_learns_as_fast_as_a_512d_one(astronaut):
     dlib = torch.from_numpy(astronaut.embedding)[None]  # (1, 128), unit length
     seeds = range(8)
-    ref = sum(first_step_movement(torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(100 + s)), dim=-1),
-                                  None, s) for s in seeds)
+    unit_512 = [torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(100 + s)), dim=-1)
+                for s in seeds]  # a random unit 512-d vector, as the paper's face network gives
+    ref = sum(first_step_movement(f, None, s) for f, s in zip(unit_512, seeds))
     lifted = sum(first_step_movement(dlib, 512, s) for s in seeds)
     plain = sum(first_step_movement(dlib, None, s) for s in seeds)
     assert abs(lifted / ref - 1) < 0.1  # the paper's learning speed

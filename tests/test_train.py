@@ -434,8 +434,9 @@ def test_same_person_thresholds_separate_the_test_faces(astronaut, hopper, alice
 def two_identities(tiny_pipe):
     basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
     g = torch.Generator().manual_seed(0)
-    return PersonalizeResult([Identity.from_coefficients(t, torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=-1), basis)
-                              for t in ("<alice>", "<grace>")], [0.1], {"names": ["alice", "grace"]})
+    coeffs = [torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=-1) for _ in range(2)]
+    people = [Identity.from_coefficients(t, c, basis) for t, c in zip(("<alice>", "<grace>"), coeffs)]
+    return PersonalizeResult(people, [0.1], {"names": ["alice", "grace"]})
 
 
 def test_save_writes_all_of_a_group_or_none(tmp_path, two_identities, monkeypatch):

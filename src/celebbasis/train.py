@@ -766,7 +766,8 @@ def _resolve_bases(pipe, basis, basis_config, base_model: str) -> list:
     for b, (tok, te) in zip(bases, pairs):
         width = te.get_input_embeddings().embedding_dim
         if b.embedding_dim != width:
-            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. Build the basis from this model.")
+            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. "
+                             "Build the basis from this model.")
         if built_from_other_table(b.metadata, tok, te):
             logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
                            "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")
