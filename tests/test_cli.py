@@ -50,6 +50,14 @@ def test_generate_writes_pngs_with_metadata(tmp_path, alice, tiny_model_dir):
     assert first.text["negative_prompt"] == "blurry"
     assert "Seed: 7" in first.text["parameters"]
     assert Image.open(out / "grid.png").size == (128, 128)
+    again = tmp_path / "again"  # image 1 of seed 7 is image 0 of seed 8: any single image can be made again
+    assert main(["generate", "a photo of <alice> person", "--identity", str(alice), "--model", str(tiny_model_dir),
+                 "-o", str(again), "--steps", "2", "--seed", "8", "--negative-prompt", "blurry", "--scheduler", "euler_a", "-q"]) == 0
+    remade = Image.open(next(again.glob("*.png")))
+    original = next(p for p in pngs if Image.open(p).text["prompt"] == "a photo of <alice> person" and Image.open(p).text["seed"] == "8")
+    assert list(remade.getdata()) == list(Image.open(original).getdata())
+    seed7 = next(p for p in pngs if Image.open(p).text["prompt"] == "a photo of <alice> person" and Image.open(p).text["seed"] == "7")
+    assert list(remade.getdata()) != list(Image.open(seed7).getdata())
 
 
 def test_two_people_in_one_prompt(tmp_path, tiny_model_dir, astronaut_path, hopper_path):
@@ -72,9 +80,12 @@ def test_build_basis(tmp_path, tiny_model_dir):
     assert main(["build-basis", "--model", str(tiny_model_dir), "-o", str(out), "-q"]) == 2  # exists
 
 
-def test_demo_tiny(tmp_path):
+def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
+    (out / "identities").mkdir(parents=True)
+    (out / "identities" / "id1.safetensors").write_bytes(b"an earlier demo's identity")
     assert main(["demo", "--tiny", "-o", str(out), "--steps", "4", "--sample-steps", "2", "-q"]) == 0
+    assert "Replacing the earlier demo's id1.safetensors" in capsys.readouterr().err  # never silently
     assert (out / "identities" / "id1.safetensors").exists()
     images = sorted((out / "images").glob("0*.png"))
     assert len(images) == 8  # the example prompts with one person
@@ -105,7 +116,9 @@ def test_uncached_hub_model_offline_says_so(tmp_path, alice):
 
 @pytest.mark.parametrize("args, match", [
     (["add", "missing.jpg", "--name", "x"], "missing.jpg: no such file"),
-    (["add", "a.jpg", "b.jpg", "--name", "x"], "2 photo(s) but 1 --name"),
+    (["add", "a.jpg", "b.jpg", "c.jpg", "--name", "x", "--name", "y"], "3 photo argument(s) but 2 --name(s). Either one --name"),
+    (["add", "a.jpg", "--name", "x", "--steps", "0"], "steps must be >= 1"),
+    (["generate", "x", "--model", "/no/such/folder", "--steps", "0"], "steps must be >= 1"),
     (["add", "a.jpg", "--name", "../x"], "Invalid name"),
     (["generate", "<carol> person", "--tiny"], "<carol> but no identity"),
     (["generate", "x", "--identity", "nope.safetensors"], "nope.safetensors: no such file"),
@@ -134,17 +147,48 @@ def test_config_file_and_flags_that_win(tmp_path, astronaut_path):
 
 
 def test_shipped_configs_parse():
-    import tomllib
-
     from celebbasis.cli import build_parser
+    from celebbasis.cli_flags import read_toml
 
+    parser = build_parser()
     for path in CONFIGS.glob("*.toml"):
-        keys = {k.replace("-", "_") for k in tomllib.loads(path.read_text())}
-        args = build_parser().parse_args(["add", "x.jpg", "--name", "x"])
-        assert keys <= set(vars(args)), path
+        command = "generate" if "eval" in path.stem else "add"
+        assert read_toml(path, parser.subparsers[command], command), path  # every key a flag, of the right type
 
 
-@pytest.mark.parametrize("content, match", [("stepz = 3", "stepz is not a flag of `celebbasis add`"), ("steps = ", "not valid TOML"),
+def test_misspelled_flags_are_not_taken_for_others(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["add", "x.jpg", "--nmae", "x"])
+    assert e.value.code == 2
+    assert "unknown --nmae; did you mean --name?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["add", "x.jpg", "--name", "x", "--step", "3"])  # no prefix matching: --step is not --steps
+    assert "unknown --step; did you mean --steps?" in capsys.readouterr().err
+
+
+def test_config_defaults_live_in_the_dataclasses(capsys):
+    from celebbasis.cli import build_parser
+    from celebbasis.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["add", "--help"])
+    help_text = capsys.readouterr().out
+    assert f"(default: {TrainConfig.learning_rate})" in help_text.replace("\n", " ").replace("  ", " ") or "0.01" in help_text
+    assert "--weight-decay" in help_text and "--aspect-jitter" in help_text  # every TrainConfig field is a flag
+
+
+def test_toml_quiet_and_lists_replace(tmp_path, astronaut_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('quiet = true\nname = ["bob"]\n')
+    out = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), "--name", "alice", "--tiny", "--steps", "1", "--resolution", "64",
+                 "--views", "1", "-o", str(out), "--config", str(cfg)]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["alice.safetensors"]  # the command line replaces the file's list
+    assert "Wrote" not in capsys.readouterr().err  # quiet from the file took effect
+
+
+@pytest.mark.parametrize("content, match", [("stepz = 3", "stepz is not a flag of `celebbasis add` (did you mean steps?)"), ("steps = ", "not valid TOML"),
+                                            ("steps = 'many'", "steps = 'many' should be int"),
                                             (None, "no such config file")])
 def test_bad_config_files(tmp_path, capsys, astronaut_path, content, match):
     cfg = tmp_path / "c.toml"
@@ -162,7 +206,8 @@ def test_every_command_has_working_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
-        assert "--seed" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"usage: celebbasis {name}" in out and "--verbose" in out
 
 
 def test_batched_prompts_give_the_same_images(tiny_pipe):
@@ -178,3 +223,17 @@ def test_batched_prompts_give_the_same_images(tiny_pipe):
     for a, b in zip(one, many):
         diff = np.abs(np.asarray(a.image, dtype=np.int16) - np.asarray(b.image, dtype=np.int16))
         assert diff.max() <= 2  # the same image, up to float rounding
+
+
+def test_single_file_model_on_the_command_line(tmp_path, tiny_single_file, tiny_model_dir, astronaut_path, capsys, monkeypatch):
+    out = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), "--name", "alice", "--model", str(tiny_single_file),
+                 "--model-config", str(tiny_model_dir), "-o", str(out), *FAST]) == 0
+    assert Identity.load(out / "alice.safetensors").metadata["base_model"] == tiny_single_file.name
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: the family's configuration cannot be had
+    capsys.readouterr()
+    assert main(["generate", "<alice> person", "--identity", str(out / "alice.safetensors"), "--model", str(tiny_single_file),
+                 "-o", str(tmp_path / "img"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model-config" in err[0], err

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import pickle
+import re
+import shlex
+import stat
+import warnings
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +201,157 @@ def test_file_name_must_match_the_layout(tmp_path, sd1):
         export_identity(ident, "a1111", tmp_path / "alice.safetensors", pt=True)
     assert export_identity(ident, "a1111", tmp_path / "Alice_Doe.safetensors").name == "Alice_Doe.safetensors"
     assert not list(tmp_path.glob("alice*"))
+
+
+# --- AUTOMATIC1111's safe loader, re-implemented from its rules (modules/safe.py: check_pt) ---------------------
+# A zip may hold only DIR/data.pkl, DIR/version and DIR/data/<n>; a non-zip file is legacy torch: five pickles
+# (magic number, protocol, system info, the object, storage keys), each unpickled with this allow-list of globals.
+A1111_ZIP_ENTRY = re.compile(r"^[^/]+/(data\.pkl|version|data/\d+)$")
+A1111_DATA_PKL = re.compile(r"^[^/]+/data\.pkl$")
+A1111_GLOBALS = {
+    ("collections", "OrderedDict"),
+    *(("torch._utils", n) for n in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_device_tensor_from_numpy")),
+    *(("torch", n) for n in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage", "ByteStorage",
+                             "float32", "BFloat16Storage")),
+    ("torch.nn.modules.container", "ParameterDict"),
+    ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("_codecs", "encode"), ("__builtin__", "set"),
+}  # (A1111 also admits two pytorch_lightning checkpoint classes, irrelevant to embeddings)
+
+
+class A1111Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in A1111_GLOBALS:
+            raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+        return super().find_class(module, name)
+
+    def persistent_load(self, saved_id):
+        assert saved_id[0] == "storage"
+        return torch.storage.TypedStorage(_internal=True)  # an empty storage: only the pickle's globals are checked
+
+
+def a1111_check(path):
+    """Raise where A1111 would print "Error verifying pickled file" and skip the embedding."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                bad = [n for n in names if not A1111_ZIP_ENTRY.match(n)]
+                if bad:
+                    raise ValueError(f"bad file inside {path}: {bad[0]}")
+                pkls = [n for n in names if A1111_DATA_PKL.match(n)]
+                if len(pkls) != 1:
+                    raise ValueError(f"{len(pkls)} data.pkl in {path}")
+                with z.open(pkls[0]) as fh:
+                    A1111Unpickler(fh).load()
+        except zipfile.BadZipFile:
+            with open(path, "rb") as fh:
+                unpickler = A1111Unpickler(fh)
+                for _ in range(5):
+                    unpickler.load()
+
+
+def test_a1111_pt_passes_a1111_safe_loader(tmp_path, sd1):
+    ident, _ = random_identity(sd1)
+    path = export_identity(ident, "a1111", tmp_path, pt=True)
+    a1111_check(path)
+    data = torch.load(path, weights_only=True)
+    # what A1111's embedding loader reads: one string_to_param entry, named by the file, plus step and checkpoint name
+    (vec,) = data["string_to_param"].values()
+    assert torch.equal(vec, ident.embeddings) and vec.shape == (2, 32)
+    assert data["name"] == "alice" and isinstance(data["step"], int) and data["sd_checkpoint_name"] == "tiny"
+    # the rule has teeth: current torch's default zip archive fails it, and so does a global off the allow-list
+    torch.save(data, tmp_path / "zip.pt")
+    with pytest.raises(ValueError, match=r"bad file inside .*(\.format_version|byteorder|\.storage_alignment)"):
+        a1111_check(tmp_path / "zip.pt")
+    torch.save({"f": os.getcwd}, tmp_path / "evil.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError, match="forbidden"):
+        a1111_check(tmp_path / "evil.pt")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
+def test_written_files_get_the_users_mode(tmp_path, sd1, umask, mode):
+    from celebbasis.files import atomic_write
+
+    ident, _ = random_identity(sd1)
+    before = os.umask(umask)
+    try:
+        paths = [ident.save(tmp_path / "ids" / "alice.safetensors"),
+                 export_identity(ident, "diffusers", tmp_path / "d"),
+                 export_identity(ident, "a1111", tmp_path / "p", pt=True),
+                 atomic_write(tmp_path / "notes.txt", lambda t: Path(t).write_text("x"))]
+        ident.save(tmp_path / "ids" / "alice.safetensors")  # replacing a file gives the same mode
+        assert os.umask(umask) == umask  # the library left the umask as it found it
+    finally:
+        os.umask(before)
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {oct(mode)}
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def readme_section(title):
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_export_commands_run_in_order(tmp_path, sd1, monkeypatch):
+    from safetensors.torch import load_file
+
+    section = readme_section("Use an identity in other tools")
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 4 and all(c[:2] == ["celebbasis", "export"] for c in commands)
+    monkeypatch.chdir(tmp_path)
+    ident, _ = random_identity(sd1)
+    ident.save("identities/alice.safetensors")  # a fresh identity where the README's commands expect it
+    for argv in commands:
+        assert main(argv[1:]) == 0, argv
+    written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "exports").rglob("*") if p.is_file())
+    assert len(written) == 4
+    # every export file the per-tool paragraphs name is one the commands wrote, in the layout its tool reads
+    named = set(re.findall(r"exports/[\w/.-]+\.(?:safetensors|pt)", section.split("**diffusers**", 1)[1]))
+    assert named == set(written)
+    diffusers_part = section.split("**diffusers**", 1)[1].split("**AUTOMATIC1111", 1)[0]
+    for p in set(re.findall(r"exports/[\w/.-]+\.safetensors", diffusers_part)):
+        assert list(load_file(p)) == ["<alice>"]
+    for tool in ("**AUTOMATIC1111", "**ComfyUI"):
+        part = section.split(tool, 1)[1].split("\n\n", 1)[0]
+        for p in re.findall(r"exports/[\w/.-]+\.(?:safetensors|pt)", part):
+            if p.endswith(".pt"):
+                a1111_check(p)
+                assert "string_to_param" in torch.load(p, weights_only=True)
+            else:
+                assert list(load_file(p)) == ["emb_params"]
+
+
+def load_file_keys(path):
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_export_output_paths_that_do_not_exist_yet(tmp_path, sd1):
+    ident, _ = random_identity(sd1)
+    ident.save(tmp_path / "alice.safetensors")
+    src = str(tmp_path / "alice.safetensors")
+    assert main(["export", src, "--format", "a1111", "-o", str(tmp_path / "some/new/file.safetensors"), "-q"]) == 0
+    assert load_file_keys(tmp_path / "some/new/file.safetensors") == ["emb_params"]
+    assert main(["export", src, "--format", "a1111", "--pt", "-o", str(tmp_path / "some/new/folder") + "/", "-q"]) == 0
+    assert (tmp_path / "some/new/folder/alice.pt").is_file()
+    assert main(["export", src, "-o", str(tmp_path / "other/new.pt"), "-q"]) == 2  # a suffix that does not match
+    assert not (tmp_path / "other").exists()
+    # through Python, a string ending in "/" is a folder even when its name has a dot
+    assert export_identity(ident, "diffusers", str(tmp_path / "sd-v1.5") + "/") == tmp_path / "sd-v1.5" / "alice.safetensors"
+
+
+def test_readme_identity_size_is_true(tmp_path):
+    """SD 1.5: 2×512 coefficients + 2×768 embeddings; SDXL adds 2×512 + 2×1280; float32, with add's metadata."""
+    claim = re.search(r"an identity file is ~(\d+) KB(?: \(SDXL: ~(\d+) KB\))?", (Path(__file__).parents[1] / "README.md").read_text())
+    assert claim, "the README's identity size sentence changed; update this test"
+    meta = {"basis_sha256": "a" * 64, "created": "2025-01-01T00:00:00+00:00", "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "face_encoder": "dlib", "steps": 400, "seed": 0, "text_encoder_sha256": "b" * 64, "source_photo": "alice.jpg"}
+    sd15 = Identity("<alice>", torch.randn(2, 512), torch.randn(2, 768), meta).save(tmp_path / "sd15.safetensors")
+    xl = Identity("<alice>", torch.randn(2, 512), torch.randn(2, 768), {**meta, "basis_sha256": "a" * 64 + "," + "c" * 64},
+                  torch.randn(2, 512), torch.randn(2, 1280)).save(tmp_path / "xl.safetensors")
+    for path, kb in ((sd15, claim[1]), (xl, claim[2])):
+        assert kb is not None and abs(path.stat().st_size / 1024 - int(kb)) <= 1, (path.name, path.stat().st_size, kb)

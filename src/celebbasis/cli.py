@@ -4,6 +4,9 @@
     celebbasis add alice.jpg --name alice --model MODEL -o identities/
     celebbasis generate "<alice> person cooking" --identity identities/alice.safetensors --model MODEL -o out/
     celebbasis demo [-o DIR] [--tiny]
+
+Flags of settings come from the config dataclasses (``celebbasis.config``); this module adds only
+what is about the command line itself (files, model choice, logging).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
+from .cli_flags import Parser, config_flags, config_from, flag, merged, parse
+from .config import GENERATE_PRESETS, BasisConfig, GenerateConfig, TrainConfig
 from .errors import CelebBasisError, InputError
 
 logger = logging.getLogger("celebbasis")
@@ -22,128 +27,90 @@ logger = logging.getLogger("celebbasis")
 BANNER = "=" * 78
 
 
-def _setup_logging(args) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("celebbasis")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    if not args.verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import warnings
+# -- flags --------------------------------------------------------------------------------------------
 
-        warnings.filterwarnings("ignore")
-        for name in ("transformers", "diffusers", "huggingface_hub"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (diffusers_logging, transformers_logging):
-        if args.quiet:
-            lib.disable_progress_bar()
-        else:
-            lib.enable_progress_bar()
-
-
-def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+def _common(p: Parser, model: bool = True) -> None:
     g = p.add_argument_group("common")
     if model:
-        g.add_argument("--model", default=None, help="hub id or local diffusers folder of an SD 1.x/2.x or SDXL model "
-                       "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
-        g.add_argument("--sdxl", action="store_true", help="SDXL: default model stabilityai/stable-diffusion-xl-base-1.0 (and a tiny SDXL with --tiny)")
-        g.add_argument("--tiny", action="store_true", help="use a tiny random model built in-process (for trying things out; images are noise)")
-        g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
-        g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-        g.add_argument("--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--config", default=None, metavar="TOML",
-                   help="read this command's flags from a TOML file (keys as flag names); flags given here win")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+        flag(p, g, "--model", help="hub id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt) of an SD 1.x/2.x "
+                                   "or SDXL model (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+        flag(p, g, "--model-config", metavar="FOLDER_OR_HUB_ID",
+             help="for a single-file --model (.safetensors/.ckpt): diffusers folder or hub id of the same architecture to "
+                  "take the configuration from (default: the family's, from the HF cache or the Hub)")
+        flag(p, g, "--sdxl", default=False, action="store_true",
+             help="SDXL: default model stabilityai/stable-diffusion-xl-base-1.0 (and a tiny SDXL with --tiny)")
+        flag(p, g, "--tiny", default=False, action="store_true",
+             help="use a tiny random model built in-process (for trying things out; images are noise)")
+        flag(p, g, "--revision", help="hub revision (branch, tag or commit) of --model")
+        flag(p, g, "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+        flag(p, g, "--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: auto)")
+    flag(p, g, "--config", metavar="TOML", help="read this command's flags from a TOML file (keys as flag names); flags given here win")
+    flag(p, g, "-v", "--verbose", default=False, action="store_true", help="debug logging and full tracebacks")
+    flag(p, g, "-q", "--quiet", default=False, action="store_true", help="only warnings and errors, no progress bars")
 
 
-def _train_flags(p: argparse.ArgumentParser) -> None:
+def _train_flags(p: Parser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=None, help="optimisation steps (default: 400 per person)")
-    g.add_argument("--resolution", type=int, default=None, help="training resolution in pixels (default: the model's, 512 for SD 1.x)")
-    g.add_argument("--batch-size", type=int, default=2, help="views per step (default: 2, as the paper)")
-    g.add_argument("--learning-rate", type=float, default=1e-2, help="AdamW learning rate (default: 0.01)")
-    g.add_argument("--views", type=int, default=64, help="augmented views per person encoded once up front (default: 64; 0: new views every step)")
-    g.add_argument("--low-memory", action="store_true", help="gradient checkpointing: less GPU memory, about 30%% slower")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU, long runs)")
-    g.add_argument("--face-encoder", default="dlib", metavar="SPEC",
-                   help="identity network: dlib (default), arcface:/path/backbone.pth (the paper's) or onnx:/path/model.onnx")
-    g.add_argument("--face-index", type=int, default=None, help="which face to use in photos with several (0 = largest; default: largest)")
-    g.add_argument("--basis", action="append", default=None,
-                   help="basis file from build-basis; twice for SDXL (default: built from the model and cached)")
+    config_flags(p, g, TrainConfig)
+    flag(p, g, "--face-encoder", default="dlib", metavar="SPEC",
+         help="identity network: dlib (default), arcface:/path/backbone.pth (the paper's) or onnx:/path/model.onnx")
+    flag(p, g, "--face-index", type=int, help="which face to use in photos with several (0 = largest; default: largest)")
+    flag(p, g, "--basis", action="append", help="basis file from build-basis; twice for SDXL (default: built from the model and cached)")
 
 
-def _new_identity_flags(p: argparse.ArgumentParser, name_help: str) -> None:
-    """Flags of commands that write one new identity from existing material (import, mix)."""
-    p.add_argument("--name", required=True, help=name_help)
-    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
-    p.add_argument("--basis", action="append", default=None, help="basis file(s) (default: built from the model and cached)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing identity")
-    _common(p)
+def _output(p: Parser, default: str, what: str) -> None:
+    flag(p, p, "-o", "--output", default=default, help=f"{what} (default: {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="celebbasis", description="Put anyone into Stable Diffusion from one face photo.")
-    parser.add_argument("--version", action="version", version=f"celebbasis {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _overwrite(p: Parser, what: str = "replace an existing output file") -> None:
+    flag(p, p, "--overwrite", default=False, action="store_true", help=what)
 
+
+def _add_parsers(sub) -> None:
     p = sub.add_parser("build-basis", help="build the celeb basis of a model's text encoder")
-    p.add_argument("-o", "--output", required=True, help="basis file to write (.safetensors)")
-    p.add_argument("--names", default=None, help="text file of celebrity names, one a line (default: the packaged 646 names)")
-    p.add_argument("--n-components", type=int, default=512, help="directions per token slot (default: 512, capped at the model's width)")
-    p.add_argument("--n-tokens", type=int, default=2, help="token vectors per identity (default: 2)")
-    p.add_argument("--dedupe", action="store_true", help="count each distinct name token once per slot (default: every occurrence, as the paper)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    flag(p, p, "-o", "--output", required=True, help="basis file to write (.safetensors)")
+    flag(p, p, "--names", help="text file of celebrity names, one a line (default: the packaged 646 names)")
+    config_flags(p, p.add_argument_group("basis"), BasisConfig)
+    _overwrite(p)
     _common(p)
 
-    p = sub.add_parser("add", help="learn a new person (or several, jointly) from one photo each")
-    p.add_argument("photos", nargs="+", metavar="PHOTO", help="one face photo per person")
-    p.add_argument("--name", action="append", default=[], required=True, help="name of each person, in photo order; the prompt word is <name>")
-    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
-    p.add_argument("--overwrite", action="store_true", help="replace identities that already exist")
+    p = sub.add_parser("add", help="learn a new person (or several, jointly) from their photos")
+    p.add_argument("photos", nargs="+", metavar="PHOTO",
+                   help="a photo or a folder of photos per person, in --name order; with one --name, all are that person")
+    flag(p, p, "--name", action="append", required=True, help="name of each person; the prompt word is <name>")
+    _output(p, "identities", "folder for NAME.safetensors")
+    _overwrite(p, "replace identities that already exist")
     _train_flags(p)
     _common(p)
 
-    p = sub.add_parser("add-many", help="learn every photo in a folder (groups trained jointly; resumable; shards under accelerate launch)")
-    p.add_argument("faces", metavar="FACES_DIR", help="folder of face photos, one person each; the file name becomes the name")
-    p.add_argument("-o", "--output", default="identities", help="folder for NAME.safetensors (default: identities/)")
-    p.add_argument("--group-size", type=int, default=2, help="people trained jointly per group (default: 2, as the paper)")
-    p.add_argument("--overwrite", action="store_true", help="learn again people that already have an identity (default: skip them)")
+    p = sub.add_parser("add-many", help="learn everyone in a folder (groups trained jointly; resumable; shards under accelerate launch)")
+    p.add_argument("faces", metavar="FACES_DIR", help="folder: a photo is a person named after the file, a subfolder of photos one person named after it")
+    _output(p, "identities", "folder for NAME.safetensors")
+    flag(p, p, "--group-size", type=int, default=2, help="people trained jointly per group (default: 2, as the paper)")
+    _overwrite(p, "learn again people that already have an identity (default: skip them)")
     _train_flags(p)
     _common(p)
 
+
+def _draw_parsers(sub) -> None:
     p = sub.add_parser("generate", help="draw prompts that use learned people")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help='e.g. "<alice> person and Barack Obama cooking in a kitchen"')
-    p.add_argument("--prompts-file", default=None, help="more prompts, one a line, or CATEGORY<TAB>PROMPT (from benchmark-prompts)")
-    p.add_argument("--identity", action="append", default=[], help="identity file to load (repeat for several people)")
-    p.add_argument("-o", "--output", default="out", help="folder for the PNGs (default: out/)")
-    p.add_argument("--negative-prompt", default=None, help="what the images should not show")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
-    p.add_argument("--batch-images", type=int, default=4, help="images per model call; prompts are batched up to it (default: 4)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
-    from .generate import SCHEDULERS
-
-    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS), help="sampler (default: ddim)")
+    flag(p, p, "--prompts-file", help="more prompts, one a line, or CATEGORY<TAB>PROMPT[<TAB>NEGATIVE] (from benchmark-prompts)")
+    flag(p, p, "--identity", action="append", default=[], help="identity file to load (repeat for several people)")
+    _output(p, "out", "folder for the PNGs")
+    g = p.add_argument_group("sampling")
+    flag(p, g, "--preset", choices=sorted(GENERATE_PRESETS), help="start from a preset: paper = DDIM, 50 steps, guidance 10, "
+         "512 px, seed 42, 8 images (the official evaluation); other flags win")
+    config_flags(p, g, GenerateConfig)
     _common(p)
 
     p = sub.add_parser("export", help="write an identity as a textual-inversion file for diffusers, A1111 or ComfyUI")
     p.add_argument("identity", metavar="IDENTITY", help="identity file (NAME.safetensors)")
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "a1111", "comfyui"], help="target tool (default: diffusers)")
-    p.add_argument("-o", "--output", default=".", help="output file or folder (default: NAME.safetensors here)")
-    p.add_argument("--pt", action="store_true", help="A1111's classic .pt layout instead of safetensors (SD 1.x/2.x)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    flag(p, p, "--format", default="diffusers", choices=["diffusers", "a1111", "comfyui"], help="target tool (default: diffusers)")
+    flag(p, p, "-o", "--output", default=".", help="output file (NAME.safetensors, or NAME.pt with --pt) or folder, created if missing; "
+         "a trailing / always means a folder (default: NAME.safetensors here)")
+    flag(p, p, "--pt", default=False, action="store_true", help="A1111's classic .pt layout instead of safetensors (SD 1.x/2.x)")
+    _overwrite(p)
     _common(p, model=False)
 
     p = sub.add_parser("import-embedding", help="turn a textual-inversion file into an identity (projected onto the basis)")
@@ -152,53 +119,124 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mix", help="mix identities (and celebrity names) into a new identity")
     p.add_argument("identities", nargs="*", metavar="IDENTITY", help="identity files to mix")
-    p.add_argument("--celebrity", action="append", default=[], help='a celebrity name to mix in, e.g. "Anne Hathaway" (repeatable)')
-    p.add_argument("--weights", type=float, nargs="+", default=None,
-                   help="one weight per identity, then per celebrity (default: equal weights)")
+    flag(p, p, "--celebrity", action="append", default=[], help='a celebrity name to mix in, e.g. "Anne Hathaway" (repeatable)')
+    flag(p, p, "--weights", type=float, nargs="+", kind=list,
+         help="one weight per identity, then per celebrity (default: equal weights)")
     _new_identity_flags(p, "name of the mix; the prompt word is <name>")
 
+
+def _new_identity_flags(p: Parser, name_help: str) -> None:
+    """Flags of commands that write one new identity from existing material (import, mix)."""
+    flag(p, p, "--name", required=True, help=name_help)
+    _output(p, "identities", "folder for NAME.safetensors")
+    flag(p, p, "--basis", action="append", help="basis file(s) (default: built from the model and cached)")
+    _overwrite(p, "replace an existing identity")
+    _common(p)
+
+
+def _tool_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="score generated images: ID similarity, CLIP score, face-detection rate")
     p.add_argument("images", metavar="IMAGES_DIR", help="folder of generated images (PNG metadata gives the prompts)")
-    p.add_argument("--reference", action="append", default=[], required=True, metavar="[NAME=]PHOTO",
-                   help="photo of a person; NAME=PHOTO ties it to <NAME> in prompts (repeat for several people)")
-    p.add_argument("-o", "--output", default="report", help="report folder (default: report/)")
-    p.add_argument("--prompts", default=None, help="prompts file, one per image in file-name order (default: PNG metadata)")
-    p.add_argument("--eval-encoder", default="dlib", metavar="SPEC",
-                   help="evaluation face network: dlib (default), arcface:PATH or onnx:PATH; use one that did not train the identity")
-    p.add_argument("--identity", action="append", default=[], help="identity files, to warn when they were trained with the evaluation network")
-    p.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP for the prompt score: hub id or local folder")
-    p.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
+    flag(p, p, "--reference", action="append", required=True, metavar="[NAME=]PHOTO_OR_DIR",
+         help="photo (or folder of photos) of a person; NAME=... ties it to <NAME> in prompts (repeat for several people)")
+    _output(p, "report", "report folder")
+    flag(p, p, "--prompts", help="prompts file, one per image in file-name order (default: PNG metadata)")
+    flag(p, p, "--eval-encoder", default="dlib", metavar="SPEC",
+         help="evaluation face network: dlib (default), arcface:PATH or onnx:PATH; use one that did not train the identity")
+    flag(p, p, "--identity", action="append", default=[], help="identity files, to warn when they were trained with the evaluation network")
+    flag(p, p, "--clip-model", default="openai/clip-vit-base-patch32", help="CLIP for the prompt score: hub id or local folder")
+    flag(p, p, "--no-clip", default=False, action="store_true", help="skip the CLIP score")
     _common(p, model=False)
 
-    p = sub.add_parser("benchmark-prompts", help="write the paper's four prompt categories for some identities")
+    p = sub.add_parser("benchmark-prompts", help="write the paper's four prompt categories (with their negative prompts)")
     p.add_argument("names", nargs="+", metavar="NAME", help="identity names (alice or <alice>)")
-    p.add_argument("-o", "--output", default="benchmark_prompts.txt", help="prompts file (CATEGORY<TAB>PROMPT lines)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _output(p, "benchmark_prompts.txt", "prompts file (CATEGORY<TAB>PROMPT<TAB>NEGATIVE lines)")
+    _overwrite(p)
     _common(p, model=False)
 
     p = sub.add_parser("webui", help="the local web app: learn, library, create, mix")
-    p.add_argument("-o", "--output", default="identities", help="identities folder (default: identities/)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    _output(p, "identities", "identities folder")
+    flag(p, p, "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    flag(p, p, "--port", type=int, default=7860, help="port (default: 7860)")
+    flag(p, p, "--share", default=False, action="store_true", help="also open a public Gradio share link (off by default)")
     _common(p)
 
     p = sub.add_parser("demo", help="learn the packaged public-domain face and draw the example prompts")
-    p.add_argument("-o", "--output", default="celebbasis-demo", help="output folder (default: celebbasis-demo/)")
-    p.add_argument("--photo", action="append", default=None, help="use your own photo(s) instead of the packaged one; a second photo also fills <id2> prompts")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default: 1)")
-    p.add_argument("--sample-steps", type=int, default=None, help="denoising steps (default: 50, 20 with --tiny)")
+    _output(p, "celebbasis-demo", "output folder")
+    flag(p, p, "--photo", action="append", help="your own photo(s) instead of the packaged one; a second photo also fills <id2> prompts")
+    flag(p, p, "--num-images", type=int, default=1, help="images per prompt (default: 1)")
+    flag(p, p, "--sample-steps", type=int, help="denoising steps (default: 50, 20 with --tiny)")
     _train_flags(p)
     _common(p)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="celebbasis", description="Put anyone into Stable Diffusion from one face photo.")
+    parser.add_argument("--version", action="version", version=f"celebbasis {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    _add_parsers(sub)
+    _draw_parsers(sub)
+    _tool_parsers(sub)
+    parser.subparsers = dict(sub.choices)
     return parser
 
 
-def _load(args):
-    from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, load_pipeline
+# -- shared steps of the commands -------------------------------------------------------------------
 
-    model = args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
-    logger.info("Loading %s ...", "the tiny random model" if args.tiny else model)
-    return load_pipeline(model, device=args.device, dtype=args.dtype, revision=args.revision, tiny=args.tiny, sdxl=args.sdxl)
+def _load(args, device: str | None = None):
+    from .models import load_pipeline
+
+    logger.info("Loading %s ...", "the tiny random model" if args.tiny else _model_label(args))
+    return load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
+                         revision=args.revision, tiny=args.tiny, sdxl=args.sdxl)
+
+
+def _model_label(args) -> str:
+    from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL
+
+    return "tiny random model" if args.tiny else args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
+
+
+def _model_flags(args) -> str:
+    """The model flags of this run, to repeat in the hints it prints."""
+    out = []
+    for name in ("tiny", "sdxl"):
+        if getattr(args, name, False):
+            out.append(f"--{name}")
+    for name in ("model", "model_config", "revision"):
+        value = getattr(args, name, None)
+        if value:
+            out.append(f"--{name.replace('_', '-')} {_quote(value)}")
+    for name in ("device", "dtype"):
+        if getattr(args, name, "auto") != "auto":
+            out.append(f"--{name} {args.__dict__[name]}")
+    return " ".join(out)
+
+
+def _quote(text) -> str:
+    import shlex
+
+    return shlex.quote(str(text))
+
+
+def _train_config(args) -> TrainConfig:
+    """The run's TrainConfig, checked before any model loads."""
+    return config_from(TrainConfig, vars(args))
+
+
+def _basis(args):
+    if not args.basis:
+        return None
+    from .basis import CelebBasis
+
+    return [CelebBasis.load(p) for p in args.basis]
+
+
+def _warn_cpu(pipe) -> None:
+    from .models import TINY_MODEL, model_name
+
+    if pipe.unet.device.type == "cpu" and model_name(pipe) != TINY_MODEL and pipe.unet.config.sample_size >= 32:
+        logger.warning("Training a full-size model on the CPU takes hours; a GPU (--device cuda) takes minutes.")
 
 
 MIN_FREE_BYTES = 50 * 1024 * 1024  # refuse to start on a nearly full disk
@@ -231,26 +269,47 @@ def _check_output_dir(path: Path) -> None:
         )
 
 
-def _train_config(args, pipe, n_people: int):
-    from .train import TrainConfig
-
-    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                       resolution=resolution, seed=args.seed, views_per_identity=args.views,
-                       compile=args.compile, low_memory=args.low_memory)
 
 
-def _basis(args):
-    if not args.basis:
-        return None
-    from .basis import CelebBasis
+def _people(photos: list[str], names: list[str]) -> list[list[Path]]:
+    """Each person's photos: one argument (photo or folder) per --name, or every argument for a single --name."""
+    from .many import photos_in
 
-    return [CelebBasis.load(p) for p in args.basis]
+    if len(names) != 1 and len(names) != len(photos):
+        raise InputError(f"{len(photos)} photo argument(s) but {len(names)} --name(s). Either one --name for photos of one person "
+                         "(add a.jpg b.jpg --name me), or one photo or folder per --name, in order (add a.jpg b/ --name ann --name bob).")
+    groups = [[Path(p) for p in photos]] if len(names) == 1 else [[Path(p)] for p in photos]
+    out = []
+    for group in groups:
+        expanded = []
+        for p in group:
+            if p.is_dir():
+                found = photos_in(p)
+                if not found:
+                    raise InputError(f"{p} is a folder without JPEG/PNG/WebP photos. Pass photos of the person, or a folder of them.")
+                expanded += found
+            else:
+                expanded.append(p)
+        out.append(expanded)
+    return out
+
+
+def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, overwrite: bool, analyzer=None):
+    from .face import FaceAnalyzer
+    from .train import personalize
+
+    _warn_cpu(pipe)
+    result = personalize(pipe, [p[0] if isinstance(p, list) and len(p) == 1 else p for p in people], names,
+                         config=_train_config(args), basis=_basis(args), face_index=args.face_index,
+                         face_analyzer=analyzer or FaceAnalyzer(encoder=args.face_encoder), show_progress=not args.quiet)
+    for p in result.save(out_dir, overwrite=overwrite):
+        logger.info("Wrote %s", p)
+    return result
 
 
 def cmd_build_basis(args) -> int:
     from .basis import build_basis
-    from .models import model_name
+    from .models import format_signature, model_name, table_signature, text_encoders
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -262,139 +321,95 @@ def cmd_build_basis(args) -> int:
         if not p.is_file():
             raise InputError(f"{p}: no such names file. Pass a text file with one name a line.")
         names = p.read_text(encoding="utf-8").splitlines()
-    from .insert import text_encoders
-
+    cfg = config_from(BasisConfig, vars(args))
     pipe = _load(args)
     for i, (tok, te) in enumerate(text_encoders(pipe)):
         path = out if i == 0 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
-        basis = build_basis(tok, te, names, n_components=args.n_components, n_tokens=args.n_tokens, dedupe=args.dedupe,
-                            source=model_name(pipe))
+        basis = build_basis(tok, te, names, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
+                            source=model_name(pipe), signature=format_signature(table_signature(tok, te)))
         basis.save(path)
         logger.info("Wrote %s: %d slots x %d directions x %d dims, ranks %s.", path, basis.n_tokens, basis.n_components,
                     basis.embedding_dim, basis.ranks)
     return 0
 
 
-def _personalize(args, pipe, photos, names, out_dir: Path, overwrite: bool, analyzer=None, show_progress: bool = True):
-    from .face import FaceAnalyzer
-    from .models import TINY_MODEL, model_name
-    from .train import personalize
-
-    if pipe.unet.device.type == "cpu" and model_name(pipe) != TINY_MODEL and pipe.unet.config.sample_size >= 32:
-        logger.warning("Training a full-size model on the CPU takes hours; a GPU (--device cuda) takes minutes.")
-    cfg = _train_config(args, pipe, len(photos))
-    result = personalize(pipe, photos, names, config=cfg, basis=_basis(args), face_index=args.face_index,
-                         face_analyzer=analyzer or FaceAnalyzer(encoder=args.face_encoder),
-                         show_progress=show_progress and not args.quiet)
-    paths = result.save(out_dir, overwrite=overwrite)
-    for p in paths:
-        logger.info("Wrote %s", p)
-    return result
-
-
 def cmd_add(args) -> int:
+    from .face import FaceAnalyzer
     from .identity import check_name
 
     out = Path(args.output)
     names = [check_name(n) for n in args.name]
-    if len(names) != len(args.photos):
-        raise InputError(f"{len(args.photos)} photo(s) but {len(names)} --name(s). Pass one --name per photo, in the same order.")
+    people = _people(args.photos, names)
+    _train_config(args)  # bad settings fail before any photo or model is read
     _check_output_dir(out)
     for n in names:
         if (out / f"{n}.safetensors").exists() and not args.overwrite:
             raise InputError(f"{out / (n + '.safetensors')} already exists. Pass --overwrite to replace it, or choose another --name.")
-    from .face import FaceAnalyzer
-
     analyzer = FaceAnalyzer(encoder=args.face_encoder)
-    photos = [analyzer(p, face_index=args.face_index) for p in args.photos]  # bad photos fail before the model loads
+    analyses = [[analyzer(p, face_index=args.face_index) for p in photos] for photos in people]  # before the model loads
     pipe = _load(args)
-    _personalize(args, pipe, photos, names, out, args.overwrite, analyzer)
-    tokens = " ".join(f"<{n}>" for n in names)
-    logger.info('Done. Use %s in prompts, e.g.: celebbasis generate "%s person reading a book" %s', tokens,
-                f"<{names[0]}>", " ".join(f"--identity {out / (n + '.safetensors')}" for n in names))
+    _personalize(args, pipe, analyses, names, out, args.overwrite, analyzer)
+    flags = _model_flags(args)
+    logger.info('Done. Use %s in prompts, e.g.: celebbasis generate "%s person reading a book" %s%s',
+                " ".join(f"<{n}>" for n in names), f"<{names[0]}>",
+                " ".join(f"--identity {_quote(out / (n + '.safetensors'))}" for n in names), f" {flags}" if flags else "")
     return 0
 
 
 def cmd_add_many(args) -> int:
-    """Every photo in a folder becomes an identity. Under ``accelerate launch`` (or torchrun) each
-    process takes every N-th group; a rerun skips identities that already exist."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
+    """Every person in a folder becomes an identity (``celebbasis.many.add_many`` does the work)."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .evaluate import IMAGE_SUFFIXES
     from .face import FaceAnalyzer
-    from .identity import name_from_filename
+    from .many import add_many
 
-    folder, out = Path(args.faces), Path(args.output)
-    if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder. Pass a folder of face photos.")
-    if args.group_size < 1:
-        raise InputError(f"--group-size must be >= 1, got {args.group_size}.")
+    out = Path(args.output)
+    config = _train_config(args)
     _check_output_dir(out)
-    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not photos:
-        raise InputError(f"{folder} holds no JPEG/PNG/WebP photos.")
-    names, seen = [], set()
-    for p in photos:
-        base = name = name_from_filename(p.stem)
-        k = 2
-        while name in seen:
-            name, k = f"{base}_{k}", k + 1
-        seen.add(name)
-        names.append(name)
-    todo = [(p, n) for p, n in zip(photos, names) if args.overwrite or not (out / f"{n}.safetensors").exists()]
-    if len(todo) < len(photos):
-        logger.info("%d of %d people already have an identity in %s; skipping them.", len(photos) - len(todo), len(photos), out)
-    groups = [todo[i : i + args.group_size] for i in range(0, len(todo), args.group_size)]
-    state = PartialState(cpu=args.device == "cpu")
-    mine = groups[state.process_index :: state.num_processes]
-    if state.num_processes > 1:
-        args.device = str(state.device)
-        logger.info("Process %d of %d: %d of %d groups.", state.process_index + 1, state.num_processes, len(mine), len(groups))
-    failed = []
-    if mine:
-        analyzer = FaceAnalyzer(encoder=args.face_encoder)
-        pipe = _load(args)
-        bar = tqdm(mine, desc="add-many", unit="group", disable=args.quiet or not state.is_local_main_process)
-        for group in bar:
-            ok = []
-            for photo, name in group:
-                try:
-                    ok.append((analyzer(photo, face_index=args.face_index), name))
-                except InputError as e:
-                    failed.append(str(e))
-                    logger.warning("Skipping %s: %s", photo, e)
-            if ok:
-                _personalize(args, pipe, [a for a, _ in ok], [n for _, n in ok], out, True, analyzer, show_progress=False)
-    if failed:
-        logger.error("%d photo(s) could not be used; fix or remove them and run again to finish.", len(failed))
+    with logging_redirect_tqdm(loggers=[logger]):  # log lines go above the progress bar, not through it
+        result = add_many(lambda device: _load(args, device), args.faces, out, config=config, bases=_basis(args),
+                          group_size=args.group_size, overwrite=args.overwrite,
+                          analyzer=FaceAnalyzer(encoder=args.face_encoder), face_index=args.face_index,
+                          show_progress=not args.quiet)
+    for p in result.written:
+        logger.info("Wrote %s", p)
+    if result.failed:
+        logger.error("%d person(s) could not be learned; fix or remove their photos and run again to finish.", len(result.failed))
         return 1
     return 0
 
 
+def _generate_config(args) -> GenerateConfig:
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    base = GENERATE_PRESETS.get(args.preset, {}) if args.preset else {}
+    return config_from(GenerateConfig, {**base, **values})
+
+
 def cmd_generate(args) -> int:
+    from .evaluate import read_prompt_file
     from .generate import generate, save_images
     from .identity import Identity
 
-    from .evaluate import read_prompt_file
-
     out = Path(args.output)
+    config = _generate_config(args)
     _check_output_dir(out)
-    items = [(None, p) for p in args.prompts] + (read_prompt_file(args.prompts_file) if args.prompts_file else [])
-    if not items:
+    lines = [(None, p, None) for p in args.prompts]
+    if args.prompts_file:
+        lines += [(line.category, line.prompt, line.negative_prompt) for line in read_prompt_file(args.prompts_file)]
+    if not lines:
         raise InputError("No prompt given. Pass a prompt, or --prompts-file FILE.")
     identities = [Identity.load(p) for p in args.identity]  # bad files fail before the model loads
     pipe = _load(args)
-    results = generate(pipe, [p for _, p in items], identities=identities, negative_prompt=args.negative_prompt,
-                       num_images=args.num_images, steps=args.steps, guidance=args.guidance, height=args.height,
-                       width=args.width, seed=args.seed, scheduler=args.scheduler, show_progress=not args.quiet,
-                       batch_images=args.batch_images)
-    categories = {p: c for c, p in items if c}
+    negatives = [neg if neg is not None else config.negative_prompt for _, _, neg in lines]
+    results = generate(pipe, [p for _, p, _ in lines], identities=identities, config=config, negative_prompt=negatives,
+                       show_progress=not args.quiet)
     for r in results:
-        if r.prompt in categories:
-            r.metadata["category"] = categories[r.prompt]
+        category = next((c for c, p, _ in lines if p == r.prompt and c), None)
+        if category:
+            r.metadata["category"] = category
     paths = save_images(results, out)
-    logger.info("Wrote %d image(s) to %s", len(paths), out)
+    grid = " and grid.png" if len(paths) > len(results) else ""
+    logger.info("Wrote %d image(s)%s to %s", len(results), grid, out)
     return 0
 
 
@@ -408,7 +423,7 @@ def cmd_evaluate(args) -> int:
     for spec in args.reference:
         name, eq, path = spec.partition("=")
         refs.append((f"<{name.strip('<>')}>", path) if eq else (None, spec))
-    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    prompts = [(line.category, line.prompt) for line in read_prompt_file(args.prompts)] if args.prompts else None
     out = Path(args.output)
     _check_output_dir(out)
     analyzer = FaceAnalyzer(encoder=args.eval_encoder)
@@ -427,7 +442,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark_prompts(args) -> int:
-    from .evaluate import benchmark_prompts
+    from .evaluate import benchmark_prompts, negative_prompt_for
     from .files import atomic_write
     from .identity import check_name
 
@@ -436,22 +451,20 @@ def cmd_benchmark_prompts(args) -> int:
         raise InputError(f"{out} already exists. Pass --overwrite to replace it.")
     _check_output_dir(out.parent)
     rows = benchmark_prompts([check_name(n) for n in args.names])
-    text = "".join(f"{c}\t{p}\n" for c, p in rows)
+    text = "".join(f"{c}\t{p}\t{negative_prompt_for(c)}\n" for c, p in rows)
     atomic_write(out, lambda t: Path(t).write_text(text, encoding="utf-8"))
-    logger.info("Wrote %d prompts to %s. The paper's protocol: celebbasis generate --prompts-file %s --scheduler ddim "
-                "--steps 50 --guidance 10 --height 512 --width 512 --num-images 4 --seed 0 --identity ...", len(rows), out, out)
+    logger.info("Wrote %d prompts to %s. The paper's protocol: celebbasis generate --prompts-file %s --preset paper "
+                "--identity ...", len(rows), out, out)
     return 0
 
 
 def cmd_webui(args) -> int:
-    from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL
     from .webui import WebApp, launch
 
     out = Path(args.output)
     _check_output_dir(out)
-    label = "tiny random model" if args.tiny else args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
     size = 64 if args.tiny else 1024 if args.sdxl else 512
-    app = WebApp(lambda: _load(args), out, default_steps=50 if args.tiny else 400, model_label=label, default_size=size)
+    app = WebApp(lambda: _load(args), out, default_steps=50 if args.tiny else 400, model_label=_model_label(args), default_size=size)
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 
@@ -462,6 +475,7 @@ def cmd_demo(args) -> int:
     from .resources import example_face, example_prompts
 
     out = Path(args.output)
+    config = _train_config(args)
     _check_output_dir(out)
     photos = args.photo or [str(example_face())]
     if len(photos) > 2:
@@ -475,33 +489,31 @@ def cmd_demo(args) -> int:
             args.tiny = True
     if args.tiny:
         pipe = _load(args)
-        if args.steps is None:
+        if config.steps is None:
             args.steps = 100 * len(photos)
     names = ["id1", "id2"][: len(photos)]
-    result = _personalize(args, pipe, photos, names, out / "identities", overwrite=True)
+    ids = out / "identities"
+    replaced = [n for n in names if (ids / f"{n}.safetensors").exists()]
+    if replaced:
+        logger.warning("Replacing the earlier demo's %s in %s.", ", ".join(f"{n}.safetensors" for n in replaced), ids)
+    result = _personalize(args, pipe, photos, names, ids, overwrite=True)
     prompts = [p for p in example_prompts() if "<id2>" not in p or len(photos) > 1]
     skipped = len(example_prompts()) - len(prompts)
     if skipped:
         logger.info("Skipping %d two-person prompt(s); pass a second --photo to draw them.", skipped)
     steps = args.sample_steps or (20 if args.tiny else 50)
-    results = generate(pipe, prompts, num_images=args.num_images, steps=steps, seed=args.seed,
-                       show_progress=not args.quiet)
+    results = generate(pipe, prompts, num_images=args.num_images, steps=steps, seed=config.seed, show_progress=not args.quiet)
     save_images(results, out / "images")
     logger.info("Demo done: %d identity file(s) in %s, %d image(s) in %s (grid.png shows them all).",
-                len(result.identities), out / "identities", len(results), out / "images")
+                len(result.identities), ids, len(results), out / "images")
     return 0
 
 
 def _bases(args, pipe):
     """The bases given with --basis, else the model's (built once, then cached)."""
-    from .basis import cached_basis
-    from .insert import text_encoders
-    from .models import model_name
+    from .models import pipeline_bases
 
-    given = _basis(args)
-    if given:
-        return given
-    return [cached_basis(tok, te, source=model_name(pipe)) for tok, te in text_encoders(pipe)]
+    return _basis(args) or pipeline_bases(pipe)
 
 
 def _identity_target(args, name: str) -> Path:
@@ -519,8 +531,9 @@ def cmd_export(args) -> int:
 
     identity = Identity.load(args.identity)
     out = Path(args.output)
-    _check_output_dir(out if out.is_dir() or out.suffix == "" else out.parent)
-    path = export_identity(identity, args.format, out, pt=args.pt, overwrite=args.overwrite)
+    folder = args.output.endswith(("/", os.sep)) or out.is_dir() or out.suffix == ""
+    _check_output_dir(out if folder else out.parent)
+    path = export_identity(identity, args.format, args.output, pt=args.pt, overwrite=args.overwrite)
     use = {
         "diffusers": f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts',
         "a1111": f'copy it into stable-diffusion-webui/embeddings/, then "{path.stem} person ..." in prompts',
@@ -530,18 +543,33 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _follow_recorded_model(args, recorded: str | None) -> None:
+    """With no model flag given, use the model an input file records (``base_model``)."""
+    from .models import TINY_MODEL
+
+    if args.model or args.tiny or args.sdxl or not recorded:
+        return
+    if recorded == TINY_MODEL:
+        args.tiny = True
+    elif recorded.startswith("tiny"):
+        args.tiny, args.sdxl = True, "sdxl" in recorded
+    else:
+        args.model = recorded
+    logger.info("Using %s, the model the input was made for (pass --model to choose another).", recorded)
+
+
 def cmd_import_embedding(args) -> int:
     from .export import import_embedding, read_embedding_file
+    from .files import load_safetensors
     from .identity import check_name
-    from .insert import encoders_fingerprint
-    from .models import model_name
 
     name = check_name(args.name)
     target = _identity_target(args, name)
     read_embedding_file(args.embedding)  # a bad file fails before the model loads
+    recorded = load_safetensors(args.embedding)[1].get("base_model") if args.embedding.endswith(".safetensors") else None
+    _follow_recorded_model(args, recorded)
     pipe = _load(args)
-    identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), base_model=model_name(pipe))
-    identity.metadata["text_encoder_sha256"] = encoders_fingerprint(pipe)
+    identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), pipe=pipe)
     identity.save(target)
     logger.info("Wrote %s (%d vectors); relative residual of the projection: %s. 0 means the embedding lies in the basis.",
                 target, identity.n_tokens, ", ".join(f"{r:.3f}" for r in residuals))
@@ -550,20 +578,20 @@ def cmd_import_embedding(args) -> int:
 
 def cmd_mix(args) -> int:
     from .identity import Identity, check_name
-    from .insert import encoders_fingerprint
     from .mix import mix
 
     name = check_name(args.name)
     target = _identity_target(args, name)
-    items = [Identity.load(p) for p in args.identities] + list(args.celebrity)
+    identities = [Identity.load(p) for p in args.identities]
+    items = identities + list(args.celebrity)
     if not items:
         raise InputError("Nothing to mix. Pass identity files and/or --celebrity NAME.")
     weights = args.weights or [1.0 / len(items)] * len(items)
     if len(weights) != len(items):
         raise InputError(f"{len(items)} ingredient(s) but {len(weights)} --weights. Pass one weight per identity, then per celebrity.")
+    _follow_recorded_model(args, next((i.metadata.get("base_model") for i in identities), None))
     pipe = _load(args)
     identity = mix(list(zip(items, weights)), name, _bases(args, pipe), pipe)
-    identity.metadata["text_encoder_sha256"] = encoders_fingerprint(pipe)
     identity.save(target)
     logger.info("Wrote %s: %s", target, " + ".join(f"{w:g} x {getattr(i, 'token', i)}" for i, w in zip(items, weights)))
     return 0
@@ -574,26 +602,51 @@ COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "add-many": cmd_add_
             "benchmark-prompts": cmd_benchmark_prompts, "webui": cmd_webui, "demo": cmd_demo}
 
 
-def _with_config(parser: argparse.ArgumentParser, argv, args) -> argparse.Namespace:
-    """Parse again with the TOML file's values as defaults, so flags on the command line win."""
-    import tomllib
+# -- logging and the process ------------------------------------------------------------------------
 
-    path = Path(args.config)
-    if not path.is_file():
-        raise InputError(f"{path}: no such config file. Pass a TOML file, e.g. configs/sd15.toml.")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid TOML ({e}). Fix the file.") from None
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    valid = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
-    values = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise InputError(f"{path}: {', '.join(unknown)} is not a flag of `celebbasis {args.command}`. "
-                         f"Valid keys: {', '.join(sorted(valid))}.")
-    sub.set_defaults(**values)
-    return parser.parse_args(argv)
+class _LoggingSetup:
+    """The CLI's logging for one ``main`` call; put back as it was afterwards (tests call ``main`` in-process)."""
+
+    NOISY = ("transformers", "diffusers", "huggingface_hub", "accelerate")
+
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self):
+        args = self.args
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+        self.saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in map(logging.getLogger, ("celebbasis", *self.NOISY))]
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s"))
+        root = logging.getLogger("celebbasis")
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        root.propagate = False
+        if not args.verbose:  # the libraries' own chatter (deprecations, load reports) is not for CLI users
+            for name in self.NOISY:
+                logging.getLogger(name).setLevel(logging.ERROR)
+        self.bars = self._progress_bars()
+        if args.quiet:
+            for lib in self.bars:
+                lib.disable_progress_bar()
+        return self
+
+    @staticmethod
+    def _progress_bars() -> dict:
+        """diffusers' and transformers' progress-bar switches, with their state now."""
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        return {lib: lib.is_progress_bar_enabled() for lib in (diffusers_logging, transformers_logging)}
+
+    def __exit__(self, *exc):
+        for lg, handlers, level, propagate in self.saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+        for lib, enabled in self.bars.items():
+            (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
+        return False
 
 
 def _on_sigterm(signum, frame):
@@ -609,14 +662,30 @@ def _out_of_memory(e: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
     import signal
+    import warnings
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args)
+    args = parse(parser, argv)
+    try:
+        args = merged(parser, args)  # flag defaults <- --config TOML <- command line
+    except CelebBasisError as e:
+        print(f"celebbasis: error: {e}", file=sys.stderr)
+        return e.exit_code
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        if args.config:
-            args = _with_config(parser, argv, args)
+        with _LoggingSetup(args), warnings.catch_warnings():
+            if not args.verbose:  # library deprecation notices, for this command only
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    """The command, with every error turned into one line and an exit code."""
+    try:
         return COMMANDS[args.command](args)
     except CelebBasisError as e:
         if args.verbose:
@@ -647,9 +716,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"celebbasis: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
               "Run again with -v for the traceback and report it.", file=sys.stderr)
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _main_thread() -> bool:

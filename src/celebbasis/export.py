@@ -6,7 +6,9 @@ Export layouts (safetensors, ``metadata={"format": "pt"}`` plus the token, base 
 - ``diffusers``: ``{"<alice>": (K, d)}``; ``pipe.load_textual_inversion(FILE)`` needs no arguments.
 - ``a1111`` / ``comfyui``: ``{"emb_params": (K, d)}``; the file name is the trigger word.
   ``pt=True`` writes A1111's classic ``.pt`` dict instead (tensors, strings and ints only, so it
-  loads with ``torch.load(weights_only=True)``).
+  loads with ``torch.load(weights_only=True)``), in torch's legacy non-zip serialization: A1111's
+  safe unpickler (``modules/safe.py``) refuses the zip archives current torch writes, whose
+  ``.format_version``, ``byteorder``, ... entries are not on its allow-list.
 - SDXL, every format: ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
 
 Import reads any of these (and ``string_to_param`` ``.pt`` files through ``weights_only=True``) and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from ._version import __version__
 from .errors import FileFormatError, InputError
 from .files import atomic_write, load_safetensors
 from .identity import Identity, check_name
+from .models import model_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +61,9 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     Args:
         identity: an ``Identity`` or an identity file.
         fmt: ``diffusers``, ``a1111`` or ``comfyui``.
-        path: output file, or a folder (then ``NAME.safetensors`` / ``NAME.pt`` inside it);
-            ``None`` means the current folder.
+        path: output file, or a folder (then ``NAME.safetensors`` / ``NAME.pt`` inside it): an
+            existing folder, a path without a suffix, or a string ending in ``/``; missing folders
+            are created. ``None`` means the current folder.
         pt: A1111's classic ``.pt`` layout instead of safetensors (SD 1.x/2.x only).
         overwrite: replace an existing file.
 
@@ -77,38 +82,62 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     tensors = export_tensors(identity, fmt)
     if pt and (fmt == "diffusers" or identity.is_sdxl):
         raise InputError("--pt writes A1111's classic SD 1.x/2.x layout; use it with --format a1111 or comfyui on a non-SDXL identity.")
-    suffix = ".pt" if pt else ".safetensors"
-    path = Path(path) if path is not None else Path(".")
-    if path.is_dir() or path.suffix == "":
-        path = path / f"{identity.name}{suffix}"
-    elif path.suffix != suffix:
-        raise InputError(f"{path}: a {'.pt' if pt else 'safetensors'} export needs a {suffix} file name"
-                         f"{'' if pt else ' (or pass --pt for the .pt layout)'}.")
+    path = export_path(identity, path, pt)
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists. Pass --overwrite to replace it.")
-    trigger = identity.token if fmt == "diffusers" else path.stem
     base = str(identity.metadata.get("base_model", ""))
     if pt:
-        emb = tensors["emb_params"]
+        emb = tensors["emb_params"].clone()  # its own storage: torch.save writes whole storages
         data = {"string_to_token": {"*": 265}, "string_to_param": {"*": emb}, "name": path.stem,
                 "step": int(identity.metadata.get("steps", 0) or 0), "sd_checkpoint": None, "sd_checkpoint_name": base}
-        atomic_write(path, lambda tmp: torch.save(data, tmp))
+        atomic_write(path, lambda tmp: save_a1111_pt(data, tmp))
     else:
-        meta = {
-            "format": "pt",
-            "token": trigger,
-            "base_model": base,
-            "celebbasis.version": __version__,
-            "celebbasis.kind": "textual-inversion",
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": architecture(identity),
-            "modelspec.implementation": "celebbasis",
-            "modelspec.title": identity.name,
-            "modelspec.trigger_phrase": trigger if fmt == "diffusers" else f"{'embedding:' if fmt == 'comfyui' else ''}{trigger}",
-            "modelspec.date": _dt.date.today().isoformat(),
-        }
+        meta = export_metadata(identity, fmt, path.stem)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def export_path(identity: Identity, path, pt: bool) -> Path:
+    """The file an export goes to: ``path`` itself, or ``NAME.safetensors``/``NAME.pt`` in the folder ``path``."""
+    suffix = ".pt" if pt else ".safetensors"
+    folder = path is None or (isinstance(path, str) and path.endswith(("/", os.sep)))
+    path = Path(path) if path is not None else Path(".")
+    if folder or path.is_dir() or path.suffix == "":
+        return path / f"{identity.name}{suffix}"
+    if path.suffix != suffix:
+        raise InputError(f"{path}: a {'.pt' if pt else 'safetensors'} export needs a {suffix} file name"
+                         f"{'' if pt else ' (or pass --pt for the .pt layout)'}.")
+    return path
+
+
+def export_metadata(identity: Identity, fmt: str, stem: str) -> dict[str, str]:
+    """safetensors metadata of an export: ``format``, the trigger word, base model and ``modelspec.*`` keys."""
+    trigger = identity.token if fmt == "diffusers" else stem
+    return {
+        "format": "pt",
+        "token": trigger,
+        "base_model": str(identity.metadata.get("base_model", "")),
+        "celebbasis.version": __version__,
+        "celebbasis.kind": "textual-inversion",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture(identity),
+        "modelspec.implementation": "celebbasis",
+        "modelspec.title": identity.name,
+        "modelspec.trigger_phrase": trigger if fmt == "diffusers" else f"{'embedding:' if fmt == 'comfyui' else ''}{trigger}",
+        "modelspec.date": _dt.date.today().isoformat(),
+    }
+
+
+def save_a1111_pt(data: dict, path) -> None:
+    """``torch.save`` in the legacy (pre-1.6, non-zip) format, which A1111's safe unpickler accepts.
+
+    A1111 checks every ``.pt`` before loading it: a zip archive may only hold ``*/data.pkl``,
+    ``*/version`` and ``*/data/<n>`` (current torch adds ``.format_version``, ``.storage_alignment``,
+    ``byteorder`` and ``.data/serialization_id``, so A1111 reports "bad file inside" and skips the
+    embedding); a non-zip file is unpickled with an allow-list of globals, which a dict of strings,
+    ints, ``None`` and float tensors passes. ``torch.load(weights_only=True)`` reads both formats.
+    """
+    torch.save(data, path, _use_new_zipfile_serialization=False)
 
 
 def read_embedding_file(path) -> dict[str, torch.Tensor]:
@@ -154,7 +183,7 @@ def read_embedding_file(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_embedding(path, name: str, bases, *, base_model: str = "") -> tuple[Identity, list[float]]:
+def import_embedding(path, name: str, bases, *, base_model: str = "", pipe=None) -> tuple[Identity, list[float]]:
     """Turn a textual-inversion file into an identity by least-squares projection onto the basis.
 
     Args:
@@ -162,6 +191,7 @@ def import_embedding(path, name: str, bases, *, base_model: str = "") -> tuple[I
         name: the person's name; the token is ``<name>``.
         bases: the ``CelebBasis`` of the target model (a list of two for SDXL).
         base_model: recorded in the identity.
+        pipe: the pipeline of ``bases``; when given, its model and text encoders are recorded too.
 
     Returns:
         The identity (its embeddings are the projections) and, per text encoder, the relative
@@ -184,7 +214,8 @@ def import_embedding(path, name: str, bases, *, base_model: str = "") -> tuple[I
         centred = (v - b.mean[slots]).norm()
         residuals.append(float((v - recon).norm() / centred.clamp_min(1e-12)))
         coeffs.append(c)
-    identity = Identity.from_coefficients(f"<{name}>", coeffs, bases, base_model=base_model,
+    recorded = model_metadata(pipe) if pipe is not None else {}
+    identity = Identity.from_coefficients(f"<{name}>", coeffs, bases, **{"base_model": base_model, **recorded},
                                           face_encoder="imported", source_photo=Path(path).name,
                                           import_residual=[round(r, 6) for r in residuals])
     return identity, residuals

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +37,44 @@ def decode_json(value: str | None, default: Any = None) -> Any:
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    A crash or Ctrl-C leaves either the old file or the new one, never half of one.
+    A crash or Ctrl-C leaves either the old file or the new one, never half of one. The file gets
+    the mode any new file of the user gets (``0o666`` less the umask: 0644 under umask 022), not the
+    0600 of a private temporary file (``tempfile.mkstemp``, and safetensors, which writes its own
+    temporary file and renames it over ``tmp_path``). The process umask is neither read nor changed:
+    the kernel applies it when the temporary file is created, and that file's mode is kept.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp, mode = _create_temp(path)
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # the writer replaced the file
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_temp(path: Path) -> tuple[str, int]:
+    """Create a new, empty ``.NAME.<random>.tmp`` beside ``path`` as ``open()`` would: ``0o666 & ~umask``.
+
+    Returns its path and the mode the kernel gave it (the umask and any default ACL applied).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)  # O_EXCL: never follows a link
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:  # the name is taken: draw another
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return tmp, mode
+    raise FileExistsError(f"Could not create a temporary file beside {path}: 100 random names were taken.")
 
 
 def save_artifact(path, tensors: dict[str, torch.Tensor], fmt: str, metadata: dict[str, Any]) -> Path:

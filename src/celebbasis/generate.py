@@ -7,9 +7,11 @@ identities in its text chunks, so any image can be made again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,22 +21,13 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .config import SCHEDULERS, GenerateConfig
 from .errors import InputError
+from .files import atomic_write
+from .models import model_name
 from .insert import PLACEHOLDER_RE, check_prompt_tokens, expand_prompt, load_identity
 
 logger = logging.getLogger(__name__)
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "ddpm": "DDPMScheduler",
-}
-
 
 @dataclass
 class GeneratedImage:
@@ -46,37 +39,34 @@ class GeneratedImage:
     metadata: dict = field(default_factory=dict)
 
 
-def set_scheduler(pipe, name: str | None) -> None:
-    """Swap the pipeline's scheduler by short name (``ddim``, ``euler_a``, ``dpm++``, ...)."""
+@contextmanager
+def scheduler_swapped(pipe, name: str | None):
+    """Use the scheduler ``name`` (``ddim``, ``euler_a``, ``dpm++``, ...) inside the block, then put the
+    caller's scheduler back, also after an exception. ``None`` keeps the pipeline's own."""
     if not name:
+        yield pipe.scheduler
         return
     import diffusers
 
     if name not in SCHEDULERS:
         raise InputError(f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}.")
-    cls = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(original.config)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = original
 
 
-def check_inputs(pipe, prompts: list[str], height: int, width: int, num_images: int, steps: int, guidance: float,
-                 batch_images: int = 1) -> None:
-    """Validate everything before the first denoising step."""
+def check_inputs(pipe, prompts: list[str], negatives: list[str | None]) -> None:
+    """Validate prompts before the first denoising step (sizes and counts are checked by ``GenerateConfig``)."""
     if not prompts or any(not p.strip() for p in prompts):
         raise InputError("Empty prompt. Write what to draw, e.g. \"<alice> person reading a book\".")
-    for h, label in ((height, "--height"), (width, "--width")):
-        if h < 8 or h % 8:
-            raise InputError(f"{label} must be a positive multiple of 8, got {h}.")
-    if num_images < 1:
-        raise InputError(f"--num-images must be >= 1, got {num_images}.")
-    if batch_images < 1:
-        raise InputError(f"--batch-images must be >= 1, got {batch_images}.")
-    if steps < 1:
-        raise InputError(f"--steps must be >= 1, got {steps}.")
-    if guidance < 0:
-        raise InputError(f"--guidance must be >= 0, got {guidance}.")
+    if len(negatives) != len(prompts):
+        raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts. Give one, or one per prompt.")
+    tok = pipe.tokenizer
     for p in prompts:
-        check_prompt_tokens(pipe.tokenizer, p)
-        tok = pipe.tokenizer
+        check_prompt_tokens(tok, p)
         ids = tok(expand_prompt(tok, p)).input_ids
         if len(ids) > tok.model_max_length:
             cut = tok.decode(ids[tok.model_max_length - 1 : -1])  # what falls past the last slot (before the end token)
@@ -84,86 +74,71 @@ def check_inputs(pipe, prompts: list[str], height: int, width: int, num_images: 
                            len(ids), tok.model_max_length, cut)
 
 
-def generate(
-    pipe,
-    prompts: str | list[str],
-    *,
-    identities=(),
-    negative_prompt: str | None = None,
-    num_images: int = 1,
-    steps: int = 50,
-    guidance: float = 7.5,
-    height: int | None = None,
-    width: int | None = None,
-    seed: int = 0,
-    scheduler: str | None = "ddim",
-    show_progress: bool = True,
-    batch_images: int = 4,
-) -> list[GeneratedImage]:
+def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateConfig | None = None,
+             show_progress: bool = True, **settings) -> list[GeneratedImage]:
     """Draw each prompt ``num_images`` times; image ``i`` of every prompt uses seed ``seed + i``.
 
     Args:
-        pipe: a diffusers SD pipeline (reused across calls: load it once).
+        pipe: a diffusers SD pipeline (reused across calls: load it once). Its scheduler is
+            swapped for the call's and put back afterwards.
         prompts: one prompt or a list; ``<name>`` tokens refer to identities.
         identities: ``Identity`` objects or identity files to load into the pipeline first.
-        negative_prompt: ordinary text the image should avoid.
-        num_images: images per prompt.
-        steps, guidance: denoising steps and classifier-free guidance scale.
-        height, width: image size (multiples of 8); the model's default when ``None``.
-        seed: base seed.
-        scheduler: short scheduler name (see ``SCHEDULERS``); ``None`` keeps the pipeline's.
+        config: a ``GenerateConfig`` (default ``GenerateConfig()``; ``GenerateConfig.preset("paper")``
+            is the official evaluation's settings).
         show_progress: a tqdm bar over batches.
-        batch_images: images per pipeline call: prompts are batched up to this many images
-            (at least one prompt per call). Lower it on small GPUs.
+        **settings: any ``GenerateConfig`` field, on top of ``config`` (``steps=20, seed=3, ...``).
+            ``negative_prompt`` may also be a list with one entry per prompt.
 
     Example:
         >>> images = generate(pipe, "<alice> person and Barack Obama cooking", identities=["alice.safetensors"])
         >>> save_images(images, "out/")
     """
-    from .models import model_name
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negative = settings.pop("negative_prompt", (config or GenerateConfig()).negative_prompt)
+    negatives = list(negative) if isinstance(negative, (list, tuple)) else [negative] * len(prompts)
+    cfg = dataclasses.replace(config or GenerateConfig(), **settings)
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = height or default, width or default
+    cfg = dataclasses.replace(cfg, height=cfg.height or default, width=cfg.width or default)
     for ident in identities:
         load_identity(pipe, ident)
-    known = set(pipe.tokenizer.get_added_vocab())
-    check_inputs(pipe, prompts, height, width, num_images, steps, guidance, batch_images)
-    set_scheduler(pipe, scheduler)
-    pipe.set_progress_bar_config(disable=not show_progress or len(prompts) * num_images > batch_images)
+    check_inputs(pipe, prompts, negatives)
+    per_call = max(1, cfg.batch_images // cfg.num_images)  # prompts per pipeline call
+    batches = [list(range(i, min(len(prompts), i + per_call))) for i in range(0, len(prompts), per_call)]
+    results = []
+    with scheduler_swapped(pipe, cfg.scheduler):
+        pipe.set_progress_bar_config(disable=not show_progress or len(batches) > 1)
+        for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
+            results += _draw(pipe, [prompts[i] for i in batch], [negatives[i] for i in batch], cfg)
+    return results
+
+
+def _draw(pipe, prompts: list[str], negatives: list[str | None], cfg: GenerateConfig) -> list[GeneratedImage]:
+    """One pipeline call for a few prompts, ``cfg.num_images`` each, every image with its own seed."""
     device = pipe.unet.device
     gen_device = "cpu" if device.type == "mps" else device
-    per_call = max(1, batch_images // num_images)  # prompts per pipeline call
-    batches = [prompts[i : i + per_call] for i in range(0, len(prompts), per_call)]
+    # one generator per image, seeded as if each prompt ran alone: batching never changes an image's seed
+    gens = [torch.Generator(gen_device).manual_seed(cfg.seed + i) for _ in prompts for i in range(cfg.num_images)]
+    use_negative = any(n is not None for n in negatives)
+    out = pipe(prompts, negative_prompt=[n or "" for n in negatives] if use_negative else None,
+               num_images_per_prompt=cfg.num_images, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+               height=cfg.height, width=cfg.width, generator=gens)
+    known = set(pipe.tokenizer.get_added_vocab())
     results = []
-    for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
-        # one generator per image, seeded as if each prompt ran alone: batching never changes an image's seed
-        gens = [torch.Generator(gen_device).manual_seed(seed + i) for _ in batch for i in range(num_images)]
-        out = pipe(
-            batch,
-            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
-            num_images_per_prompt=num_images,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            generator=gens,
-        )
-        for j, image in enumerate(out.images):
-            prompt, i = batch[j // num_images], j % num_images
-            meta = {
-                "prompt": prompt,
-                "negative_prompt": negative_prompt or "",
-                "seed": seed + i,
-                "steps": steps,
-                "guidance": guidance,
-                "scheduler": type(pipe.scheduler).__name__,
-                "size": f"{width}x{height}",
-                "model": model_name(pipe),
-                "identities": list(dict.fromkeys(t for t in PLACEHOLDER_RE.findall(prompt) if t in known)),
-                "celebbasis_version": __version__,
-            }
-            results.append(GeneratedImage(image, prompt, seed + i, meta))
+    for j, image in enumerate(out.images):
+        k, i = divmod(j, cfg.num_images)
+        meta = {
+            "prompt": prompts[k],
+            "negative_prompt": negatives[k] or "",
+            "seed": cfg.seed + i,
+            "steps": cfg.steps,
+            "guidance": cfg.guidance,
+            "scheduler": type(pipe.scheduler).__name__,
+            "size": f"{cfg.width}x{cfg.height}",
+            "model": model_name(pipe),
+            "identities": list(dict.fromkeys(t for t in PLACEHOLDER_RE.findall(prompts[k]) if t in known)),
+            "celebbasis_version": __version__,
+        }
+        results.append(GeneratedImage(image, prompts[k], cfg.seed + i, meta))
     return results
 
 
@@ -202,8 +177,6 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def save_images(results: list[GeneratedImage], out_dir, grid: bool = True) -> list[Path]:
     """Write each image as a PNG with its metadata, plus ``grid.png`` when there are several."""
-    from .files import atomic_write
-
     out_dir = Path(out_dir)
     paths = []
     for n, r in enumerate(results):

@@ -1,0 +1,150 @@
+"""The command line's flag machinery: flags built from the config dataclasses, TOML files, typo hints.
+
+Every optional flag is registered with the default it has when neither the command line nor a
+TOML file gives it; the values of a run are ``defaults <- TOML file <- command line``. Flags of
+config fields (``TrainConfig``, ``GenerateConfig``, ``BasisConfig``) have no default here: a field
+that nobody set takes the dataclass's own default, so each default lives in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import tomllib
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+UNSET = None  # a config field nobody set: the dataclass default applies
+
+
+class Parser(argparse.ArgumentParser):
+    """No prefix matching (``--step`` is not ``--steps``); records each optional flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.flag_defaults: dict[str, Any] = {}  # dest -> default
+        self.flag_types: dict[str, Any] = {}  # dest -> what a TOML value must be
+        self.flag_names: dict[str, str] = {}  # "batch-size", "batch_size", "views" ... -> dest
+        self.option_strings: list[str] = ["-h", "--help"]
+        self.subparsers: dict[str, Parser] = {}
+
+
+def flag(parser: Parser, group, *names: str, default: Any = None, kind: Any = None, **kwargs) -> argparse.Action:
+    """``group.add_argument(*names, ...)`` whose value is absent from the namespace unless given."""
+    action = group.add_argument(*names, default=argparse.SUPPRESS, **kwargs)
+    parser.flag_defaults[action.dest] = default
+    parser.flag_types[action.dest] = kind or _kind(action)
+    parser.option_strings += action.option_strings
+    for name in action.option_strings:
+        if name.startswith("--"):
+            parser.flag_names[name[2:]] = action.dest
+            parser.flag_names[name[2:].replace("-", "_")] = action.dest
+    parser.flag_names[action.dest] = action.dest
+    return action
+
+
+def _kind(action: argparse.Action):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return bool
+    if isinstance(action, argparse._AppendAction):
+        return list
+    return action.type or str
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the config dataclass ``cls``: type, help and choices from the field."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip or f.name in parser.flag_defaults:
+            continue
+        base = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        typ = base[0]
+        name = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.default is not MISSING and f.default not in (None, False):
+            help_text += f" (default: {f.default})"
+        help_text = help_text.replace("%", "%%")
+        if typ is bool:
+            flag(parser, group, name, dest=f.name, default=UNSET, action="store_true", help=help_text)
+        else:
+            flag(parser, group, name, dest=f.name, default=UNSET, type=typ, choices=f.metadata.get("choices"),
+                 kind=typ, help=help_text, metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper())
+
+
+def config_from(cls, values: dict, **extra):
+    """``cls(**...)`` from the run's values: fields nobody set keep the dataclass default."""
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in values.items() if k in names and v is not UNSET}
+    return cls(**{**kwargs, **extra})
+
+
+def parse(parser: Parser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is a one-line error naming the closest real flag, before anything else."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in parser.subparsers), None)
+    if command is not None:
+        sub = parser.subparsers[command]
+        for word in argv[argv.index(command) + 1:]:
+            if word == "--":
+                break
+            name = word.split("=", 1)[0]
+            if name.startswith("-") and not _is_number(name) and name not in sub.option_strings:
+                close = difflib.get_close_matches(name, sub.option_strings, n=1, cutoff=0.6)
+                sub.error(f"unknown {name}" + (f"; did you mean {close[0]}?" if close else f". See `celebbasis {command} --help`."))
+    return parser.parse_args(argv)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def merged(parser: Parser, args: argparse.Namespace) -> argparse.Namespace:
+    """The run's values: the command's flag defaults, then its ``--config`` TOML file, then the command line."""
+    sub = parser.subparsers[args.command]
+    given = vars(args)
+    values = dict(sub.flag_defaults)
+    if given.get("config"):
+        values.update(read_toml(Path(given["config"]), sub, args.command))
+    values.update(given)
+    return argparse.Namespace(**values)
+
+
+def read_toml(path: Path, sub: Parser, command: str) -> dict:
+    """A TOML file's values by flag destination; unknown keys and wrong types are one-line errors."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such config file. Pass a TOML file, e.g. configs/sd15.toml.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid TOML ({e}). Fix the file.") from None
+    out = {}
+    for key, value in data.items():
+        dest = sub.flag_names.get(key)
+        if dest is None or dest == "config":
+            valid = sorted({k for k in sub.flag_names if "_" not in k} - {"config", "help"})
+            close = difflib.get_close_matches(key, valid, n=1)
+            raise InputError(f"{path}: {key} is not a flag of `celebbasis {command}`"
+                             f"{f' (did you mean {close[0]}?)' if close else ''}. Valid keys: {', '.join(valid)}.")
+        want = sub.flag_types[dest]
+        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if want is list and isinstance(value, str):
+            value, ok = [value], True
+        if not ok:
+            raise InputError(f"{path}: {key} = {value!r} should be {getattr(want, '__name__', want)}. Fix the file.")
+        out[dest] = value
+    return out
