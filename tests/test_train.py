@@ -101,13 +101,13 @@ def test_loss_on_a_fixed_batch_goes_down(tiny_pipe, astronaut):
 
 def test_weight_decay_comes_from_the_config(tiny_pipe, astronaut):
     assert TrainConfig().weight_decay == 0.01  # torch's AdamW default, as the official optimiser
-    trainer = trainer_for(tiny_pipe, [astronaut], weight_decay=0.05, view_faces=False, views_per_identity=1)
+    trainer = trainer_for(tiny_pipe, [astronaut], weight_decay=0.05, face_per_photo=True, views_per_identity=1)
     assert trainer.opt.param_groups[0]["weight_decay"] == 0.05
 
 
 def test_v_prediction_target(astronaut):
     pipe = tiny_pipeline(prediction_type="v_prediction")
-    trainer = trainer_for(pipe, [astronaut], view_faces=False)
+    trainer = trainer_for(pipe, [astronaut], face_per_photo=True)
     b = trainer.sample_batch()
     ac = trainer.noise_scheduler.alphas_cumprod[b["timesteps"]].view(-1, 1, 1, 1)
     v = ac.sqrt() * b["noise"] - (1 - ac).sqrt() * b["latents"]  # v = alpha_t * eps - sigma_t * x0
@@ -323,7 +323,7 @@ def test_no_global_random_state_is_touched(tiny_pipe, astronaut):
 def test_low_memory_runs_checkpointing_with_the_same_loss_and_gradient(_tiny_pipe, astronaut):
     def run(low_memory):
         pipe = copy.deepcopy(_tiny_pipe)
-        trainer = trainer_for(pipe, [astronaut], low_memory=low_memory, view_faces=False)
+        trainer = trainer_for(pipe, [astronaut], low_memory=low_memory, face_per_photo=True)
         assert pipe.unet.is_gradient_checkpointing == low_memory
         calls = []
         block = pipe.unet.up_blocks[-1].resnets[-1]  # after cross-attention: its activations depend on the words

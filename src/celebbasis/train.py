@@ -470,7 +470,7 @@ class Personalizer:
 
     def _face_network(self, given):
         """The face network to run on every view, or ``None`` (each photo's own vector for all its views)."""
-        if not self.cfg.view_faces:
+        if self.cfg.face_per_photo:
             return None
         net = getattr(given, "encoder", given)  # a FaceAnalyzer or an encoder
         if net is None:
