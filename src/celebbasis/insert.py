@@ -52,7 +52,10 @@ def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[
         )
     if not existing:
         tokenizer.add_tokens(words)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        device = text_encoder.get_input_embeddings().weight.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the new rows' random start must not move the caller's generators
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return tokenizer.convert_tokens_to_ids(words)
 
 
@@ -142,9 +145,10 @@ def expand_prompt(tokenizer, prompt: str) -> str:
 def token_override(embedding: torch.nn.Embedding, token_ids: list[int]):
     """Replace the rows of ``token_ids`` in ``embedding``'s output, differentiably.
 
-    Yields a dict; set ``state["rows"]`` to a (P, d) tensor (P = len(token_ids)) before each
-    forward. The embedding table itself never changes, so other words are untouched. Used in
-    training, where the rows come from the identity network and carry its gradient.
+    Yields a dict; set ``state["rows"]`` before each forward to a (P, d) tensor (P = len(token_ids)),
+    or to (B, P, d) to give each of the B prompts of a batch its own rows. The embedding table
+    itself never changes, so other words are untouched. Used in training, where the rows come from
+    the identity network and carry its gradient.
     """
     lookup = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=embedding.weight.device)
     lookup[torch.tensor(token_ids, device=lookup.device)] = torch.arange(len(token_ids), device=lookup.device)
@@ -155,7 +159,11 @@ def token_override(embedding: torch.nn.Embedding, token_ids: list[int]):
         if rows is None:
             return output
         pos = lookup[args[0]]  # (B, T): index into rows, -1 for ordinary words
-        sub = rows.to(output.dtype)[pos.clamp(min=0)]  # (B, T, d)
+        rows = rows.to(output.device, output.dtype)
+        if rows.ndim == 3:  # (B, P, d): each prompt its own rows
+            sub = rows[torch.arange(pos.shape[0], device=pos.device)[:, None], pos.clamp(min=0)]  # (B, T, d)
+        else:
+            sub = rows[pos.clamp(min=0)]  # (B, T, d)
         return torch.where((pos >= 0).unsqueeze(-1), sub, output)
 
     handle = embedding.register_forward_hook(hook)
