@@ -65,7 +65,7 @@ def test_cancelled_learning_writes_nothing(app, astronaut_path):
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
-        app.learn(str(astronaut_path), "bob", 100, stop)
+        app.learn(str(astronaut_path), "bob", 1, stop)
     assert not list(app.dir.glob("bob*"))
 
 
@@ -136,6 +136,19 @@ def test_header_shows_a_checkpoint_by_its_file_name(tmp_path):
     assert "`dreamshaper_8.safetensors`" in header(app) and "/models/" not in header(app)
 
 
+def test_mix_saves_and_previews(app):
+    saved_identity(app, "ann")
+    path, token = app.mix("ann", "", "Anne Hathaway", 0.3, "annanne", steps=1, seed=5)
+    from PIL import Image
+
+    assert token == "<annanne>" and Image.open(path).text["seed"] == "5"
+    assert Identity.load(app.dir / "annanne.safetensors").token == "<annanne>"
+    with pytest.raises(InputError, match="already exists"):
+        app.mix("ann", "", "Anne Hathaway", 0.3, "annanne")
+    with pytest.raises(InputError, match="No identity named 'bob'"):
+        app.mix("bob", "", "Anne Hathaway", 0.3, "x")
+
+
 # -- sessions, caching, launch ------------------------------------------------------------------------
 
 def test_cancel_stops_only_its_own_session(app, astronaut_path):
@@ -143,9 +156,9 @@ def test_cancel_stops_only_its_own_session(app, astronaut_path):
     from celebbasis.webui import Handlers
 
     h = Handlers(app)
-    b = h.learn([str(astronaut_path)], None, "bob", 3, session="tab-b")
+    b = h.learn([str(astronaut_path)], None, "bob", 2, session="tab-b")
     assert next(b)[0].startswith("Preparing")  # b trains (holding the model)...
-    a = h.learn([str(astronaut_path)], None, "ann", 500, session="tab-a")
+    a = h.learn([str(astronaut_path)], None, "ann", 1, session="tab-a")
     assert next(a)[0].startswith("Preparing")  # ...while a waits for it
     assert h.cancel("tab-a") == "Cancelling …"
     assert h.cancel("tab-c") == "Nothing is learning in this tab."
@@ -211,5 +224,4 @@ def test_several_photos_of_one_person(app, astronaut_path, mirrored_path, hopper
     pair = app.detect([str(astronaut_path), str(hopper_path)]).notes[-1]
     assert pair.startswith("⚠ astronaut.png and grace_hopper.jpg do not look like the same person")
     [ident] = app.learn([[str(astronaut_path), str(mirrored_path)]], "carol", 2, threading.Event())
-    photos = Identity.load(app.dir / "carol.safetensors").metadata["source_photos"]
-    assert (json.loads(photos) if isinstance(photos, str) else photos) == ["astronaut.png", "astronaut_mirrored.png"]
+    assert Identity.load(app.dir / "carol.safetensors").metadata["source_photos"] == ["astronaut.png", "astronaut_mirrored.png"]

@@ -307,8 +307,8 @@ class WebApp:
                 report(step, total, loss)
 
         with self.lock:
-            result = personalize(self.pipe, [a[0] if len(a) == 1 else a for a in analyses], names, config=config,
-                                 face_analyzer=self.analyzer, show_progress=False, callback=callback)
+            result = personalize(self.pipe, analyses, names, config=config, face_analyzer=self.analyzer,
+                                 show_progress=False, callback=callback)
             for ident, path in zip(result.identities, result.save(self.dir)):  # personalize loaded them already
                 self._in_pipe[ident.token] = (path, _file_key(path), True)
         for a, n in zip(analyses, names):
@@ -350,8 +350,8 @@ class WebApp:
             known = self._load_library(pipe)
             unknown = sorted(set(PLACEHOLDER_RE.findall(prompt or "")) - known)
             if unknown:
-                raise InputError(f"{', '.join(unknown)}: not in the library (it has {', '.join(sorted(known)) or 'nobody yet'}). "
-                                 "Learn the person in Learn, or click a person above.")
+                raise InputError(f"{', '.join(unknown)}: not in the library, or made for another model (usable here: "
+                                 f"{', '.join(sorted(known)) or 'nobody yet'}). Learn the person in Learn, or click a person above.")
             results = generate(pipe, prompt, config=config, show_progress=False)
         folder = self.outputs / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         paths = save_images(results, folder, grid=False)
@@ -365,8 +365,12 @@ class WebApp:
         return out
 
     # -- mix ---------------------------------------------------------------------------------
-    def mix(self, a: str, b: str, celebrity: str, weight: float, name: str, seed: int) -> tuple[str, str]:
-        """Mix identity ``a`` with identity ``b`` or a celebrity; save it and draw a preview."""
+    def mix(self, a: str, b: str, celebrity: str, weight: float, name: str, **settings) -> tuple[str, str]:
+        """Mix identity ``a`` with identity ``b`` or a celebrity; save it and draw one preview image.
+
+        Args:
+            settings: ``GenerateConfig`` fields for the preview (``seed=3, steps=20, ...``).
+        """
         from .mix import mix
         from .models import pipeline_bases
 
@@ -383,7 +387,7 @@ class WebApp:
             pipe = self.pipe
             mixed = mix([(first, 1.0 - float(weight)), (other, float(weight))], name, pipeline_bases(pipe), pipe)
         mixed.save(self._path(name))
-        pairs, _ = self.create(f"a photo of {mixed.token} person", seed=int(seed), num_images=1)
+        pairs, _ = self.create(f"a photo of {mixed.token} person", **{**settings, "num_images": 1})
         return pairs[0][0], mixed.token
 
 
@@ -405,7 +409,7 @@ def _boxed(image: Image.Image, faces) -> Image.Image:
     """The photo with every face boxed: the one used (the largest) in green, the others in orange."""
     shown = image.copy()
     draw = ImageDraw.Draw(shown)
-    width = max(2, image.width // 200)
+    width = max(3, max(image.size) // 150)
     for i, f in enumerate(faces):
         draw.rectangle(f.box, outline=(0, 220, 0) if i == 0 else (220, 160, 0), width=width)
     return shown
@@ -472,7 +476,7 @@ class Handlers:
 
     def rename(self, old, new) -> str:
         try:
-            return f"Renamed to `{_md(self.app.rename(old, new))}`."
+            return f"Renamed to `{self.app.rename(old, new)}`."
         except CelebBasisError as e:
             return f"**{_md(e)}**"
 
@@ -591,12 +595,14 @@ class Handlers:
         return str(self.app.zip_folder(Path(folder))) if folder else None
 
     # -- mix ---------------------------------------------------------------------------------
-    def mix(self, a, b, celebrity, weight, name, seed):
+    def mix(self, a, b, celebrity, weight, name, steps, guidance, seed, width, height):
+        """Mix and draw the preview with the Create tab's sampling settings."""
         try:
-            path, token = self.app.mix(a, b, celebrity, weight, name, seed)
+            path, token = self.app.mix(a, b, celebrity, weight, name, steps=int(steps), guidance=float(guidance),
+                                       seed=int(seed), width=int(width), height=int(height))
         except CelebBasisError as e:
             return None, f"**{_md(e)}**"
-        return path, f"Saved `{_md(token)}`."
+        return path, f"Saved `{token}`."
 
 
 # -- layout: one builder per tab, returning its components -----------------------------------------
@@ -609,13 +615,13 @@ def _learn_tab(gr, d: Defaults) -> SimpleNamespace:
     with gr.Tab("Learn", id="learn"):
         with gr.Row():
             photo = gr.File(label="Photos of the person (one or more)", file_count="multiple", file_types=["image"],
-                            elem_id="learn-photo")
-            boxed = gr.Gallery(label="Faces found (the one used in green)", columns=3, height=300, interactive=False,
+                            height=260, elem_id="learn-photo")
+            boxed = gr.Gallery(label="Faces found (the one used in green)", columns=2, height=260, interactive=False,
                                elem_id="learn-boxes")
-            crop = gr.Gallery(label="Training crops", columns=3, height=300, interactive=False, elem_id="learn-crop")
+            crop = gr.Gallery(label="Training crops", columns=2, height=260, interactive=False, elem_id="learn-crop")
         detect_msg = gr.Markdown(elem_id="learn-detect-msg")
         more = gr.File(label="More people, learned together with the first: one photo each (optional)",
-                       file_count="multiple", file_types=["image"], elem_id="learn-more")
+                       file_count="multiple", file_types=["image"], height=120, elem_id="learn-more")
         with gr.Row():
             name = gr.Textbox(label="Name (the prompt word becomes <name>); for several people: names in order, "
                               "separated by commas", elem_id="learn-name")
@@ -729,8 +735,9 @@ def _wire_create(gr, h: Handlers, c: SimpleNamespace) -> None:
     c.zip_button.click(h.zip, c.last_folder, c.zipped)
 
 
-def _wire_mix(h: Handlers, m: SimpleNamespace, seed, after) -> None:
-    after(m.button.click(h.mix, [m.a, m.b, m.celebrity, m.weight, m.name, seed], [m.preview, m.msg]))
+def _wire_mix(h: Handlers, m: SimpleNamespace, c: SimpleNamespace, after) -> None:
+    sampling = [c.steps, c.guidance, c.seed, c.width, c.height]  # the preview is drawn as Create would draw it
+    after(m.button.click(h.mix, [m.a, m.b, m.celebrity, m.weight, m.name, *sampling], [m.preview, m.msg]))
 
 
 def build_ui(app: WebApp):
@@ -749,7 +756,7 @@ def build_ui(app: WebApp):
         _wire_learn(gr, h, learn, after)
         _wire_library(h, lib, after)
         _wire_create(gr, h, create)
-        _wire_mix(h, mix, create.seed, after)
+        _wire_mix(h, mix, create, after)
     demo.queue(default_concurrency_limit=1)
     return demo
 
