@@ -168,6 +168,18 @@ def test_cancel_stops_only_its_own_session(app, astronaut_path):
     assert h.cancel("tab-b") == "Nothing is learning in this tab."  # finished runs are forgotten
 
 
+def test_create_tab_handlers(app):
+    from celebbasis.webui import Handlers
+
+    h = Handlers(app)
+    saved_identity(app, "ann")
+    assert h.chip("a photo of", "<ann>") == ("a photo of <ann> person", None)
+    assert h.preset(["<id1> person reading"]) == "<ann> person reading"
+    assert Handlers.seed_of("<ann> person · seed 42") == 42 and Handlers.seed_of("") is None
+    gallery, rows, *pickers = h.refresh("ann")
+    assert rows == [["ann", "<ann>", "tiny", rows[0][3]]] and pickers[0]["value"] == "ann"
+
+
 def test_library_files_are_read_and_loaded_once(app, monkeypatch):
     import celebbasis.insert
 
