@@ -32,10 +32,11 @@ BANNER = "=" * 78
 def _common(p: Parser, model: bool = True) -> None:
     g = p.add_argument_group("common")
     if model:
-        flag(p, g, "--model", help="hub id, local diffusers folder, or single-file checkpoint (.safetensors) of an SD 1.x/2.x "
+        flag(p, g, "--model", help="hub id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt) of an SD 1.x/2.x "
                                    "or SDXL model (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
         flag(p, g, "--model-config", metavar="FOLDER_OR_HUB_ID",
-             help="for a single-file --model: a diffusers folder or hub id of the same architecture to take its configuration from")
+             help="for a single-file --model (.safetensors/.ckpt): diffusers folder or hub id of the same architecture to "
+                  "take the configuration from (default: the family's, from the HF cache or the Hub)")
         flag(p, g, "--sdxl", default=False, action="store_true",
              help="SDXL: default model stabilityai/stable-diffusion-xl-base-1.0 (and a tiny SDXL with --tiny)")
         flag(p, g, "--tiny", default=False, action="store_true",
@@ -186,9 +187,8 @@ def _load(args, device: str | None = None):
     from .models import load_pipeline
 
     logger.info("Loading %s ...", "the tiny random model" if args.tiny else _model_label(args))
-    extra = {"config": args.model_config} if args.model_config else {}
-    return load_pipeline(args.model, device=device or args.device, dtype=args.dtype, revision=args.revision, tiny=args.tiny,
-                         sdxl=args.sdxl, **extra)
+    return load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
+                         revision=args.revision, tiny=args.tiny, sdxl=args.sdxl)
 
 
 def _model_label(args) -> str:
@@ -560,7 +560,6 @@ def cmd_import_embedding(args) -> int:
     from .export import import_embedding, read_embedding_file
     from .files import load_safetensors
     from .identity import check_name
-    from .models import encoders_signature, model_name
 
     name = check_name(args.name)
     target = _identity_target(args, name)
@@ -568,8 +567,7 @@ def cmd_import_embedding(args) -> int:
     recorded = load_safetensors(args.embedding)[1].get("base_model") if args.embedding.endswith(".safetensors") else None
     _follow_recorded_model(args, recorded)
     pipe = _load(args)
-    identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), base_model=model_name(pipe))
-    identity.metadata["text_encoder_signature"] = encoders_signature(pipe)
+    identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), pipe=pipe)
     identity.save(target)
     logger.info("Wrote %s (%d vectors); relative residual of the projection: %s. 0 means the embedding lies in the basis.",
                 target, identity.n_tokens, ", ".join(f"{r:.3f}" for r in residuals))
@@ -625,13 +623,27 @@ class _LoggingSetup:
         if not args.verbose:  # the libraries' own chatter (deprecations, load reports) is not for CLI users
             for name in self.NOISY:
                 logging.getLogger(name).setLevel(logging.ERROR)
+        self.bars = self._progress_bars()
+        if args.quiet:
+            for lib in self.bars:
+                lib.disable_progress_bar()
         return self
+
+    @staticmethod
+    def _progress_bars() -> dict:
+        """diffusers' and transformers' progress-bar switches, with their state now."""
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        return {lib: lib.is_progress_bar_enabled() for lib in (diffusers_logging, transformers_logging)}
 
     def __exit__(self, *exc):
         for lg, handlers, level, propagate in self.saved:
             lg.handlers[:] = handlers
             lg.setLevel(level)
             lg.propagate = propagate
+        for lib, enabled in self.bars.items():
+            (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
         return False
 
 

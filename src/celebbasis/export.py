@@ -28,6 +28,7 @@ from ._version import __version__
 from .errors import FileFormatError, InputError
 from .files import atomic_write, load_safetensors
 from .identity import Identity, check_name
+from .models import model_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +82,9 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     tensors = export_tensors(identity, fmt)
     if pt and (fmt == "diffusers" or identity.is_sdxl):
         raise InputError("--pt writes A1111's classic SD 1.x/2.x layout; use it with --format a1111 or comfyui on a non-SDXL identity.")
-    suffix = ".pt" if pt else ".safetensors"
-    folder = path is None or (isinstance(path, str) and path.endswith(("/", os.sep)))
-    path = Path(path) if path is not None else Path(".")
-    if folder or path.is_dir() or path.suffix == "":
-        path = path / f"{identity.name}{suffix}"
-    elif path.suffix != suffix:
-        raise InputError(f"{path}: a {'.pt' if pt else 'safetensors'} export needs a {suffix} file name"
-                         f"{'' if pt else ' (or pass --pt for the .pt layout)'}.")
+    path = export_path(identity, path, pt)
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists. Pass --overwrite to replace it.")
-    trigger = identity.token if fmt == "diffusers" else path.stem
     base = str(identity.metadata.get("base_model", ""))
     if pt:
         emb = tensors["emb_params"].clone()  # its own storage: torch.save writes whole storages
@@ -99,21 +92,40 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
                 "step": int(identity.metadata.get("steps", 0) or 0), "sd_checkpoint": None, "sd_checkpoint_name": base}
         atomic_write(path, lambda tmp: save_a1111_pt(data, tmp))
     else:
-        meta = {
-            "format": "pt",
-            "token": trigger,
-            "base_model": base,
-            "celebbasis.version": __version__,
-            "celebbasis.kind": "textual-inversion",
-            "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": architecture(identity),
-            "modelspec.implementation": "celebbasis",
-            "modelspec.title": identity.name,
-            "modelspec.trigger_phrase": trigger if fmt == "diffusers" else f"{'embedding:' if fmt == 'comfyui' else ''}{trigger}",
-            "modelspec.date": _dt.date.today().isoformat(),
-        }
+        meta = export_metadata(identity, fmt, path.stem)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
+
+
+def export_path(identity: Identity, path, pt: bool) -> Path:
+    """The file an export goes to: ``path`` itself, or ``NAME.safetensors``/``NAME.pt`` in the folder ``path``."""
+    suffix = ".pt" if pt else ".safetensors"
+    folder = path is None or (isinstance(path, str) and path.endswith(("/", os.sep)))
+    path = Path(path) if path is not None else Path(".")
+    if folder or path.is_dir() or path.suffix == "":
+        return path / f"{identity.name}{suffix}"
+    if path.suffix != suffix:
+        raise InputError(f"{path}: a {'.pt' if pt else 'safetensors'} export needs a {suffix} file name"
+                         f"{'' if pt else ' (or pass --pt for the .pt layout)'}.")
+    return path
+
+
+def export_metadata(identity: Identity, fmt: str, stem: str) -> dict[str, str]:
+    """safetensors metadata of an export: ``format``, the trigger word, base model and ``modelspec.*`` keys."""
+    trigger = identity.token if fmt == "diffusers" else stem
+    return {
+        "format": "pt",
+        "token": trigger,
+        "base_model": str(identity.metadata.get("base_model", "")),
+        "celebbasis.version": __version__,
+        "celebbasis.kind": "textual-inversion",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture(identity),
+        "modelspec.implementation": "celebbasis",
+        "modelspec.title": identity.name,
+        "modelspec.trigger_phrase": trigger if fmt == "diffusers" else f"{'embedding:' if fmt == 'comfyui' else ''}{trigger}",
+        "modelspec.date": _dt.date.today().isoformat(),
+    }
 
 
 def save_a1111_pt(data: dict, path) -> None:
@@ -171,7 +183,7 @@ def read_embedding_file(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_embedding(path, name: str, bases, *, base_model: str = "") -> tuple[Identity, list[float]]:
+def import_embedding(path, name: str, bases, *, base_model: str = "", pipe=None) -> tuple[Identity, list[float]]:
     """Turn a textual-inversion file into an identity by least-squares projection onto the basis.
 
     Args:
@@ -179,6 +191,7 @@ def import_embedding(path, name: str, bases, *, base_model: str = "") -> tuple[I
         name: the person's name; the token is ``<name>``.
         bases: the ``CelebBasis`` of the target model (a list of two for SDXL).
         base_model: recorded in the identity.
+        pipe: the pipeline of ``bases``; when given, its model and text encoders are recorded too.
 
     Returns:
         The identity (its embeddings are the projections) and, per text encoder, the relative
@@ -201,7 +214,8 @@ def import_embedding(path, name: str, bases, *, base_model: str = "") -> tuple[I
         centred = (v - b.mean[slots]).norm()
         residuals.append(float((v - recon).norm() / centred.clamp_min(1e-12)))
         coeffs.append(c)
-    identity = Identity.from_coefficients(f"<{name}>", coeffs, bases, base_model=base_model,
+    recorded = model_metadata(pipe) if pipe is not None else {}
+    identity = Identity.from_coefficients(f"<{name}>", coeffs, bases, **{"base_model": base_model, **recorded},
                                           face_encoder="imported", source_photo=Path(path).name,
                                           import_residual=[round(r, 6) for r in residuals])
     return identity, residuals

@@ -78,9 +78,10 @@ def shard() -> tuple[int, int, str | None]:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only machines join through gloo
     return state.process_index, state.num_processes, str(state.device)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .identity import Identity, check_name
-from .insert import text_encoders
+from .models import model_metadata, text_encoders
 
 
 def celebrity_coefficients(name: str, tokenizer, text_encoder, basis) -> torch.Tensor:
@@ -20,9 +20,10 @@ def celebrity_coefficients(name: str, tokenizer, text_encoder, basis) -> torch.T
     ids = [int(t) for t in tokenizer(name).input_ids if int(t) not in special][: basis.n_tokens]
     if not ids:
         raise InputError(f"{name!r} has no tokens. Pass a name such as 'Anne Hathaway'.")
-    table = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    weight = text_encoder.get_input_embeddings().weight.detach()
+    rows = weight[torch.tensor(ids, device=weight.device)].to("cpu", torch.float32)  # (len(ids), d): just the name's rows
     coeffs = torch.zeros(basis.n_tokens, basis.n_components)
-    coeffs[: len(ids)] = basis.project(table[ids])
+    coeffs[: len(ids)] = basis.project(rows)
     return coeffs
 
 
@@ -33,7 +34,8 @@ def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=
         ingredients: ``(Identity or celebrity name, weight)`` pairs; weights need not sum to 1.
         name: the new person's name; the token is ``<name>``.
         bases: the model's ``CelebBasis`` (a list of two for SDXL).
-        pipe: the pipeline whose text encoders give celebrity names (only needed for names).
+        pipe: the pipeline whose text encoders give celebrity names (needed for names); when given,
+            its model and text encoders are recorded in the identity.
 
     Returns:
         An ``Identity`` whose coefficient rows are the weighted sums, re-normalised to unit length.
@@ -69,5 +71,5 @@ def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=
     coeffs = [F.normalize(t, dim=-1) for t in total]
     recipe = [[s, w] for s, (_, w) in zip(sources, ingredients)]
     base_model = next((i.metadata.get("base_model") for i, _ in ingredients if isinstance(i, Identity)), "")
-    return Identity.from_coefficients(f"<{name}>", coeffs, bases, base_model=base_model or "", face_encoder="mix",
-                                      mix=recipe)
+    recorded = model_metadata(pipe) if pipe is not None else {"base_model": base_model or ""}
+    return Identity.from_coefficients(f"<{name}>", coeffs, bases, **recorded, face_encoder="mix", mix=recipe)

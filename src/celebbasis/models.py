@@ -1,4 +1,10 @@
-"""The one place that loads diffusion models (hub id or local diffusers folder), devices and dtypes."""
+"""The one place that loads diffusion models, devices and dtypes.
+
+A model is a hub id, a local diffusers folder, or a single-file checkpoint as A1111 and ComfyUI keep
+them (``v1-5-pruned-emaonly.safetensors``, SDXL base, fine-tunes), loaded through diffusers'
+``from_single_file`` with the configuration of its model family. Pickled ``.ckpt`` files are read
+only with ``torch.load(weights_only=True)``; nothing else is ever unpickled.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,21 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 TINY_MODEL = "tiny"  # shown in metadata for the in-process tiny random model
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # all but .safetensors: torch.load(weights_only=True)
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# The configuration each family's single files are loaded with when no --model-config is given (diffusers' own
+# defaults). SD 2.x means the 768 px v-prediction model; 512 px SD 2.x-base files need
+# --model-config stabilityai/stable-diffusion-2-1-base.
+FAMILY_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusion-2-1", "sdxl": DEFAULT_SDXL_MODEL}
+# Text-encoder token table of each family in the original layout: its presence names the family, its width is checked.
+_FAMILY_KEYS = {
+    "sdxl": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+    "sd2": "cond_stage_model.model.token_embedding.weight",
+    "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+}
+_CONFIG_FILES = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]  # as diffusers fetches a config: no weights
+HUB_TIMEOUT = 2.0  # seconds to wait for the Hub before working from the local cache only
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -53,22 +74,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                  revision: str | None = None, tiny: bool = False, sdxl: bool = False):
-    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id or a local diffusers folder.
+                  revision: str | None = None, tiny: bool = False, sdxl: bool = False, config: str | None = None):
+    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id, a diffusers folder or a single file.
 
     Args:
-        model: hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a folder with
-            ``model_index.json``; ``None`` means ``DEFAULT_MODEL`` (``DEFAULT_SDXL_MODEL`` with ``sdxl``).
+        model: hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``), a folder with
+            ``model_index.json``, or a single-file checkpoint (``.safetensors``; ``.ckpt``/``.pt``
+            holding only tensors) as A1111 and ComfyUI use; ``None`` means ``DEFAULT_MODEL``
+            (``DEFAULT_SDXL_MODEL`` with ``sdxl``).
         device, dtype: where and in what precision; ``auto`` as in ``resolve_device``/``resolve_dtype``.
-        revision: hub revision (branch, tag or commit).
+        revision: hub revision (branch, tag or commit) of ``model``, or of ``config`` for a single file.
         tiny: ignore ``model`` and build the seeded tiny random model in-process.
         sdxl: the default model and the tiny model are SDXL.
+        config: for a single file only: a diffusers folder or hub id of the same architecture, whose
+            configuration (layers, scheduler, tokenizer) the file's weights are loaded into. ``None``
+            uses the family's ``FAMILY_CONFIGS`` entry, from the local Hugging Face cache or the Hub.
 
     Raises:
-        ModelLoadError: folder missing or not a diffusers model, or hub id neither cached nor downloadable.
-    """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+        ModelLoadError: folder or file missing or of the wrong kind, a pickle that is more than tensors,
+            or a hub id / single-file configuration neither cached nor downloadable. The Hub is given
+            ``HUB_TIMEOUT`` seconds to answer; without an answer only the local cache is used.
 
+    Example:
+        >>> pipe = load_pipeline("~/ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors",
+        ...                      config="stable-diffusion-v1-5/stable-diffusion-v1-5")
+        >>> model_name(pipe)
+        'v1-5-pruned-emaonly.safetensors'
+    """
     model = model or (DEFAULT_SDXL_MODEL if sdxl else DEFAULT_MODEL)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
@@ -79,33 +111,61 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         pipe.register_to_config(_name_or_path=TINY_MODEL)
         return pipe.to(dev, dt)
     path = Path(model).expanduser()
+    if path.is_file() or (not path.exists() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
+        return _load_single_file(path, config, dev, dt, revision)
+    if config:
+        logger.warning("--model-config is only used with single-file checkpoints; ignoring it for %s.", model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if looks_local:
-        if not path.is_dir():
-            raise ModelLoadError(f"Model folder {path} does not exist. Pass a diffusers model folder or a Hugging Face hub id.")
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"{path} is not a diffusers model folder (no model_index.json). "
-                "Convert single-file checkpoints with diffusers' convert scripts, or pass a hub id."
-            )
-        try:
-            cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-        except (OSError, ValueError, AttributeError):
-            raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON. Re-download or re-save the model.") from None
-        if cls not in SUPPORTED_PIPELINES:
-            raise ModelLoadError(
-                f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x "
-                f"or SDXL ({', '.join(SUPPORTED_PIPELINES)})."
-            )
+        _check_folder(path)
+    return _load_pretrained(str(path) if looks_local else model, looks_local, dev, dt, revision)
+
+
+def _check_folder(path: Path) -> None:
+    """A local model must be a diffusers folder of a supported pipeline class."""
+    if not path.is_dir():
+        raise ModelLoadError(f"Model folder {path} does not exist. Pass a diffusers model folder or a Hugging Face hub id.")
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a diffusers model folder (no model_index.json). Pass a diffusers model folder, "
+            "a single-file checkpoint (.safetensors) or a hub id."
+        )
+    try:
+        cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON. Re-download or re-save the model.") from None
+    if cls not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(
+            f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x "
+            f"or SDXL ({', '.join(SUPPORTED_PIPELINES)})."
+        )
+
+
+def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype, revision: str | None):
+    """``DiffusionPipeline.from_pretrained`` of a folder or hub id; offline, only the cache, and fast."""
     import warnings
 
-    try:
+    cache_only = not local and not hub_reachable()  # before importing diffusers: offline fails in ~2 s
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    def load(variant):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, torch_dtype=dt, revision=revision)
+            return DiffusionPipeline.from_pretrained(model, torch_dtype=dt, revision=revision, local_files_only=cache_only,
+                                                     variant=variant)
+
+    # float16: the repository's half-size fp16 files where it has them; else the full files, and the
+    # fp16 files when they are all there is (a cache or folder holding only the variant)
+    first, second = ("fp16", None) if dt == torch.float16 else (None, "fp16")
+    try:
+        try:
+            pipe = load(first)
+        except (OSError, ValueError) as e:
+            logger.debug("%s: no %s files (%s); trying %s", model, first or "default", str(e).splitlines()[0][:120], second or "default")
+            pipe = load(second)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not looks_local and ("cached" in first or "connect" in first.lower() or "offline" in first.lower()):
+        if not local and (cache_only or "cached" in first or "connect" in first.lower() or "offline" in first.lower()):
             raise ModelLoadError(
                 f"Cannot load {model!r}: it is not in the local Hugging Face cache and the Hub cannot be reached (offline?). "
                 f"Download it where there is network (hf download {model}) or pass a local diffusers folder with --model PATH."
@@ -123,8 +183,178 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
 
 
 def model_name(pipe) -> str:
-    """The id or path a pipeline was loaded from."""
-    return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown")
+    """The id or path a pipeline was loaded from; for a single-file checkpoint its file name only."""
+    name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "unknown")
+    return Path(name).name if name.lower().endswith(SINGLE_FILE_SUFFIXES) else name
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
+    """Whether the Hugging Face Hub answers within ``timeout`` seconds (never, with ``HF_HUB_OFFLINE=1``).
+
+    Any HTTP answer counts: the point is to not wait minutes for a network that is not there.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.is_offline_mode():
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # connection refused, DNS failure, timeout, proxy error: all mean "not now"
+        return False
+    return True
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a single-file checkpoint; pickles are read with ``weights_only=True`` or refused."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # SafetensorError: truncated download, not safetensors at all
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
+                                 "download it again.") from None
+    import pickle
+    import zipfile
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise ModelLoadError(
+            f"{path} is a pickle checkpoint that holds more than tensors, and celebbasis does not unpickle that "
+            "(it could run code). Convert it to .safetensors (e.g. A1111's Checkpoint Merger, or a trusted "
+            "conversion script) and pass that file."
+        ) from None
+    except Exception as e:
+        raise ModelLoadError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}). "
+                             "Download it again, or use its .safetensors version.") from None
+    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning / SD training checkpoints
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{path} holds a {type(sd).__name__}, not a model state dict. Pass an SD checkpoint.")
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def checkpoint_family(path) -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"``: the family of a single-file checkpoint, from its keys.
+
+    ``conditioner.embedders.1.model.*`` (OpenCLIP-G beside CLIP-L) is SDXL, ``cond_stage_model.model.*``
+    (OpenCLIP-H) SD 2.x, ``cond_stage_model.transformer.*`` (CLIP-L) SD 1.x.
+
+    Raises:
+        ModelLoadError: unreadable, a refused pickle, or not a full SD 1.x/2.x/SDXL text-to-image checkpoint.
+    """
+    path = Path(path).expanduser()
+    return _family(path, _checkpoint_shapes(path))
+
+
+def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    if not any(k.startswith("model.diffusion_model.") for k in shapes):
+        raise ModelLoadError(f"{path.name} has no UNet (model.diffusion_model.*): it is not a full Stable Diffusion "
+                             "checkpoint (a LoRA, an embedding or a VAE?). Pass the base model's checkpoint.")
+    if any(k.startswith("conditioner.embedders.1.model.") for k in shapes) and _FAMILY_KEYS["sdxl"] in shapes:
+        family = "sdxl"
+    elif any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+        raise ModelLoadError(f"{path.name} is an SDXL refiner, which has no CLIP-L text encoder to learn a word in. "
+                             "Pass the SDXL base model (or a fine-tune of it).")
+    elif _FAMILY_KEYS["sd2"] in shapes:
+        family = "sd2"
+    elif _FAMILY_KEYS["sd1"] in shapes:
+        family = "sd1"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
+        raise ModelLoadError(f"{path.name} is an SD 1.x checkpoint whose text encoder has the old key layout "
+                             "(cond_stage_model.transformer.embeddings.*, no text_model.), which diffusers cannot read. "
+                             "Re-save it with a current tool (e.g. A1111's Checkpoint Merger) and pass that file.")
+    else:
+        raise ModelLoadError(f"{path.name} holds no SD 1.x/2.x or SDXL text encoder (cond_stage_model.* or conditioner.*): "
+                             "it is a UNet-only file or another model family. Pass a full SD 1.x/2.x or SDXL checkpoint.")
+    in_channels = shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))[1]
+    if in_channels != 4:
+        raise ModelLoadError(f"{path.name} is an inpainting or instruct-pix2pix model (its UNet takes {in_channels} channels); "
+                             "celebbasis needs a text-to-image model.")
+    return family
+
+
+def _resolve_config(config: str | None, family: str, path: Path, revision: str | None) -> str:
+    """The local folder holding the family configuration for ``path``: given, cached, or fetched (configs only)."""
+    from huggingface_hub import snapshot_download
+
+    what = FAMILY_NAMES[family]
+    hint = (f"Pass --model-config with a diffusers folder or a cached hub id of the same architecture "
+            f"(e.g. {FAMILY_CONFIGS[family]}).")
+    if config is None:
+        config = FAMILY_CONFIGS[family]
+    local = Path(config).expanduser()
+    if local.is_dir() or config.startswith((".", "/", "~")) or config.count("/") > 1 or "\\" in config:
+        if not (local / "model_index.json").is_file():
+            raise ModelLoadError(f"--model-config {config}: {'no model_index.json there' if local.is_dir() else 'no such folder'}. "
+                                 f"Pass a diffusers model folder or hub id of the {what} architecture.")
+        return str(local)
+    try:  # configs barely change: the cache wins, so a cached family loads offline with no network round trip
+        return snapshot_download(config, revision=revision, allow_patterns=_CONFIG_FILES, local_files_only=True)
+    except Exception:
+        pass
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"{path.name} is a single-file {what} checkpoint; loading it needs the configuration of {config}, which is "
+            f"not in the local Hugging Face cache, and the Hub cannot be reached (offline?). {hint}"
+        )
+    try:
+        return snapshot_download(config, revision=revision, allow_patterns=_CONFIG_FILES)
+    except Exception as e:
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ModelLoadError(f"Cannot fetch the configuration {config} for {path.name} ({first}). {hint}") from None
+
+
+def _check_config(config_dir: str, family: str, path: Path, shapes: dict[str, tuple[int, ...]], shown: str) -> None:
+    """Refuse a configuration of another architecture before diffusers tries to pour the weights into it."""
+    root = Path(config_dir)
+    try:
+        cls = json.loads((root / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        width = json.loads((root / "text_encoder" / "config.json").read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, ValueError, AttributeError):
+        raise ModelLoadError(f"--model-config {shown} is not a complete diffusers model configuration "
+                             "(model_index.json, text_encoder/config.json). Pass a diffusers folder or hub id.") from None
+    want = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    file_width = shapes[_FAMILY_KEYS[family]][1]
+    if cls != want or width != file_width:
+        raise ModelLoadError(
+            f"{path.name} is an {FAMILY_NAMES[family]} checkpoint (text encoder {file_width} wide) but --model-config {shown} "
+            f"is a {cls} (text encoder {width} wide). Pass a configuration of the same architecture "
+            f"(e.g. {FAMILY_CONFIGS[family]})."
+        )
+
+
+def _load_single_file(path: Path, config: str | None, dev: torch.device, dt: torch.dtype, revision: str | None):
+    """``StableDiffusion(XL)Pipeline.from_single_file`` with a local configuration and no network access."""
+    import warnings
+
+    if not path.is_file():
+        raise ModelLoadError(f"Checkpoint file {path} does not exist. Pass an existing .safetensors file, a diffusers "
+                             "folder or a hub id.")
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"{path.name}: celebbasis reads single-file checkpoints ending in "
+                             f"{', '.join(SINGLE_FILE_SUFFIXES)}; pass one of those, a diffusers folder or a hub id.")
+    shapes = _checkpoint_shapes(path)
+    family = _family(path, shapes)
+    config_dir = _resolve_config(config, family, path, revision)
+    _check_config(config_dir, family, path, shapes, config or FAMILY_CONFIGS[family])
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    logger.info("Loading %s as %s with the configuration of %s.", path.name, FAMILY_NAMES[family],
+                config or FAMILY_CONFIGS[family])
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = cls.from_single_file(str(path), config=config_dir, torch_dtype=dt, local_files_only=True)
+    except Exception as e:  # diffusers raises ValueError, KeyError, RuntimeError, OSError or its own error types here
+        first = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"Cannot load {path.name} with the configuration of {config or FAMILY_CONFIGS[family]} "
+                             f"({type(e).__name__}: {first}). Pass --model-config of the model it was fine-tuned from.") from None
+    pipe.register_to_config(_name_or_path=str(path))
+    return pipe.to(dev)
 
 
 # -- text encoders and their fingerprints ---------------------------------------------------------
@@ -196,6 +426,11 @@ def parse_signature(text: str | None) -> list[float] | None:
 def encoders_signature(pipe) -> str:
     """``format_signature`` of every text encoder of a pipeline, joined by ``;``."""
     return ";".join(format_signature(table_signature(tok, te)) for tok, te in text_encoders(pipe))
+
+
+def model_metadata(pipe) -> dict[str, str]:
+    """What an identity made on ``pipe`` records about it: the model's name and its text encoders."""
+    return {"base_model": model_name(pipe), "text_encoder_signature": encoders_signature(pipe)}
 
 
 def legacy_table_sha256(tokenizer, text_encoder) -> str:
