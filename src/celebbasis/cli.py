@@ -464,9 +464,7 @@ def cmd_webui(args) -> int:
 
     out = Path(args.output)
     _check_output_dir(out)
-    size = 64 if args.tiny else 1024 if args.sdxl else 512
-    app = WebApp(lambda: _load(args), out, default_steps=50 if args.tiny else 400, model_label=_model_label(args), default_size=size)
-    launch(app, host=args.host, port=args.port, share=args.share)
+    launch(WebApp(lambda: _load(args), out, model_label=_model_label(args)), host=args.host, port=args.port, share=args.share)
     return 0
 
 
