@@ -110,9 +110,9 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
 
 
 def loaded_placeholders(tokenizer) -> list[str]:
-    """Tokens of identities (or textual inversions) the tokenizer knows, without the ``_1`` extras."""
-    added = tokenizer.get_added_vocab()
-    return sorted(t for t in added if PLACEHOLDER_RE.fullmatch(t))
+    """Tokens of identities (or textual inversions) the tokenizer knows, without the ``_1`` extras or special tokens."""
+    special = set(tokenizer.all_special_tokens)
+    return sorted(t for t in tokenizer.get_added_vocab() if PLACEHOLDER_RE.fullmatch(t) and t not in special)
 
 
 def check_prompt_tokens(tokenizer, prompt: str) -> None:
