@@ -479,3 +479,21 @@ def test_save_writes_all_of_a_group_or_none(tmp_path, two_identities, monkeypatc
     assert [p.name for p in two_identities.save(tmp_path)] == ["alice.safetensors", "grace.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.run.json", "alice.safetensors", "grace.run.json",
                                                          "grace.safetensors"]
+
+
+def test_a_failed_or_cancelled_run_leaves_no_words_behind(tiny_pipe, astronaut):
+    tokenizer, rows = tiny_pipe.tokenizer, tiny_pipe.text_encoder.get_input_embeddings().num_embeddings
+
+    def cancel(step, total, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        personalize(tiny_pipe, [astronaut], ["alice"], config=TrainConfig(steps=3, **CFG), show_progress=False, callback=cancel)
+    odd = copy.deepcopy(tiny_pipe)
+    odd.scheduler.register_to_config(prediction_type="sample")  # refused during set-up, after the words were made
+    with pytest.raises(InputError, match="prediction type"):
+        personalize(odd, [astronaut], ["alice"], config=TrainConfig(steps=1, **CFG), show_progress=False)
+    for pipe in (tiny_pipe, odd):
+        assert "<alice>" not in pipe.tokenizer.get_added_vocab()
+        assert pipe.text_encoder.get_input_embeddings().num_embeddings == rows
+    assert tiny_pipe.tokenizer is tokenizer  # the caller's own tokenizer object, given back

@@ -37,7 +37,7 @@ from .config import BasisConfig, TrainConfig
 from .errors import InputError
 from .face import DlibFaceEncoder, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, load_identity, token_override
+from .insert import add_placeholder, borrowed_tokenizers, load_identity, token_override
 from .models import built_from_other_table, encoders_signature, model_name, pipeline_bases, text_encoders
 
 logger = logging.getLogger(__name__)
@@ -404,10 +404,19 @@ class Personalizer:
 
     def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str, *,
                  face_encoder=None):
+        self._stack = ExitStack()
+        try:
+            self._setup(pipe, analyses, names, config, bases, base_model, face_encoder)
+        except BaseException:
+            self._stack.close()  # a set-up that fails gives everything back, as ``close`` does
+            raise
+
+    def _setup(self, pipe, analyses, names, config, bases, base_model, face_encoder) -> None:
         check_not_offloaded(pipe)
         if config.resolution is None:  # the model's native size
             config = dataclasses.replace(config, resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.pipe, self.cfg, self.base_model = pipe, config, base_model
+        self._stack.enter_context(borrowed_tokenizers(pipe))  # the new words go into copies until training succeeds
         self.encoders = text_encoders(pipe)  # [(tokenizer, text_encoder)], two for SDXL
         self.bases = self._check_bases(bases)
         self.people = photo_groups(analyses)  # per person: [FaceAnalysis, ...]
@@ -435,7 +444,6 @@ class Personalizer:
         self.steps_done = 0
         self._drawn = [0] * self.n_id  # fresh views drawn per person (views_per_identity=0), for even photo use
         self.pool = self._build_pool() if config.views_per_identity > 0 else None
-        self._stack = ExitStack()
         self.unet, self.scaler = self._prepare_unet()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -469,7 +477,8 @@ class Personalizer:
         return net
 
     def _placeholders(self) -> list[list[int]]:
-        return [[i for t in self.tokens for i in add_placeholder(tok, te, t, self.k)] for tok, te in self.encoders]
+        return [[i for t in self.tokens for i in add_placeholder(tok, te, t, self.k, resize=False)]
+                for tok, te in self.encoders]
 
     def _heads(self) -> nn.ModuleList:
         """One identity network per text encoder, started from the seed without touching the global RNG."""
