@@ -204,7 +204,7 @@ def test_images_without_prompts_match_every_reference(tmp_path, caplog):
     assert list(second.matches) == ["<alice>"] and second.matches["<alice>"] > 0.97
     assert first.category == second.category == "unknown" and first.clip_score is None
     warnings = [r.message for r in caplog.records if "prompt metadata" in r.message]
-    assert len(warnings) == 1 and "2 of 2 images" in warnings[0] and "--prompts FILE" in warnings[0]
+    assert len(warnings) == 1 and "2 of 2 images" in warnings[0] and "Pass a prompts file" in warnings[0]
 
 
 def test_named_references_still_follow_the_prompt(tmp_path, caplog):

@@ -236,7 +236,7 @@ def _basis(args):
 def _warn_cpu(pipe) -> None:
     from .models import TINY_MODEL, model_name
 
-    if pipe.unet.device.type == "cpu" and model_name(pipe) != TINY_MODEL and pipe.unet.config.sample_size >= 32:
+    if pipe.unet.device.type == "cpu" and not model_name(pipe).startswith(TINY_MODEL) and pipe.unet.config.sample_size >= 32:
         logger.warning("Training a full-size model on the CPU takes hours; a GPU (--device cuda) takes minutes.")
 
 
@@ -274,7 +274,7 @@ def _check_output_dir(path: Path) -> None:
 
 def _people(photos: list[str], names: list[str]) -> list[list[Path]]:
     """Each person's photos: one argument (photo or folder) per --name, or every argument for a single --name."""
-    from .many import photos_in
+    from .face import photos_in
 
     if len(names) != 1 and len(names) != len(photos):
         raise InputError(f"{len(photos)} photo argument(s) but {len(names)} --name(s). Either one --name for photos of one person "
@@ -324,10 +324,14 @@ def cmd_build_basis(args) -> int:
         names = p.read_text(encoding="utf-8").splitlines()
     cfg = config_from(BasisConfig, vars(args))
     pipe = _load(args)
-    for i, (tok, te) in enumerate(text_encoders(pipe)):
-        path = out if i == 0 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
-        basis = build_basis(tok, te, names, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
-                            source=model_name(pipe), signature=format_signature(table_signature(tok, te)))
+    pairs = text_encoders(pipe)
+    paths = [out if i == 0 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(len(pairs))]
+    for path in paths[1:]:  # SDXL: the second encoder's file is checked before anything is built or written
+        if path.exists() and not args.overwrite:
+            raise InputError(f"{path} (the second text encoder's basis) already exists. Pass --overwrite to replace it.")
+    bases = [build_basis(tok, te, names, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
+                         source=model_name(pipe), signature=format_signature(table_signature(tok, te))) for tok, te in pairs]
+    for path, basis in zip(paths, bases):
         basis.save(path)
         logger.info("Wrote %s: %d slots x %d directions x %d dims, ranks %s.", path, basis.n_tokens, basis.n_components,
                     basis.embedding_dim, basis.ranks)
@@ -381,9 +385,11 @@ def cmd_add_many(args) -> int:
 
 
 def _generate_config(args) -> GenerateConfig:
-    values = {k: v for k, v in vars(args).items() if v is not None}
-    base = GENERATE_PRESETS.get(args.preset, {}) if args.preset else {}
-    return config_from(GenerateConfig, {**base, **values})
+    """The run's GenerateConfig: the preset (if any), then the flags and TOML values that were set."""
+    if not args.preset:
+        return config_from(GenerateConfig, vars(args))
+    set_fields = {k: v for k, v in vars(args).items() if v is not None and k in GenerateConfig.__dataclass_fields__}
+    return GenerateConfig.preset(args.preset, **set_fields)
 
 
 def cmd_generate(args) -> int:
@@ -525,13 +531,12 @@ def _identity_target(args, name: str) -> Path:
 
 
 def cmd_export(args) -> int:
-    from .export import export_identity
+    from .export import export_identity, export_path
     from .identity import Identity
 
     identity = Identity.load(args.identity)
-    out = Path(args.output)
-    folder = args.output.endswith(("/", os.sep)) or out.is_dir() or out.suffix == ""
-    _check_output_dir(out if folder else out.parent)
+    target = export_path(identity, args.output, args.pt)  # the file it will be, checked before anything is written
+    _check_output_dir(target.parent)
     path = export_identity(identity, args.format, args.output, pt=args.pt, overwrite=args.overwrite)
     use = {
         "diffusers": f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts',
@@ -548,10 +553,8 @@ def _follow_recorded_model(args, recorded: str | None) -> None:
 
     if args.model or args.tiny or args.sdxl or not recorded:
         return
-    if recorded == TINY_MODEL:
-        args.tiny = True
-    elif recorded.startswith("tiny"):
-        args.tiny, args.sdxl = True, "sdxl" in recorded
+    if recorded.startswith(TINY_MODEL):  # "tiny" or "tiny-sdxl"
+        args.tiny, args.sdxl = True, recorded.endswith("sdxl")
     else:
         args.model = recorded
     logger.info("Using %s, the model the input was made for (pass --model to choose another).", recorded)

@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, MissingDependencyError, ModelLoadError, NoFaceFoundError
-from .face import IMAGE_SUFFIXES, FaceAnalyzer, load_image
+from .face import IMAGE_SUFFIXES, FaceAnalyzer, load_image, photos_in
 from .files import atomic_write
 from .generate import contact_sheet
 from .insert import PLACEHOLDER_RE
+from .models import hub_endpoint, hub_reachable, looks_like_path
 from .resources import celeb_names
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CATEGORIES = ("style", "single action", "with a celebrity", "two identities")
 UNKNOWN_CATEGORY = "unknown"  # images without a prompt: nothing to guess a category from
-HUB_CHECK_SECONDS = 3.0  # how long the Hub may take to accept a connection before counting as offline
 
 # The official evaluation's negative prompts, copied verbatim from CelebBasis (557531b)
 # evaluation/prompt_templates.py, missing commas between some lines included.
@@ -220,58 +219,6 @@ def read_prompt_file(path) -> list[PromptLine]:
     return out
 
 
-_TRUE = ("1", "on", "yes", "true")
-
-
-def _hub_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").lower()
-    return env in _TRUE or bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_reachable(timeout: float = HUB_CHECK_SECONDS) -> bool:
-    """Whether the Hugging Face Hub (``HF_ENDPOINT``, or its proxy) accepts a TCP connection within ``timeout`` s.
-
-    ``False`` at once in offline mode (``HF_HUB_OFFLINE=1``). Name lookup runs in a daemon thread,
-    so a hanging DNS server costs ``timeout`` seconds, not minutes.
-    """
-    import socket
-    import threading
-    import urllib.request
-    from urllib.parse import urlparse
-
-    if _hub_offline():
-        return False
-    url = urlparse(_hub_endpoint())
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
-    if proxy and host and not urllib.request.proxy_bypass(host):
-        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = purl.hostname, purl.port or 8080
-    if not host:
-        return False
-    result = []
-
-    def connect():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
 def _in_hub_cache(model: str) -> bool:
     """Whether the local Hugging Face cache holds ``model``'s config (a cheap look, no network)."""
     from huggingface_hub import try_to_load_from_cache
@@ -300,7 +247,7 @@ class ClipScorer:
     """CLIP score of (image, text) with a transformers CLIP model (hub id or local folder).
 
     A hub id is read from the local Hugging Face cache first; the Hub is contacted only when the
-    model is not cached and the Hub answers within ``HUB_CHECK_SECONDS``. Offline, it fails within
+    model is not cached and the Hub answers within ``models.HUB_TIMEOUT`` seconds. Offline, it fails within
     that time, before CLIP's code is even imported, with one line saying what to pass instead, and
     the Hub's retry warnings are never printed.
 
@@ -311,10 +258,10 @@ class ClipScorer:
     def __init__(self, model: str = DEFAULT_CLIP):
         fix = "Pass a local CLIP folder with --clip-model PATH, or --no-clip to skip the CLIP score."
         path = Path(model).expanduser()
-        looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+        looks_local = looks_like_path(model)
         offline = ModelLoadError(
             f"Cannot load the CLIP model {model!r}: it is not in the local Hugging Face cache and the Hub "
-            f"({_hub_endpoint()}) cannot be reached (offline?). {fix}"
+            f"({hub_endpoint()}) cannot be reached (offline?). {fix}"
         )
         if looks_local and not path.is_dir():
             raise ModelLoadError(f"CLIP model folder {path} does not exist. {fix}")
@@ -465,7 +412,7 @@ def reference_embedding(analyzer, path) -> np.ndarray:
     path = Path(path)
     if not path.is_dir():
         return analyzer(path).embedding
-    photos = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = photos_in(path)
     if not photos:
         raise InputError(f"Reference folder {path} holds no PNG/JPEG/WebP photos. Pass a photo, or a folder of photos of one person.")
     vectors = np.stack([analyzer(p).embedding for p in photos])  # (N, D)
@@ -557,7 +504,7 @@ def evaluate(images: list, references: list[tuple[str | None, str]], *, analyzer
     if unprompted:
         logger.warning(
             "%d of %d images have no prompt metadata: their category is %r, they get no CLIP score, and their faces "
-            "are matched against every reference. Pass the prompts (--prompts FILE, one line per image in file-name "
+            "are matched against every reference. Pass a prompts file (one line per image in file-name "
             "order) to fix this.", unprompted, len(images), UNKNOWN_CATEGORY)
     return Report(results, analyzer.encoder.name, getattr(clip, "name", None))
 
@@ -567,6 +514,7 @@ def write_report(report: Report, out_dir) -> list[Path]:
     from PIL import Image
 
     out_dir = Path(out_dir)
+    figure_cls = _figure_class()  # before anything is written: a missing matplotlib leaves no half report
     data = report.to_json()
     paths = [atomic_write(out_dir / "report.json", lambda t: Path(t).write_text(json.dumps(data, indent=2), encoding="utf-8"))]
 
@@ -595,30 +543,32 @@ def write_report(report: Report, out_dir) -> list[Path]:
 
     thumbs = []
     for r in report.images:
-        im = Image.open(r.path).convert("RGB")
+        im = load_image(r.path)
         im.thumbnail((256, 256))
         thumbs.append(im)
     sheet = contact_sheet(thumbs)
     paths.append(atomic_write(out_dir / "contact_sheet.png", lambda t: sheet.save(t, format="PNG")))
-    scatter = _scatter(report, out_dir / "scatter.png")
+    scatter = _scatter(report, out_dir / "scatter.png", figure_cls)
     if scatter is not None:
         paths.append(scatter)
     return paths
 
 
-def _scatter(report: Report, path: Path) -> Path | None:
+def _figure_class():
+    """matplotlib's ``Figure`` (no pyplot: the caller's plotting backend is left alone)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError("The scatter plot needs matplotlib: pip install 'celebbasis[eval]'") from None
+    return Figure
+
+
+def _scatter(report: Report, path: Path, figure_cls) -> Path | None:
     """ID similarity vs CLIP score per category, as the paper's figure.
 
     Without any image that has both, the measured one per category (a strip plot); with neither,
     no figure (``None``, and an info line says why).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("The scatter plot needs matplotlib: pip install 'celebbasis[eval]'") from None
     rows = report.images
     cats = sorted({r.category for r in rows})
     both = any(r.clip_score is not None and r.id_similarity is not None for r in rows)
@@ -629,7 +579,8 @@ def _scatter(report: Report, path: Path) -> Path | None:
             return None
         logger.info("%s shows %s only: no image has both an ID similarity and a CLIP score.", path.name,
                     "ID similarity" if metric == "id_similarity" else "the CLIP score")
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    fig = figure_cls(figsize=(6, 4.5), dpi=100)
+    ax = fig.subplots()
     if both:
         for k, cat in enumerate(cats):
             pts = [(r.clip_score, r.id_similarity) for r in rows
@@ -659,7 +610,6 @@ def _scatter(report: Report, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda t: fig.savefig(t, format="png"))
-    plt.close(fig)
     return path
 
 

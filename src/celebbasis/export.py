@@ -106,7 +106,7 @@ def export_path(identity: Identity, path, pt: bool) -> Path:
         return path / f"{identity.name}{suffix}"
     if path.suffix != suffix:
         raise InputError(f"{path}: a {'.pt' if pt else 'safetensors'} export needs a {suffix} file name"
-                         f"{'' if pt else ' (or pass --pt for the .pt layout)'}.")
+                         f"{'' if pt else ' (or ask for the .pt layout)'}.")
     return path
 
 

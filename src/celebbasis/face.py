@@ -8,7 +8,6 @@ identity model). Everything runs offline. Other identity networks plug in throug
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -406,6 +405,11 @@ def detector_for(encoder: FaceEncoder):
     return MTCNNDetector() if getattr(encoder, "landmarks", DLIB5) == FIVE_POINT else DlibFaceDetector()
 
 
+def photos_in(folder) -> list[Path]:
+    """The photos (``IMAGE_SUFFIXES``) directly inside ``folder``, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_image(path) -> Image.Image:
     """Open any image Pillow reads as upright 8-bit RGB.
 
@@ -425,17 +429,17 @@ def load_image(path) -> Image.Image:
     if path.stat().st_size == 0:
         raise InputError(f"{path} is empty (0 bytes). Pass a real photo.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise Image.DecompressionBombError(f"{im.width}x{im.height}")
-                if getattr(im, "n_frames", 1) > 1:
-                    logger.warning("%s has %d frames; using the first.", path, im.n_frames)
-                    im.seek(0)
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+        # The size is checked from the header before any pixel is decoded (no warnings filter: it would be
+        # process-wide, and the web UI loads photos from several threads).
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+            if getattr(im, "n_frames", 1) > 1:
+                logger.warning("%s has %d frames; using the first.", path, im.n_frames)
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
             f"{path} has too many pixels (over {MAX_PIXELS // 1_000_000} MP, or a decompression bomb). "
@@ -619,7 +623,7 @@ class FaceAnalyzer:
         else:
             if not 0 <= face_index < len(faces):
                 raise NoFaceFoundError(
-                    f"{path}: --face-index {face_index} is out of range; {len(faces)} face(s) found (0 = largest)."
+                    f"{path}: face index {face_index} is out of range; {len(faces)} face(s) found (0 = largest)."
                 )
             index = face_index
         face = faces[index]

@@ -105,10 +105,14 @@ def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateC
     per_call = max(1, cfg.batch_images // cfg.num_images)  # prompts per pipeline call
     batches = [list(range(i, min(len(prompts), i + per_call))) for i in range(0, len(prompts), per_call)]
     results = []
+    bars = dict(getattr(pipe, "_progress_bar_config", {}))  # the caller's progress-bar settings, put back below
     with scheduler_swapped(pipe, cfg.scheduler):
-        pipe.set_progress_bar_config(disable=not show_progress or len(batches) > 1)
-        for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
-            results += _draw(pipe, [prompts[i] for i in batch], [negatives[i] for i in batch], cfg)
+        try:
+            pipe.set_progress_bar_config(disable=not show_progress or len(batches) > 1)
+            for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
+                results += _draw(pipe, [prompts[i] for i in batch], [negatives[i] for i in batch], cfg)
+        finally:
+            pipe._progress_bar_config = bars
     return results
 
 

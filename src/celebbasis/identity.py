@@ -87,7 +87,7 @@ def check_name(name: str) -> str:
         name = name[1:-1]
     if not _NAME_RE.match(name):
         raise InputError(
-            f"Invalid name {name!r}: use 1-64 letters, digits, '_' or '-' (no spaces, slashes or dots), e.g. --name alice."
+            f"Invalid name {name!r}: use 1-64 letters, digits, '_' or '-' (no spaces, slashes or dots), e.g. alice."
         )
     return name
 

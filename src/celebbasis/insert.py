@@ -126,7 +126,7 @@ def check_prompt_tokens(tokenizer, prompt: str) -> None:
         loaded = ", ".join(loaded_placeholders(tokenizer)) or "none"
         raise InputError(
             f"Prompt uses {', '.join(missing)} but no identity with that token is loaded (loaded: {loaded}). "
-            "Pass its file with --identity."
+            "Load its identity file first."
         )
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .config import BasisConfig, TrainConfig
 from .errors import InputError
-from .face import IMAGE_SUFFIXES, FaceAnalyzer
+from .face import FaceAnalyzer, photos_in
 from .identity import name_from_filename
 from .train import personalize
 
@@ -43,11 +43,6 @@ class AddManyResult:
     @property
     def complete(self) -> bool:
         return not self.failed
-
-
-def photos_in(folder: Path) -> list[Path]:
-    """The image files directly inside ``folder``, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def people_in(folder) -> list[Person]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import weakref
 from pathlib import Path
 
@@ -111,14 +112,14 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         from .testing import tiny_pipeline
 
         pipe = tiny_pipeline(family="sdxl" if sdxl else "sd1")
-        pipe.register_to_config(_name_or_path=TINY_MODEL)
+        pipe.register_to_config(_name_or_path=f"{TINY_MODEL}-sdxl" if sdxl else TINY_MODEL)
         return pipe.to(dev, dt)
     path = Path(model).expanduser()
     if path.is_file() or (not path.exists() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
         return _load_single_file(path, config, dev, dt, revision)
     if config:
         logger.warning("A model configuration is only used with single-file checkpoints; ignoring it for %s.", model)
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    looks_local = looks_like_path(model)
     if looks_local:
         _check_folder(path)
     return _load_pretrained(str(path) if looks_local else model, looks_local, dev, dt, revision)
@@ -191,20 +192,62 @@ def model_name(pipe) -> str:
     return Path(name).name if name.lower().endswith(SINGLE_FILE_SUFFIXES) else name
 
 
+_TRUE = ("1", "on", "yes", "true")
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``, read now (the hub library reads them once, at import)."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").lower()
+    return env in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
 def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
-    """Whether the Hugging Face Hub answers within ``timeout`` seconds (never, with ``HF_HUB_OFFLINE=1``).
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``, or its proxy) accepts a TCP connection within ``timeout`` s.
 
-    Any HTTP answer counts: the point is to not wait minutes for a network that is not there.
+    ``False`` at once in offline mode (``HF_HUB_OFFLINE=1``). Name lookup runs in a daemon thread,
+    so a hanging DNS server costs ``timeout`` seconds, not minutes.
     """
-    from huggingface_hub import constants, get_session
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlparse
 
-    if constants.is_offline_mode():
+    if _hub_offline():
         return False
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # connection refused, DNS failure, timeout, proxy error: all mean "not now"
+    url = urlparse(hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname, purl.port or 8080
+    if not host:
         return False
-    return True
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether ``model`` names a local path rather than a hub id (``owner/name``)."""
+    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -289,7 +332,7 @@ def _resolve_config(config: str | None, family: str, path: Path, revision: str |
     if config is None:
         config = FAMILY_CONFIGS[family]
     local = Path(config).expanduser()
-    if local.is_dir() or config.startswith((".", "/", "~")) or config.count("/") > 1 or "\\" in config:
+    if looks_like_path(config):
         if not (local / "model_index.json").is_file():
             raise ModelLoadError(f"--model-config {config}: {'no model_index.json there' if local.is_dir() else 'no such folder'}. "
                                  f"Pass a diffusers model folder or hub id of the {what} architecture.")

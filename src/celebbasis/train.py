@@ -561,7 +561,7 @@ class Personalizer:
         for i, crops in enumerate(self.crops):
             if len(crops) > per_id:
                 logger.warning("%s has %d photos but only %d views are made; the last %d photos go unused. "
-                               "Raise --views to use them all.", self.tokens[i], len(crops), per_id, len(crops) - per_id)
+                               "Raise views_per_identity to use them all.", self.tokens[i], len(crops), per_id, len(crops) - per_id)
             means, stds, faces = [], [], []
             for start in range(0, per_id, chunk):
                 views = [self._new_view(i, j % len(crops)) for j in range(start, min(start + chunk, per_id))]
