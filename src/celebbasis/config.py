@@ -48,14 +48,20 @@ class TrainConfig:
         "side of the square training views in pixels, a multiple of 8 (default: the model's native size)"))
     seed: int = field(default=0, metadata=_help("seeds augmentation, noise, timesteps and the network's initial weights"))
     ema_momentum: float = field(default=0.99, metadata=_help("momentum of the per-person average of coefficients that is saved"))
-    min_scale: float = field(default=0.1, metadata=_help("smallest size of the face relative to the canvas"))
-    max_scale: float = field(default=1.0, metadata=_help("largest size of the face relative to the canvas"))
+    min_scale: float = field(default=0.1, metadata=_help("smallest height of the pasted face relative to the canvas"))
+    max_scale: float = field(default=1.0, metadata=_help("largest height of the pasted face relative to the canvas"))
     aspect_jitter: float = field(default=0.1, metadata=_help("the pasted face's width/height ratio is drawn from 1 +- this"))
     flip_p: float = field(default=0.5, metadata=_help("probability of a horizontal flip"))
-    jitter: float = field(default=0.2, metadata=_help("brightness/contrast/saturation factors are drawn from 1 +- this"))
+    jitter: float = field(default=0.2, metadata=_help(
+        "brightness/contrast/saturation factors are drawn from 1 +- this (applied with the hue shift in random order)"))
     hue: float = field(default=0.01, metadata=_help("hue shift drawn from +- this (fraction of the colour circle)"))
     views_per_identity: int = field(default=64, metadata=_help(
-        "augmented views per person encoded once up front; 0 encodes new views every step", flag="views"))
+        "augmented views per person (spread over their photos) encoded once up front; 0 makes new views every step",
+        flag="views"))
+    view_faces: bool = field(default=True, metadata=_help(
+        "the face network sees each view's flip and colour jitter, as the paper's code (off: one vector per photo)"))
+    face_dim: int = field(default=512, metadata=_help(
+        "smaller face vectors are lifted to this size by a fixed orthonormal map, as the paper's 512-d (0: never)"))
     compile: bool = field(default=False, metadata=_help("torch.compile the UNet (GPU; pays off on long runs)"))
     low_memory: bool = field(default=False, metadata=_help("gradient checkpointing in the UNet: less memory, about 30% slower"))
 
@@ -78,6 +84,14 @@ class TrainConfig:
             raise InputError(f"aspect_jitter must be in [0, 1), got {self.aspect_jitter}.")
         if self.views_per_identity < 0:
             raise InputError(f"views_per_identity must be >= 0, got {self.views_per_identity}.")
+        if self.face_dim < 0:
+            raise InputError(f"face_dim must be >= 0, got {self.face_dim}.")
+        if not 0 <= self.flip_p <= 1:
+            raise InputError(f"flip_p must be in [0, 1], got {self.flip_p}.")
+        if not 0 <= self.jitter < 1:
+            raise InputError(f"jitter must be in [0, 1), got {self.jitter}.")
+        if not 0 <= self.hue <= 0.5:
+            raise InputError(f"hue must be in [0, 0.5], got {self.hue}.")
 
     def total_steps(self, n_identities: int) -> int:
         return self.steps if self.steps is not None else 400 * n_identities

@@ -3,6 +3,11 @@
 ``IdentityEncoder``: one linear layer (face dim -> K·n) + LeakyReLU(0.2), each of the K rows then
 L2-normalised. Those rows are the coefficients of a person in the celeb basis. What is kept per
 person is the average of those coefficients over training: ``Identity``, about 11 KB (SDXL about 25 KB).
+
+Face vectors smaller than the paper's 512 (dlib's are 128-d) can be lifted to 512 by a fixed map
+with orthonormal columns (``face_lift``): lengths and angles stay, but each vector is spread over
+512 numbers, so one Adam step moves the coefficients as far as with the paper's face network
+(about lr·‖f‖₁ per pre-activation, ‖f‖₁ ≈ 18 for a unit 512-d vector, ≈ 9 at 128-d; METHOD §4).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -23,6 +29,21 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_FORMAT = "celebbasis.identity"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+FACE_DIM = 512  # the paper's face vectors: CosFace IResNet-100, 512-d
+LIFT_SEED = 20230601  # fixes the lift: the same matrix on every machine and in every release
+
+
+def face_lift(face_dim: int, out_dim: int = FACE_DIM) -> Tensor:
+    """A fixed (out_dim, face_dim) matrix with orthonormal columns: ``f @ lift.T`` keeps norms and angles.
+
+    Drawn from a Gaussian with a private generator seeded by ``LIFT_SEED`` and ``face_dim``, then
+    orthonormalised by QR in float64 with the signs fixed, so it is reproducible without being stored.
+    """
+    if out_dim < face_dim:
+        raise ValueError(f"cannot lift {face_dim}-d vectors to {out_dim} dimensions")
+    g = torch.Generator("cpu").manual_seed(LIFT_SEED + face_dim)
+    q, r = torch.linalg.qr(torch.randn(out_dim, face_dim, generator=g, dtype=torch.float64))  # (out, face)
+    return (q * torch.sign(torch.diagonal(r))).float()  # unique: positive diagonal of r
 
 
 class IdentityEncoder(nn.Module):
@@ -30,16 +51,27 @@ class IdentityEncoder(nn.Module):
 
     The weights start standard-normal with zero bias and no 1/sqrt(fan-in) scaling, as the
     official code's equal-linear layer does; with Adam this sets how fast coefficients move.
+
+    Args:
+        face_dim: size of the face vectors given to ``forward``.
+        lift_to: when larger than ``face_dim``, face vectors first go through ``face_lift``
+            (a fixed buffer, not trained) and the linear layer takes ``lift_to`` inputs.
     """
 
-    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator=None):
+    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator=None,
+                 lift_to: int | None = None):
         super().__init__()
         self.n_tokens, self.n_components = n_tokens, n_components
-        self.linear = nn.Linear(face_dim, n_tokens * n_components, device="meta").to_empty(device="cpu")  # no global RNG
+        lifted = lift_to is not None and lift_to > face_dim
+        self.register_buffer("lift", face_lift(face_dim, lift_to) if lifted else None)  # (lift_to, face_dim)
+        in_dim = lift_to if lifted else face_dim
+        self.linear = nn.Linear(in_dim, n_tokens * n_components, device="meta").to_empty(device="cpu")  # no global RNG
         nn.init.normal_(self.linear.weight, 0.0, 1.0, generator=generator)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, face: Tensor) -> Tensor:
+        if self.lift is not None:
+            face = face @ self.lift.T  # (B, face_dim) -> (B, lift_to), same norm
         x = F.leaky_relu(self.linear(face), 0.2)  # (B, K*n)
         x = x.view(-1, self.n_tokens, self.n_components)  # (B, K, n)
         return F.normalize(x, dim=-1)
@@ -152,7 +184,7 @@ class Identity:
                 )
         token = meta.pop("token", None) or f"<{Path(path).stem}>"
         meta.pop("format", None)
-        for key in ("steps", "seed"):
+        for key in ("steps", "seed", "source_photos"):
             if key in meta:
                 meta[key] = decode_json(meta[key], meta[key])
         second = parts[1] if len(parts) == 2 else (None, None)

@@ -142,9 +142,10 @@ def expand_prompt(tokenizer, prompt: str) -> str:
 def token_override(embedding: torch.nn.Embedding, token_ids: list[int]):
     """Replace the rows of ``token_ids`` in ``embedding``'s output, differentiably.
 
-    Yields a dict; set ``state["rows"]`` to a (P, d) tensor (P = len(token_ids)) before each
-    forward. The embedding table itself never changes, so other words are untouched. Used in
-    training, where the rows come from the identity network and carry its gradient.
+    Yields a dict; set ``state["rows"]`` before each forward to a (P, d) tensor (P = len(token_ids)),
+    or to (B, P, d) to give each of the B prompts of a batch its own rows. The embedding table
+    itself never changes, so other words are untouched. Used in training, where the rows come from
+    the identity network and carry its gradient.
     """
     lookup = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=embedding.weight.device)
     lookup[torch.tensor(token_ids, device=lookup.device)] = torch.arange(len(token_ids), device=lookup.device)
@@ -155,7 +156,11 @@ def token_override(embedding: torch.nn.Embedding, token_ids: list[int]):
         if rows is None:
             return output
         pos = lookup[args[0]]  # (B, T): index into rows, -1 for ordinary words
-        sub = rows.to(output.dtype)[pos.clamp(min=0)]  # (B, T, d)
+        rows = rows.to(output.device, output.dtype)
+        if rows.ndim == 3:  # (B, P, d): each prompt its own rows
+            sub = rows[torch.arange(pos.shape[0], device=pos.device)[:, None], pos.clamp(min=0)]  # (B, T, d)
+        else:
+            sub = rows[pos.clamp(min=0)]  # (B, T, d)
         return torch.where((pos >= 0).unsqueeze(-1), sub, output)
 
     handle = embedding.register_forward_hook(hook)

@@ -1,10 +1,14 @@
-"""Personalization (paper §3.3, METHOD §4): learn the identity network on one photo per person.
+"""Personalization (paper §3.3, METHOD §4): learn the identity network on photos of each person.
 
-Frozen: VAE, UNet, text encoder, face encoder, basis. Trained: the identity MLP only. Each step
-shows augmented views (flip, colour jitter, the face shrunk to 10-100 % and pasted at a random
-spot on a black canvas) with a caption such as "a photo of a face of <alice> person", and
-minimises the usual latent-diffusion loss. What is kept per person is an exponential moving
-average of its predicted coefficients.
+Frozen: VAE, UNet, text encoder(s), face encoder, basis. Trained: the identity MLP only. Each
+sample is a view of one of the person's photos: horizontal flip, colour jitter (brightness,
+contrast, saturation, hue, in random order), then the face shrunk to 10-100 % of the canvas height
+(width/height 0.9-1.1) and pasted at a random spot on a black canvas, as the official
+``ldm/data/face_id.py`` does. The face network sees the same flip and jitter, so every sample feeds
+its own face vector to the MLP. The caption is one of the official 81 templates filled with
+"face of <alice> person", encoded by the pipeline's own ``encode_prompt`` (the code path generation
+uses), and the loss is the usual latent-diffusion loss. What is kept per person is an exponential
+moving average of the coefficients predicted over all of that person's views.
 """
 
 from __future__ import annotations
@@ -13,29 +17,31 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from PIL import Image, ImageEnhance
+from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .config import BasisConfig, TrainConfig
 from .errors import InputError
 from .identity import Identity, IdentityEncoder, check_name
-from .config import BasisConfig, TrainConfig
-from .insert import add_placeholder, expand_prompt, load_identity, token_override
-from .models import encoders_signature, model_name, built_from_other_table, pipeline_bases, text_encoders
+from .insert import add_placeholder, load_identity, token_override
+from .models import built_from_other_table, encoders_signature, model_name, pipeline_bases, text_encoders
 
 logger = logging.getLogger(__name__)
 
-# The textual-inversion caption templates (diffusers' textual_inversion example / the LDM repo).
+# The official caption templates (ldm/data/face_id.py, ``imagenet_templates_small``), repeats and order kept.
 TEMPLATES = [
     "a photo of a {}",
     "a rendering of a {}",
@@ -64,7 +70,78 @@ TEMPLATES = [
     "a photo of the large {}",
     "a photo of a cool {}",
     "a photo of a small {}",
+    "an illustration of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "an illustration of a clean {}",
+    "an illustration of a dirty {}",
+    "a dark photo of the {}",
+    "an illustration of my {}",
+    "an illustration of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "an illustration of the {}",
+    "a good photo of the {}",
+    "an illustration of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "an illustration of the clean {}",
+    "a rendition of a {}",
+    "an illustration of a nice {}",
+    "a good photo of a {}",
+    "an illustration of the nice {}",
+    "an illustration of the small {}",
+    "an illustration of the weird {}",
+    "an illustration of the large {}",
+    "an illustration of a cool {}",
+    "an illustration of a small {}",
+    "a depiction of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a depiction of a clean {}",
+    "a depiction of a dirty {}",
+    "a dark photo of the {}",
+    "a depiction of my {}",
+    "a depiction of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a depiction of the {}",
+    "a good photo of the {}",
+    "a depiction of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a depiction of the clean {}",
+    "a rendition of a {}",
+    "a depiction of a nice {}",
+    "a good photo of a {}",
+    "a depiction of the nice {}",
+    "a depiction of the small {}",
+    "a depiction of the weird {}",
+    "a depiction of the large {}",
+    "a depiction of a cool {}",
+    "a depiction of a small {}",
 ]
+
+# Cosine above which two unit face vectors of an encoder show the same person, by encoder-name prefix.
+# dlib's documented rule is Euclidean distance < 0.6 between its raw descriptors, which are about
+# 1.43 long (1.45 and 1.42 for the two test faces): 1 - 0.6² / (2 · 1.43²) ≈ 0.91 between unit vectors.
+# The test faces: two different people 0.886, a photo and its mirror image 0.992. ArcFace-style
+# 512-d networks: 0.3, about the usual verification threshold of insightface's models.
+SAME_PERSON_COSINE = {"dlib-": 0.91, "arcface-": 0.3, "onnx-": 0.3}
+DEFAULT_SAME_PERSON_COSINE = 0.3
+
+
+def same_person_threshold(encoder) -> float:
+    """The same-person cosine of a face encoder (object or name): its ``same_person_cosine``, else by name."""
+    own = getattr(encoder, "same_person_cosine", None)
+    if own is not None:
+        return float(own)
+    name = encoder if isinstance(encoder, str) else getattr(encoder, "name", "")
+    return next((v for k, v in SAME_PERSON_COSINE.items() if name.startswith(k)), DEFAULT_SAME_PERSON_COSINE)
 
 
 @dataclass
@@ -76,38 +153,123 @@ class PersonalizeResult:
     run: dict = field(default_factory=dict)
 
     def save(self, out_dir, overwrite: bool = False) -> list[Path]:
-        """Write ``NAME.safetensors`` and ``NAME.run.json`` for each identity into ``out_dir``."""
-        from .files import atomic_write
+        """Write ``NAME.safetensors`` and ``NAME.run.json`` for each identity into ``out_dir``: all or none.
 
+        Every target is checked first; the files are written beside their targets under temporary
+        names and renamed into place only when all of them were written.
+        """
         out_dir = Path(out_dir)
-        paths = []
-        for ident in self.identities:
-            path = out_dir / f"{ident.name}.safetensors"
-            if path.exists() and not overwrite:
-                raise InputError(f"{path} already exists. Pass --overwrite to replace it, or choose another --name.")
-            paths.append(ident.save(path))
-            text = json.dumps(self.run, indent=2, sort_keys=True)
-            atomic_write(out_dir / f"{ident.name}.run.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        return paths
+        targets = [(ident, out_dir / f"{ident.name}.safetensors", out_dir / f"{ident.name}.run.json")
+                   for ident in self.identities]
+        _check_targets([p for _, *paths in targets for p in paths], overwrite)
+        text = json.dumps(self.run, indent=2, sort_keys=True)
+        staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        placed: list[Path] = []  # finals that did not exist before
+        try:
+            for ident, path, run_path in targets:
+                tmp = path.with_name(f".{path.name}.staged")
+                staged.append((ident.save(tmp), path))
+                tmp_run = run_path.with_name(f".{run_path.name}.staged")
+                tmp_run.write_text(text, encoding="utf-8")
+                staged.append((tmp_run, run_path))
+            for tmp, final in staged:
+                existed = final.exists()
+                os.replace(tmp, final)
+                if not existed:
+                    placed.append(final)
+        except BaseException:
+            for p in [t for t, _ in staged] + placed:
+                p.unlink(missing_ok=True)
+            raise
+        return [path for _, path, _ in targets]
+
+
+def _check_targets(paths: list[Path], overwrite: bool) -> None:
+    for p in paths:
+        if p.is_dir():
+            raise InputError(f"{p} is a folder. Remove it or choose another --name.")
+        if p.exists() and not overwrite and p.suffix == ".safetensors":
+            raise InputError(f"{p} already exists. Pass --overwrite to replace it, or choose another --name.")
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"Cannot create {paths[0].parent} ({e.strerror or e}). Choose another folder.") from None
+
+
+# -- augmentation (official ldm/data/face_id.py: RandomHorizontalFlip, ColorJitter, _add_bg) -----------------
+
+def _hue(im: Image.Image, shift: float) -> Image.Image:
+    """torchvision's ``adjust_hue`` on PIL images: the 8-bit hue channel moves by trunc(shift·255), wrapping."""
+    h, s, v = im.convert("HSV").split()
+    step = int(shift * 255) % 256
+    h = Image.fromarray(((np.asarray(h, dtype=np.uint16) + step) % 256).astype(np.uint8), "L")
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+# brightness, contrast, saturation, hue: what torchvision's ColorJitter does to a PIL image
+_COLOUR_OPS = (
+    lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+    lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+    lambda im, f: ImageEnhance.Color(im).enhance(f),
+    _hue,
+)
+
+
+@dataclass(frozen=True)
+class ViewJitter:
+    """One view's flip and colour jitter: applied to the training crop and to the face network's input alike.
+
+    Attributes:
+        flip: mirror left-right (first, as the official transform).
+        order: the order the four colour operations run in (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        factors: brightness, contrast and saturation factors and the hue shift (fraction of the colour
+            circle); ``None`` where the setting is 0, which skips that operation as torchvision does.
+    """
+
+    flip: bool
+    order: tuple[int, ...]
+    factors: tuple[float | None, ...]
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, cfg: TrainConfig) -> "ViewJitter":
+        flip = bool(rng.random() < cfg.flip_p)
+        order = tuple(int(i) for i in rng.permutation(4))  # torchvision: torch.randperm(4)
+        lo, hi = 1 - cfg.jitter, 1 + cfg.jitter
+        factors = [float(rng.uniform(lo, hi)) if cfg.jitter > 0 else None for _ in range(3)]
+        factors.append(float(rng.uniform(-cfg.hue, cfg.hue)) if cfg.hue > 0 else None)
+        return cls(flip, order, tuple(factors))
+
+    def __call__(self, im: Image.Image) -> Image.Image:
+        if self.flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        for i in self.order:
+            if self.factors[i] is not None:
+                im = _COLOUR_OPS[i](im, self.factors[i])
+        return im
+
+
+def paste_on_canvas(im: Image.Image, size: int, rng: np.random.Generator, cfg: TrainConfig) -> Image.Image:
+    """The official ``_add_bg``: height ``size``·U(min_scale, max_scale), width that·U(1 ± aspect_jitter),
+    pasted at a random position on a black ``size``² canvas."""
+    rh = max(1, min(int(size * rng.uniform(cfg.min_scale, cfg.max_scale)), size))
+    rw = max(1, min(int(rh * rng.uniform(1 - cfg.aspect_jitter, 1 + cfg.aspect_jitter)), size))
+    y = int(rng.integers(size - rh)) if size > rh else 0
+    x = int(rng.integers(size - rw)) if size > rw else 0
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(im.resize((rw, rh), Image.BILINEAR), (x, y))
+    return canvas
+
+
+def augment_view(crop: Image.Image, size: int, rng: np.random.Generator, cfg: TrainConfig) -> tuple[Image.Image, ViewJitter]:
+    """One training view of ``crop`` and the flip and jitter it got (for the face network's input)."""
+    im = crop.resize((size, size), Image.BICUBIC) if crop.size != (size, size) else crop
+    jitter = ViewJitter.draw(rng, cfg)
+    return paste_on_canvas(jitter(im), size, rng, cfg), jitter
 
 
 def augment(crop: Image.Image, size: int, rng: np.random.Generator, cfg: TrainConfig) -> Image.Image:
-    """One training view: flip, colour jitter, then the face at a random 10-100 % size and place."""
-    im = crop.resize((size, size), Image.BICUBIC) if crop.size != (size, size) else crop
-    if rng.random() < cfg.flip_p:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        im = enhance(im).enhance(float(rng.uniform(1 - cfg.jitter, 1 + cfg.jitter)))
-    if cfg.hue > 0:
-        hsv = np.asarray(im.convert("HSV")).copy()
-        shift = int(round(rng.uniform(-cfg.hue, cfg.hue) * 255))
-        hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
-        im = Image.fromarray(hsv, "HSV").convert("RGB")
-    side = max(8, int(round(size * rng.uniform(cfg.min_scale, cfg.max_scale))))
-    canvas = Image.new("RGB", (size, size))
-    x, y = (int(rng.integers(0, size - side + 1)) for _ in range(2))
-    canvas.paste(im.resize((side, side), Image.BICUBIC), (x, y))
-    return canvas
+    """One training view: flip, colour jitter in random order, then the face shrunk and pasted on black."""
+    return augment_view(crop, size, rng, cfg)[0]
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -116,12 +278,24 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def check_inputs(pipe, names: list[str], n_photos: int) -> list[str]:
-    """Names valid, distinct, as many as photos, and not words of the model; before any work."""
-    if n_photos == 0:
-        raise InputError("No photo given. Pass one face photo per person.")
-    if len(names) != n_photos:
-        raise InputError(f"{n_photos} photo(s) but {len(names)} name(s). Pass one --name per photo, in the same order.")
+# -- checks before any work ----------------------------------------------------------------------------------
+
+def photo_groups(photos) -> list[list]:
+    """Per person, a list of photos: each item of ``photos`` is one photo or a list/tuple of photos."""
+    groups = [list(p) if isinstance(p, (list, tuple)) else [p] for p in photos]
+    for i, g in enumerate(groups):
+        if not g:
+            raise InputError(f"Person {i + 1} has an empty list of photos. Give at least one photo per person.")
+    return groups
+
+
+def check_inputs(pipe, names: list[str], n_people: int) -> list[str]:
+    """Names valid, distinct, one per person, and not words of the model; before any work."""
+    if n_people == 0:
+        raise InputError("No photo given. Pass one face photo (or a list of photos) per person.")
+    if len(names) != n_people:
+        raise InputError(f"{n_people} photo(s) but {len(names)} name(s). Pass one --name per photo "
+                         "(or per list of photos of one person), in the same order.")
     names = [check_name(n) for n in names]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -133,177 +307,343 @@ def check_inputs(pipe, names: list[str], n_photos: int) -> list[str]:
     return names
 
 
+def check_not_offloaded(pipe) -> None:
+    """Refuse pipelines with accelerate offload hooks: training needs every module to stay on its device."""
+    modules = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    hooked = bool(getattr(pipe, "_all_hooks", None)) or any(
+        hasattr(sub, "_hf_hook") for m in modules if isinstance(m, nn.Module) for sub in m.modules())
+    if hooked:
+        raise InputError("This pipeline uses CPU offload (enable_model_cpu_offload/enable_sequential_cpu_offload); "
+                         "personalize on a pipeline moved to one device with pipe.to(device), then enable offload.")
+
+
+def needs_loss_scaling(device, dtypes) -> bool:
+    """Loss scaling only where float16 gradients can underflow and a scaler exists: CUDA with float16 weights.
+
+    bfloat16 has float32's range and needs none; MPS has no gradient scaler (its float16 runs unscaled).
+    """
+    return torch.device(device).type == "cuda" and torch.float16 in set(dtypes)
+
+
+def _is_channels_last(module: nn.Module) -> bool:
+    for p in module.parameters():
+        if p.ndim == 4 and p.shape[-1] > 1:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+@contextmanager
+def frozen_for_training(modules: list[nn.Module], unet: nn.Module, *, low_memory: bool = False,
+                        channels_last: bool = False):
+    """Freeze ``modules`` (eval mode, no gradients) and set up ``unet``; on exit, even by an error,
+    restore every parameter's ``requires_grad``, every submodule's mode, the UNet's gradient
+    checkpointing and its memory format."""
+    grads = {p: p.requires_grad for m in modules for p in m.parameters()}
+    modes = {sub: sub.training for m in modules for sub in m.modules()}
+    checkpointing, was_channels_last = unet.is_gradient_checkpointing, _is_channels_last(unet)
+    try:
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if low_memory and not checkpointing:
+            unet.enable_gradient_checkpointing()
+        yield
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for sub, flag in modes.items():
+            sub.training = flag
+        if unet.is_gradient_checkpointing and not checkpointing:
+            unet.disable_gradient_checkpointing()
+        if channels_last and not was_channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+
+
+def pipeline_conditioning(pipe, captions: list[str], size: int) -> tuple[torch.Tensor, dict]:
+    """The UNet conditioning the pipeline's own code computes for ``captions`` at ``size``² pixels.
+
+    Calls ``pipe.encode_prompt`` (no classifier-free guidance; it has no ``no_grad``, so gradients
+    reach the word embeddings) and, for SDXL, ``pipe._get_add_time_ids`` as ``pipe.__call__`` does.
+
+    Returns:
+        (B, T, D) hidden states (SDXL: both encoders' penultimate layers concatenated) and the
+        UNet's added conditions: ``{}``, or SDXL's ``text_embeds`` (B, P) and ``time_ids`` (B, 6).
+    """
+    device = pipe.text_encoder.device if pipe.text_encoder is not None else pipe.text_encoder_2.device
+    if getattr(pipe, "text_encoder_2", None) is None:
+        embeds, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return embeds, {}
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).repeat(len(captions), 1)}
+
+
+def photo_agreement(vectors: np.ndarray) -> list[float]:
+    """(n, f) unit face vectors of one person -> each one's cosine to their normalised mean."""
+    mean = vectors.mean(0)
+    mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return [float(v @ mean) for v in vectors]
+
+
+class Views(NamedTuple):
+    """A person's pool of views: VAE posterior mean and std (V, 4, h, w) and face vectors (V, f)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    face: torch.Tensor
+
+
 class Personalizer:
     """One personalization run, step by step: ``personalize`` drives it; tests and UIs can too.
 
-    Builds everything once (placeholder words, training crops, face vectors, the identity
-    network, optimiser, noise scheduler); then each ``step`` draws a batch and takes one AdamW step.
-    SDXL pipelines get one basis and one network head per text encoder, and the UNet's added
-    conditions (pooled text embedding of the second encoder, size and crop time ids).
+    Builds everything once (placeholder words, training crops, the pool of views with their face
+    vectors, the identity network, optimiser, noise scheduler); then each ``step`` draws a batch and
+    takes one AdamW step. SDXL pipelines get one basis and one network head per text encoder.
+    The pipeline's modules are frozen while it lives; ``close()`` (or leaving a ``with`` block)
+    gives them back as they were found.
+
+    Args:
+        pipe: a diffusers SD 1.x/2.x or SDXL pipeline, on one device, without offload hooks.
+        analyses: ``FaceAnalysis`` per person, or a list of them per person (several photos of one person).
+        names: one name per person.
+        config: ``TrainConfig``.
+        bases: the ``CelebBasis`` of each text encoder.
+        base_model: recorded in the identities.
+        face_encoder: the face network the photos were analysed with (or its ``FaceAnalyzer``), run
+            on every view; dlib's is loaded when ``None`` and the photos were analysed with it.
     """
 
-    def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str):
-        from diffusers import DDPMScheduler
-
+    def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str, *,
+                 face_encoder=None):
+        check_not_offloaded(pipe)
         if config.resolution is None:  # the model's native size
             config = dataclasses.replace(config, resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.pipe, self.cfg, self.base_model = pipe, config, base_model
-        self.bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
         self.encoders = text_encoders(pipe)  # [(tokenizer, text_encoder)], two for SDXL
-        if len(self.bases) != len(self.encoders):
-            raise InputError(f"{len(self.encoders)} text encoder(s) but {len(self.bases)} basis/bases given.")
+        self.bases = self._check_bases(bases)
+        self.people = photo_groups(analyses)  # per person: [FaceAnalysis, ...]
+        if len(self.people) != len(names):
+            raise InputError(f"{len(self.people)} person(s) of photos but {len(names)} name(s).")
         self.is_sdxl = len(self.encoders) == 2
-        self.analyses = analyses
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
-        for module in [pipe.vae, pipe.unet] + [te for _, te in self.encoders]:
-            module.requires_grad_(False)
-            module.eval()
-        encoders = {a.encoder for a in analyses}
-        if len(encoders) > 1:
-            raise InputError(f"Photos were analysed with different face encoders ({sorted(encoders)}); use one for a joint run.")
-        self.face_encoder = encoders.pop()
         self.n_id, self.k = len(names), self.bases[0].n_tokens
+        self.face_encoder = self._face_encoder_name()
+        self.face_net = self._face_network(face_encoder)
+        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.tokens = [f"<{n}>" for n in names]
-        self.token_ids = [  # per encoder: (n_id*K,) ids of the placeholder words
-            [i for t in self.tokens for i in add_placeholder(tok, te, t, self.k)] for tok, te in self.encoders
-        ]
-        self.crops = [a.crop(config.resolution) for a in analyses]
-        self.faces = torch.from_numpy(np.stack([a.embedding for a in analyses])).float().to(self.device)  # (n_id, f)
+        self.token_ids = self._placeholders()  # per encoder: (n_id*K,) ids of the placeholder words
+        self.crops = [[a.crop(config.resolution) for a in photos] for photos in self.people]
+        self.photo_faces = [torch.from_numpy(np.stack([a.embedding for a in photos])).float()
+                            for photos in self.people]  # per person: (n_photos, f)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
-        init = torch.Generator("cpu").manual_seed(config.seed)  # the network's start, without touching global RNG
-        self.heads = nn.ModuleList(
-            IdentityEncoder(self.faces.shape[1], self.k, b.n_components, generator=init) for b in self.bases
-        ).to(self.device)
-        self.means = [b.mean.to(self.device) for b in self.bases]  # (K, d) each
-        self.components = [b.components.to(self.device) for b in self.bases]  # (K, n, d) each
+        self.heads = self._heads()
+        self.means = [b.mean.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, d) each
+        self.components = [b.components.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, n, d)
         self.opt = torch.optim.AdamW(self.heads.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction = self.noise_scheduler.config.prediction_type
-        if self.prediction not in ("epsilon", "v_prediction"):
-            raise InputError(f"Unsupported prediction type {self.prediction!r}; only epsilon and v_prediction models are supported.")
+        self.noise_scheduler, self.prediction = self._scheduler()
         self.ema: list[list[torch.Tensor] | None] = [None] * self.n_id  # per identity: one (K, n) per encoder
         self.losses: list[float] = []
         self.steps_done = 0
-        # Captions: every template for every person, tokenized once per encoder: (n_id, n_templates, T)
-        self.caption_ids = [
-            torch.stack([
-                tok([expand_prompt(tok, t.format(f"face of {token} person")) for t in TEMPLATES], padding="max_length",
-                    truncation=True, max_length=tok.model_max_length, return_tensors="pt").input_ids
-                for token in self.tokens
-            ]).to(self.device)
-            for tok, _ in self.encoders
-        ]
-        cuda = self.device.type == "cuda"
-        self.unet = pipe.unet
-        if cuda:
-            self.unet.to(memory_format=torch.channels_last)
-        if config.low_memory:
-            self.unet.enable_gradient_checkpointing()
-        if config.compile:
-            self.unet = torch.compile(self.unet)
-        # Frozen weights may be half precision; the identity network stays float32. float16 needs loss scaling.
-        self.scaler = torch.amp.GradScaler("cuda") if cuda and self.dtype == torch.float16 else None
+        self._drawn = [0] * self.n_id  # fresh views drawn per person (views_per_identity=0), for even photo use
         self.pool = self._build_pool() if config.views_per_identity > 0 else None
+        self._stack = ExitStack()
+        self.unet, self.scaler = self._prepare_unet()
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _check_bases(self, bases) -> list:
+        bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
+        if len(bases) != len(self.encoders):
+            raise InputError(f"{len(self.encoders)} text encoder(s) but {len(bases)} basis/bases given.")
+        return bases
+
+    def _face_encoder_name(self) -> str:
+        names = {a.encoder for photos in self.people for a in photos}
+        if len(names) > 1:
+            raise InputError(f"Photos were analysed with different face encoders ({sorted(names)}); use one for a joint run.")
+        return names.pop()
+
+    def _face_network(self, given):
+        """The face network to run on every view, or ``None`` (each photo's own vector for all its views)."""
+        if not self.cfg.view_faces:
+            return None
+        net = getattr(given, "encoder", given)  # a FaceAnalyzer or an encoder
+        if net is None:
+            from .face import DlibFaceEncoder
+
+            net = DlibFaceEncoder() if self.face_encoder == DlibFaceEncoder.name else None
+        if net is None or any(getattr(a, "aligned", None) is None for photos in self.people for a in photos):
+            logger.warning("The face network (%s) is not at hand, so each photo's one face vector serves all its views. "
+                           "Pass face_analyzer= to personalize to let it see every view, as the paper's code does.",
+                           self.face_encoder)
+            return None
+        if net.name != self.face_encoder:
+            raise InputError(f"The photos were analysed with {self.face_encoder} but the face network given is {net.name}. "
+                             "Use the same face encoder for both.")
+        return net
+
+    def _placeholders(self) -> list[list[int]]:
+        return [[i for t in self.tokens for i in add_placeholder(tok, te, t, self.k)] for tok, te in self.encoders]
+
+    def _heads(self) -> nn.ModuleList:
+        """One identity network per text encoder, started from the seed without touching the global RNG."""
+        init = torch.Generator("cpu").manual_seed(self.cfg.seed)
+        face_dim = self.photo_faces[0].shape[1]
+        return nn.ModuleList(
+            IdentityEncoder(face_dim, self.k, b.n_components, generator=init, lift_to=self.cfg.face_dim or None).to(te.device)
+            for b, (_, te) in zip(self.bases, self.encoders)
+        )
+
+    def _scheduler(self):
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        prediction = scheduler.config.prediction_type
+        if prediction not in ("epsilon", "v_prediction"):
+            raise InputError(f"Unsupported prediction type {prediction!r}; only epsilon and v_prediction models are supported.")
+        return scheduler, prediction
+
+    def _prepare_unet(self):
+        """Freeze the pipeline (undone by ``close``), set up the UNet; the compiled wrapper stays ours."""
+        cfg, pipe = self.cfg, self.pipe
+        modules = [pipe.vae, pipe.unet] + [te for _, te in self.encoders]
+        self._stack.enter_context(frozen_for_training(modules, pipe.unet, low_memory=cfg.low_memory,
+                                                      channels_last=self.device.type == "cuda"))
+        unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+        # Frozen weights may be half precision; the identity network stays float32.
+        dtypes = [pipe.unet.dtype] + [te.dtype for _, te in self.encoders]
+        return unet, torch.amp.GradScaler("cuda") if needs_loss_scaling(self.device, dtypes) else None
+
+    def close(self) -> None:
+        """Give the pipeline's modules back as they were found (modes, gradients, checkpointing, memory format)."""
+        self._stack.close()
+
+    def __enter__(self) -> "Personalizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def mlp(self) -> IdentityEncoder:
         """The identity network of the (first) text encoder."""
         return self.heads[0]
 
+    # -- views ------------------------------------------------------------------------------------
     def _encode(self, views: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE posterior of each view: mean and std, (B, 4, H/8, W/8) each, unscaled."""
         vae = self.pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:  # SDXL's VAE overflows in float16
-            vae.to(torch.float32)
-        with torch.inference_mode():
-            dist = vae.encode(to_tensor(views).to(self.device, vae.dtype)).latent_dist
-            mean, std = dist.mean.float().clone(), dist.std.float().clone()
-        if upcast:
-            vae.to(torch.float16)
+        try:
+            if upcast:  # SDXL's VAE overflows in float16
+                vae.to(torch.float32)
+            with torch.inference_mode():
+                dist = vae.encode(to_tensor(views).to(vae.device, vae.dtype)).latent_dist
+                mean, std = dist.mean.float().clone(), dist.std.float().clone()
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         return mean, std
 
-    def _build_pool(self, chunk: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per person: ``views_per_identity`` augmented views, encoded once (or as many as the run uses)."""
+    def _new_view(self, i: int, p: int) -> tuple[Image.Image, torch.Tensor]:
+        """A new view of person ``i``'s photo ``p`` and the face vector of its flipped, jittered face."""
+        view, jitter = augment_view(self.crops[i][p], self.cfg.resolution, self.rng, self.cfg)
+        if self.face_net is None:
+            return view, self.photo_faces[i][p]
+        chip = jitter(Image.fromarray(np.asarray(self.people[i][p].aligned)))  # the face network's input, same flip/jitter
+        return view, torch.from_numpy(np.asarray(self.face_net.embed(np.asarray(chip)), dtype=np.float32))
+
+    def _build_pool(self, chunk: int = 8) -> list[Views]:
+        """Per person: ``views_per_identity`` views spread evenly over their photos (or as many as the run uses),
+        each VAE-encoded once and with its own face vector."""
         cfg = self.cfg
         per_id = min(cfg.views_per_identity, math.ceil(cfg.total_steps(self.n_id) * cfg.batch_size / self.n_id))
         pool = []
-        for crop in self.crops:
-            means, stds = [], []
+        for i, crops in enumerate(self.crops):
+            if len(crops) > per_id:
+                logger.warning("%s has %d photos but only %d views are made; the last %d photos go unused. "
+                               "Raise --views to use them all.", self.tokens[i], len(crops), per_id, len(crops) - per_id)
+            means, stds, faces = [], [], []
             for start in range(0, per_id, chunk):
-                views = [augment(crop, cfg.resolution, self.rng, cfg) for _ in range(min(chunk, per_id - start))]
-                m, s = self._encode(views)
+                views = [self._new_view(i, j % len(crops)) for j in range(start, min(start + chunk, per_id))]
+                m, s = self._encode([v for v, _ in views])
                 means.append(m)
                 stds.append(s)
-            pool.append((torch.cat(means), torch.cat(stds)))
+                faces += [f for _, f in views]
+            pool.append(Views(torch.cat(means), torch.cat(stds), torch.stack(faces)))
         return pool
 
-    def _latents(self, who: list[int]) -> torch.Tensor:
-        """Scaled latents for one batch: drawn from the pool, or from freshly encoded views."""
+    def _latents_and_faces(self, who: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents (B, 4, h, w) and face vectors (B, f) for one batch: from the pool, or new views."""
         if self.pool is not None:
-            picks = [(i, int(self.rng.integers(len(self.pool[i][0])))) for i in who]
-            mean = torch.stack([self.pool[i][0][j] for i, j in picks])
-            std = torch.stack([self.pool[i][1][j] for i, j in picks])
+            picks = [(self.pool[i], int(self.rng.integers(len(self.pool[i].face)))) for i in who]
+            mean = torch.stack([v.mean[j] for v, j in picks])
+            std = torch.stack([v.std[j] for v, j in picks])
+            faces = torch.stack([v.face[j] for v, j in picks])
         else:
-            mean, std = self._encode([augment(self.crops[i], self.cfg.resolution, self.rng, self.cfg) for i in who])
+            views = []
+            for i in who:  # each person's photos in turn
+                views.append(self._new_view(i, self._drawn[i] % len(self.crops[i])))
+                self._drawn[i] += 1
+            mean, std = self._encode([v for v, _ in views])
+            faces = torch.stack([f for _, f in views])
         eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
-        return (mean + std * eps) * self.pipe.vae.config.scaling_factor
+        return (mean + std * eps) * self.pipe.vae.config.scaling_factor, faces
 
     def sample_batch(self) -> dict:
-        """Draw one batch: augmented views -> noisy latents, timesteps, targets, caption ids."""
+        """Draw one batch: views -> noisy latents, timesteps, targets, captions, and each view's face vector."""
         cfg = self.cfg
         who = [(self.steps_done * cfg.batch_size + b) % self.n_id for b in range(cfg.batch_size)]
         templates = [int(self.rng.integers(len(TEMPLATES))) for _ in who]
         with torch.no_grad():
-            latents = self._latents(who).to(self.device, self.dtype)  # (B, 4, H/8, W/8)
+            latents, faces = self._latents_and_faces(who)
+            latents = latents.to(self.device, self.dtype)  # (B, 4, H/8, W/8)
             noise = torch.randn(latents.shape, generator=self.gen).to(self.device, self.dtype)
             t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(who),), generator=self.gen).to(self.device)
             noisy = self.noise_scheduler.add_noise(latents, noise, t)
             target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
-            input_ids = [ids[who, templates] for ids in self.caption_ids]  # (B, T) per encoder
         caps = [TEMPLATES[t].format(f"face of {self.tokens[i]} person") for i, t in zip(who, templates)]
-        return {"who": who, "captions": caps, "latents": latents, "noise": noise, "timesteps": t, "noisy": noisy,
-                "target": target, "input_ids": input_ids}
+        return {"who": who, "captions": caps, "faces": faces, "latents": latents, "noise": noise, "timesteps": t,
+                "noisy": noisy, "target": target}
 
-    def coefficients(self) -> list[torch.Tensor]:
-        """Current predictions of the identity network: (n_id, K, n) per text encoder."""
-        return [head(self.faces) for head in self.heads]
+    # -- the model ----------------------------------------------------------------------------------
+    def person_faces(self) -> torch.Tensor:
+        """(n_id, f): each person's photos' face vectors averaged and normalised."""
+        return F.normalize(torch.stack([f.mean(0) for f in self.photo_faces]), dim=-1)
 
-    def _condition(self, batch: dict, coeffs: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """Text conditioning with the identity words set from ``coeffs``, as the pipeline computes it."""
-        hidden, pooled = [], None
-        for (tok, te), ids, c, comps, mean, input_ids in zip(
-            self.encoders, self.token_ids, coeffs, self.components, self.means, batch["input_ids"]
-        ):
-            rows = torch.einsum("ikn,knd->ikd", c, comps) + mean  # (n_id, K, d)
-            with token_override(te.get_input_embeddings(), ids) as override:
-                override["rows"] = rows.reshape(len(ids), -1)
-                if not self.is_sdxl:
-                    return te(input_ids)[0], {}  # (B, T, d): last hidden state, as SD 1.x/2.x pipelines use
-                out = te(input_ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # SDXL: penultimate layer of each encoder
-            if out[0].ndim == 2:
-                pooled = out[0]  # (B, proj): pooled text embedding of the second encoder
-        size = self.cfg.resolution
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=self.dtype)
-        added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.repeat(len(batch["who"]), 1)}
-        return torch.cat(hidden, dim=-1), added
+    def coefficients(self, batch: dict | None = None) -> list[torch.Tensor]:
+        """Predictions of the identity network, one tensor per text encoder: (B, K, n) for the face
+        vectors of ``batch``, or (n_id, K, n) for each person's mean face vector when ``batch`` is None."""
+        faces = self.person_faces() if batch is None else batch["faces"]
+        return [head(faces.to(head.linear.weight.device)) for head in self.heads]
+
+    def conditioning(self, captions: list[str], who: list[int], coeffs: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The UNet conditioning of ``captions`` (caption b shows person ``who[b]``) with that person's words
+        set from ``coeffs[e][b]`` (K, n), through the pipeline's own ``encode_prompt``: see ``pipeline_conditioning``."""
+        person = F.one_hot(torch.tensor(who), self.n_id).float()  # (B, n_id)
+        with ExitStack() as stack:
+            for (_, te), ids, c, comps, mean in zip(self.encoders, self.token_ids, coeffs, self.components, self.means):
+                emb = torch.einsum("bkn,knd->bkd", c, comps) + mean  # (B, K, d): e_j = c_j . B_j + mean_j
+                rows = person.to(emb)[:, :, None, None] * emb[:, None]  # (B, n_id, K, d): only the caption's person
+                stack.enter_context(token_override(te.get_input_embeddings(), ids))["rows"] = rows.flatten(1, 2)
+            return pipeline_conditioning(self.pipe, captions, self.cfg.resolution)
 
     def loss(self, batch: dict, coeffs: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Diffusion loss of ``batch`` with the identity words set from ``coeffs`` (default: current)."""
-        coeffs = self.coefficients() if coeffs is None else coeffs
-        cond, added = self._condition(batch, coeffs)
-        kwargs = {"added_cond_kwargs": added} if added else {}
+        """Diffusion loss of ``batch`` with the identity words set from ``coeffs`` (default: predicted from its faces)."""
+        coeffs = self.coefficients(batch) if coeffs is None else coeffs
+        cond, added = self.conditioning(batch["captions"], batch["who"], coeffs)
+        kwargs = {"added_cond_kwargs": {k: v.to(self.device, self.dtype) for k, v in added.items()}} if added else {}
         noisy = batch["noisy"].contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else batch["noisy"]
-        pred = self.unet(noisy, batch["timesteps"], encoder_hidden_states=cond.to(self.dtype), **kwargs).sample
+        pred = self.unet(noisy, batch["timesteps"], encoder_hidden_states=cond.to(self.device, self.dtype), **kwargs).sample
         return F.mse_loss(pred.float(), batch["target"].float())
 
     def step(self, batch: dict | None = None) -> float:
         """One optimisation step (on a fresh batch unless one is given); updates the averages."""
         batch = self.sample_batch() if batch is None else batch
-        coeffs = self.coefficients()
+        coeffs = self.coefficients(batch)
         loss = self.loss(batch, coeffs)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -315,8 +655,8 @@ class Personalizer:
             self.opt.step()
         m = self.cfg.ema_momentum
         with torch.no_grad():
-            for i in batch["who"]:  # one average update per batch element showing that identity
-                now = [c[i].detach().float().cpu() for c in coeffs]
+            for b, i in enumerate(batch["who"]):  # one average update per batch element, with that view's prediction
+                now = [c[b].detach().float().cpu() for c in coeffs]
                 prev = self.ema[i]
                 self.ema[i] = now if prev is None else [m * p + (1 - m) * c for p, c in zip(prev, now)]
         self.steps_done += 1
@@ -331,10 +671,11 @@ class Personalizer:
         out = []
         for i, token in enumerate(self.tokens):
             avg = self.ema[i] if self.ema[i] is not None else [c[i] for c in current]
+            sources = [Path(a.path).name for a in self.people[i]]
             out.append(Identity.from_coefficients(
                 token, [F.normalize(c, dim=-1) for c in avg], self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
-                text_encoder_signature=te_signature, source_photo=Path(self.analyses[i].path).name,
+                text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
             ))
         return out
 
@@ -353,35 +694,59 @@ def personalize(
     show_progress: bool = True,
     callback: Callable[[int, int, float], None] | None = None,
 ) -> PersonalizeResult:
-    """Learn one identity per photo, jointly, with one shared identity network.
+    """Learn one identity per person, jointly, with one shared identity network.
 
     Args:
-        pipe: a diffusers SD pipeline; its VAE, UNet and text encoder stay frozen. Afterwards the
-            pipeline also understands the new words, so it can draw them right away.
-        photos: image paths or ``FaceAnalysis`` results, one per person.
-        names: one name per photo; the prompt token is ``<name>``.
+        pipe: a diffusers SD pipeline; its VAE, UNet and text encoder stay frozen and are given back as
+            they were found. Afterwards the pipeline also understands the new words.
+        photos: per person, one photo or a list of photos of that person: image paths or ``FaceAnalysis``.
+            A person's views come from all of their photos evenly; identical photos count once, and a
+            photo that does not look like the others is named in a warning.
+        names: one name per person; the prompt token is ``<name>``.
         config: ``TrainConfig``; defaults follow the paper.
         basis: a ``CelebBasis`` for this text encoder (a list of two for SDXL); built and cached when ``None``.
         basis_config: how to build the basis when ``basis`` is ``None`` (default ``BasisConfig()``).
-        face_analyzer: detector + identity network; dlib's when ``None``.
+        face_analyzer: detector + identity network; dlib's when ``None``. Its network also sees every view.
         face_index: which face to use in photos with several (0 = largest).
         base_model: id or path of the model, recorded in the identity files.
         show_progress: tqdm bar with the loss.
         callback: called as ``callback(step, total_steps, loss)`` after every step; raise in it to stop.
 
     Returns:
-        ``PersonalizeResult`` with one ``Identity`` per photo, the loss curve and the run record.
+        ``PersonalizeResult`` with one ``Identity`` per person, the loss curve and the run record.
 
     Example:
         >>> pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
-        >>> result = personalize(pipe, ["alice.jpg"], ["alice"])
+        >>> result = personalize(pipe, [["alice1.jpg", "alice2.jpg"], "bob.jpg"], ["alice", "bob"])
         >>> result.save("identities/")
     """
-    from .face import FaceAnalysis, FaceAnalyzer
-
     cfg = config or TrainConfig()
-    names = check_inputs(pipe, list(names), len(photos))
+    groups = photo_groups(photos)
+    names = check_inputs(pipe, list(names), len(groups))
+    check_not_offloaded(pipe)
     base_model = base_model or model_name(pipe)
+    bases = _resolve_bases(pipe, basis, basis_config, base_model)
+    people, face_analyzer = _analyse_photos(groups, names, face_analyzer, face_index)
+    total = cfg.total_steps(len(names))
+    with Personalizer(pipe, people, names, cfg, bases, base_model, face_encoder=face_analyzer) as trainer:
+        logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
+                    trainer.device)
+        elapsed = _train(trainer, total, show_progress, callback)
+        identities = trainer.identities()
+    for ident in identities:  # the placeholder rows were never used in training; fill them for drawing now
+        load_identity(pipe, ident)
+    _log_summary(trainer, total, elapsed)
+    return PersonalizeResult(identities, trainer.losses, _run_record(trainer, names, total, elapsed))
+
+
+def _is_analysis(photo) -> bool:
+    from .face import FaceAnalysis
+
+    return isinstance(photo, FaceAnalysis)
+
+
+def _resolve_bases(pipe, basis, basis_config, base_model: str) -> list:
+    """The given bases, checked against the pipeline's text encoders, or the cached ones built for it."""
     bases = list(basis) if isinstance(basis, (list, tuple)) else [basis] if basis is not None else []
     pairs = text_encoders(pipe)
     if bases and basis_config is not None:
@@ -398,16 +763,50 @@ def personalize(
         if built_from_other_table(b.metadata, tok, te):
             logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
                            "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")
-    analyses = []
-    for p in photos:
-        if not isinstance(p, FaceAnalysis):
-            face_analyzer = face_analyzer or FaceAnalyzer()
-            p = face_analyzer(p, face_index=face_index)
-        analyses.append(p)
+    return bases
 
-    trainer = Personalizer(pipe, analyses, names, cfg, bases, base_model)
-    total = cfg.total_steps(len(names))
-    logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution, trainer.device)
+
+def _analyse_photos(groups: list[list], names: list[str], analyzer, face_index) -> tuple[list[list], object]:
+    """Per person: the analysed photos, identical ones once; warn about a photo unlike the person's others.
+
+    Returns the people's photos and the analyzer used (dlib's is made when a photo needs one and none was given).
+    """
+    if analyzer is None and any(not _is_analysis(p) for g in groups for p in g):
+        from .face import FaceAnalyzer
+
+        analyzer = FaceAnalyzer()
+    people = []
+    for name, group in zip(names, groups):
+        kept = []
+        for photo in group:
+            a = photo if _is_analysis(photo) else analyzer(photo, face_index=face_index)
+            same = next((k for k in kept if np.array_equal(k.embedding, a.embedding)), None)
+            if same is not None:
+                logger.info("%s: the same face as %s; <%s> counts it once.", a.path, same.path, name)
+                continue
+            kept.append(a)
+        _warn_unlike(kept, name, analyzer.encoder if analyzer is not None else kept[0].encoder)
+        people.append(kept)
+    return people, analyzer
+
+
+def _warn_unlike(photos: list, name: str, encoder) -> None:
+    """Warn, naming the photo, when one photo's face is beyond the encoder's same-person threshold from the others."""
+    if len(photos) < 2:
+        return
+    threshold = same_person_threshold(encoder)
+    vectors = np.stack([a.embedding for a in photos]).astype(np.float64)  # (n, f), unit rows
+    sims = vectors @ vectors.T
+    for i, a in enumerate(photos):
+        others = float((sims[i].sum() - sims[i, i]) / (len(photos) - 1))
+        if others < threshold:
+            logger.warning("%s does not look like the other photos of <%s> (face similarity %.3f; %s counts %.2f or more "
+                           "as the same person). If it shows someone else, leave it out of %s's photos.",
+                           a.path, name, others, getattr(encoder, "name", encoder), threshold, name)
+
+
+def _train(trainer: Personalizer, total: int, show_progress: bool, callback) -> float:
+    """Run ``total`` steps; returns the seconds taken."""
     t0 = time.perf_counter()
     bar = tqdm(range(total), desc="personalize", disable=not show_progress, unit="step")
     for step in bar:
@@ -416,27 +815,36 @@ def personalize(
             bar.set_postfix(loss=f"{loss:.4f}")
         if callback is not None:
             callback(step + 1, total, loss)
-    elapsed = time.perf_counter() - t0
+    return time.perf_counter() - t0
 
-    identities = trainer.identities()
-    for ident in identities:  # the placeholder rows were never used in training; fill them for drawing now
-        load_identity(pipe, ident)
-    run = {
-        "celebbasis_version": __version__,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "base_model": base_model,
-        "names": names,
-        "photos": [a.path for a in analyses],
-        "face_encoder": trainer.face_encoder,
-        "config": {**asdict(trainer.cfg), "steps": total},
-        "seed": cfg.seed,
-        "device": str(trainer.device),
-        "seconds": round(elapsed, 3),
-        "losses": [round(x, 6) for x in trainer.losses],
-    }
+
+def _log_summary(trainer: Personalizer, total: int, elapsed: float) -> None:
     window = max(1, min(50, total // 4))
     logger.info("Learned %s in %d steps (%.1f s); mean loss %.4f over the first %d steps, %.4f over the last %d "
                 "(the whole curve is in the run record).", ", ".join(trainer.tokens), total, elapsed,
                 float(np.mean(trainer.losses[:window])), window, float(np.mean(trainer.losses[-window:])), window)
-    return PersonalizeResult(identities, trainer.losses, run)
+
+
+def _run_record(trainer: Personalizer, names: list[str], total: int, elapsed: float) -> dict:
+    """What ``NAME.run.json`` holds: versions, settings, photos and how well each agrees with its person, losses."""
+    agreement = {
+        name: [{"photo": a.path, "cosine_to_mean": round(c, 4)}
+               for a, c in zip(photos, photo_agreement(np.stack([a.embedding for a in photos]).astype(np.float64)))]
+        for name, photos in zip(names, trainer.people)
+    }
+    return {
+        "celebbasis_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "base_model": trainer.base_model,
+        "names": names,
+        "photos": {name: [a.path for a in photos] for name, photos in zip(names, trainer.people)},
+        "photo_agreement": agreement,
+        "face_encoder": trainer.face_encoder,
+        "face_vectors": "per view" if trainer.face_net is not None else "per photo",
+        "config": {**asdict(trainer.cfg), "steps": total},
+        "seed": trainer.cfg.seed,
+        "device": str(trainer.device),
+        "seconds": round(elapsed, 3),
+        "losses": [round(x, 6) for x in trainer.losses],
+    }
