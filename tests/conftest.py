@@ -20,6 +20,37 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CELEBBASIS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dlib_once():
+    """dlib's models load once per session, and each distinct picture is searched for faces once.
+
+    Building a ``FaceAnalyzer`` loads ~100 MB of dlib models (~4 s here) and a detection takes ~3 s;
+    the CLI builds an analyzer per command. The real classes and code paths still run: the same
+    loaded dlib objects are handed out again, and ``detect`` remembers its answer per picture.
+    """
+    import hashlib
+
+    from celebbasis import face
+
+    mp = pytest.MonkeyPatch()
+    detector, encoder = face.DlibFaceDetector(), face.DlibFaceEncoder()
+    detect, seen = face.DlibFaceDetector.detect, {}
+
+    def remembered(self, image):
+        key = (image.shape, hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest(), self.upsample)
+        if key not in seen:
+            seen[key] = detect(self, image)
+        return copy.deepcopy(seen[key])
+
+    mp.setattr(face.DlibFaceDetector, "detect", remembered)
+    mp.setattr(face.DlibFaceDetector, "__new__", lambda cls, *a, **k: detector)
+    mp.setattr(face.DlibFaceDetector, "__init__", lambda self, *a, **k: None)
+    mp.setattr(face.DlibFaceEncoder, "__new__", lambda cls, *a, **k: encoder)
+    mp.setattr(face.DlibFaceEncoder, "__init__", lambda self, *a, **k: None)
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def _tiny_pipe():
     from celebbasis.testing import tiny_pipeline

@@ -68,3 +68,25 @@ def test_two_processes_share_the_work(faces, tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("stem, name", [("Ann Lee (2)", "Ann_Lee_2"), ("..", "person"), ("émile", "mile"), ("a" * 80, "a" * 64)])
 def test_names_from_file_names(stem, name):
     assert name_from_filename(stem) == name
+
+
+def test_one_progress_bar_over_every_step(faces, tmp_path, capsys):
+    from celebbasis.config import TrainConfig
+    from celebbasis.many import add_many
+    from celebbasis.models import load_pipeline
+
+    loads = []
+
+    def load(device):
+        loads.append(device)
+        return load_pipeline(tiny=True)
+
+    result = add_many(load, faces, tmp_path / "ids", config=TrainConfig(steps=2, resolution=64, views_per_identity=2),
+                      group_size=2, process=(0, 1))
+    assert loads == [None] and len(result.written) == 3 and not result.failed
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    steps = [line for line in bar if line.startswith("add-many:")]
+    assert steps and "4/4" in steps[-1]  # two groups of 2 steps: one bar counting steps, not groups
+    assert not any("0/2 [" in line and "group" in line for line in steps)
+    again = add_many(load, faces, tmp_path / "ids", config=TrainConfig(steps=2, resolution=64), process=(0, 1))
+    assert sorted(again.skipped) == ["Eileen_Collins", "grace", "mirror_2"] and loads == [None]  # nothing to do: no model load

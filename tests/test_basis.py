@@ -118,11 +118,18 @@ def test_n_components_capped_at_width_with_log(tokenizer, tiny_pipe, caplog):
 
 
 def test_project_reconstruct_round_trip(tokenizer, tiny_pipe):
-    basis = build_basis(tokenizer, tiny_pipe.text_encoder)
-    coeffs = torch.nn.functional.normalize(torch.randn(3, 2, 32), dim=-1)
+    basis = build_basis(tokenizer, tiny_pipe.text_encoder, n_components=12)  # n < d = 32: a proper subspace
+    gen = torch.Generator().manual_seed(0)
+    coeffs = torch.nn.functional.normalize(torch.randn(3, 2, 12, generator=gen), dim=-1)
     emb = basis.reconstruct(coeffs)  # (3, 2, 32)
-    assert torch.allclose(basis.project(emb), coeffs, atol=1e-5)
+    assert torch.allclose(basis.project(emb), coeffs, atol=1e-5)  # in the span: exact
     assert torch.allclose((emb - basis.mean).norm(dim=-1), torch.ones(3, 2), atol=1e-5)
+    x = torch.randn(3, 2, 32, generator=gen)  # off the span: the least-squares point, and only that
+    proj = basis.reconstruct(basis.project(x))
+    assert not torch.allclose(proj, x, atol=1e-2)
+    assert torch.allclose(basis.reconstruct(basis.project(proj)), proj, atol=1e-5)  # a projection: idempotent
+    residual = x - proj  # orthogonal to every direction of its slot
+    assert torch.einsum("bkd,knd->bkn", residual, basis.components).abs().max() < 1e-4
 
 
 def test_save_load_round_trip(tmp_path, tokenizer, wide):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -94,18 +97,30 @@ def test_arcface_rejects_other_files(tmp_path):
         ArcFaceEncoder(path)
 
 
-def tiny_onnx(path, dim=16, seed=0):
-    """A recognition-shaped ONNX graph: (1, 3, 112, 112) -> Flatten -> Gemm -> (1, dim)."""
+def tiny_onnx(path, dim=16, seed=0, *, input_type=None, input_shape=(1, 3, 112, 112), normalise=False):
+    """A recognition-shaped ONNX graph: (1, 3, 112, 112) -> Flatten -> Gemm -> (1, dim).
+
+    ``input_type`` other than float adds a Cast to float first; ``normalise`` starts the graph
+    with insightface's own Sub/Mul scaling.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(seed).normal(0, 0.01, (3 * 112 * 112, dim)).astype(np.float32)
+    nodes, init, x = [], [numpy_helper.from_array(w, "W")], "input.1"
+    if input_type is not None:
+        nodes.append(helper.make_node("Cast", [x], ["as_float"], to=TensorProto.FLOAT))
+        x = "as_float"
+    if normalise:
+        init += [numpy_helper.from_array(np.float32(127.5), "mean"), numpy_helper.from_array(np.float32(1 / 127.5), "scale")]
+        nodes += [helper.make_node("Sub", [x, "mean"], ["centred"]), helper.make_node("Mul", ["centred", "scale"], ["scaled"])]
+        x = "scaled"
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input.1"], ["flat"], axis=1), helper.make_node("Gemm", ["flat", "W"], ["683"])],
+        nodes + [helper.make_node("Flatten", [x], ["flat"], axis=1), helper.make_node("Gemm", ["flat", "W"], ["683"])],
         "tiny-recognition",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 112, 112])],
+        [helper.make_tensor_value_info("input.1", input_type or TensorProto.FLOAT, list(input_shape))],
         [helper.make_tensor_value_info("683", TensorProto.FLOAT, [1, dim])],
-        [numpy_helper.from_array(w, "W")],
+        init,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -121,6 +136,62 @@ def test_onnx_backend_runs_an_exported_model(tmp_path, astronaut_path):
     x = (a.aligned.astype(np.float32) - 127.5) / 127.5
     ref = x.transpose(2, 0, 1).reshape(1, -1) @ w  # same graph in NumPy
     np.testing.assert_allclose(a.embedding, ref[0] / np.linalg.norm(ref), atol=1e-4)
+
+
+def test_onnx_scaling_guess_without_onnx_warns(tmp_path, monkeypatch, caplog):
+    tiny_onnx(tmp_path / "w600k_tiny.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    with caplog.at_level(logging.WARNING, logger="celebbasis"):
+        enc = OnnxFaceEncoder(tmp_path / "w600k_tiny.onnx")
+    assert (enc.mean, enc.std) == (127.5, 127.5)
+    assert "w600k_tiny.onnx" in caplog.text and "onnx package is not installed" in caplog.text
+    assert "(x - 127.5) / 127.5" in caplog.text
+
+
+def test_onnx_scaling_guess_on_an_unreadable_graph_warns(tmp_path, monkeypatch, caplog):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    tiny_onnx(tmp_path / "w600k_tiny.onnx")
+
+    def unreadable(*args, **kwargs):
+        raise DecodeError("Error parsing message")
+
+    monkeypatch.setattr(onnx, "load", unreadable)
+    with caplog.at_level(logging.WARNING, logger="celebbasis"):
+        enc = OnnxFaceEncoder(tmp_path / "w600k_tiny.onnx")
+    assert (enc.mean, enc.std) == (127.5, 127.5)
+    assert "cannot read the graph (DecodeError)" in caplog.text and "127.5" in caplog.text
+
+
+def test_onnx_graph_that_normalises_itself_gets_raw_pixels(tmp_path, caplog):
+    tiny_onnx(tmp_path / "self_norm.onnx", normalise=True)
+    with caplog.at_level(logging.WARNING, logger="celebbasis"):
+        enc = OnnxFaceEncoder(tmp_path / "self_norm.onnx")
+    assert (enc.mean, enc.std) == (0.0, 1.0) and not caplog.text
+
+
+def test_onnx_channels_last_model_is_refused_at_load(tmp_path):
+    path = tmp_path / "nhwc.onnx"
+    tiny_onnx(path, input_shape=(1, 112, 112, 3))
+    with pytest.raises(InputError, match=r"not \(N, 3, H, W\) RGB faces") as e:
+        OnnxFaceEncoder(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_onnx_runtime_errors_name_the_model(tmp_path, astronaut_path):
+    from onnx import TensorProto
+
+    class OneFace:  # where MTCNN would put the face, without running it
+        def detect(self, image):
+            return [Face((100.0, 100.0, 400.0, 400.0), ARCFACE_TEMPLATE * 2.5 + 110, 1.0, FIVE_POINT)]
+
+    path = tmp_path / "half.onnx"
+    tiny_onnx(path, input_type=TensorProto.FLOAT16)  # onnxruntime refuses the float32 input at run time
+    analyzer = FaceAnalyzer(detector=OneFace(), encoder=OnnxFaceEncoder(path))
+    with pytest.raises(InputError, match="fails on a 112x112 RGB face") as e:
+        analyzer(astronaut_path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_face_encoder_spec_errors(tmp_path):

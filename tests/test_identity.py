@@ -5,7 +5,7 @@ import torch
 
 from celebbasis.basis import build_basis
 from celebbasis.errors import FileFormatError, InputError
-from celebbasis.identity import Identity, IdentityEncoder, check_name
+from celebbasis.identity import FACE_DIM, Identity, IdentityEncoder, check_name, face_lift
 
 
 def test_encoder_init_and_unit_rows():
@@ -63,3 +63,41 @@ def test_good_names(good):
 def test_bad_names(bad):
     with pytest.raises(InputError, match="Invalid name"):
         check_name(bad)
+
+
+def test_face_lift_is_fixed_and_keeps_lengths_and_angles():
+    lift = face_lift(128)
+    assert lift.shape == (FACE_DIM, 128) and torch.equal(lift, face_lift(128))  # reproducible, never stored
+    assert torch.allclose(lift.T @ lift, torch.eye(128), atol=1e-5)  # orthonormal columns
+    g = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(4, 128, generator=g), dim=-1)
+    up = f @ lift.T
+    assert torch.allclose(up.norm(dim=-1), torch.ones(4), atol=1e-5) and torch.allclose(up @ up.T, f @ f.T, atol=1e-5)
+    enc = IdentityEncoder(128, 2, 512, generator=torch.Generator().manual_seed(0), lift_to=512)
+    assert enc.linear.weight.shape == (1024, 512) and torch.equal(enc.lift, lift)
+    assert not any(p is enc.lift for p in enc.parameters())  # a fixed buffer, not trained
+    assert IdentityEncoder(512, lift_to=512).lift is None  # the paper's size needs no lift
+
+
+def first_step_movement(face, lift_to, seed):
+    """How far one AdamW step (lr 1e-2) moves the unit coefficient rows, from the official initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    enc = IdentityEncoder(face.shape[1], 2, 512, generator=g, lift_to=lift_to)
+    target = torch.randn(2, 512, generator=g)
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2, weight_decay=0.01)
+    before = enc(face).detach()
+    (enc(face) * target).sum().backward()
+    opt.step()
+    return (enc(face).detach() - before).norm().item()
+
+
+def test_a_lifted_dlib_vector_learns_as_fast_as_a_512d_one(astronaut):
+    dlib = torch.from_numpy(astronaut.embedding)[None]  # (1, 128), unit length
+    seeds = range(8)
+    unit_512 = [torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(100 + s)), dim=-1)
+                for s in seeds]  # a random unit 512-d vector, as the paper's face network gives
+    ref = sum(first_step_movement(f, None, s) for f, s in zip(unit_512, seeds))
+    lifted = sum(first_step_movement(dlib, 512, s) for s in seeds)
+    plain = sum(first_step_movement(dlib, None, s) for s in seeds)
+    assert abs(lifted / ref - 1) < 0.1  # the paper's learning speed
+    assert plain / ref < 0.65  # without the lift: about half (||f||_1 of 9 instead of 18)

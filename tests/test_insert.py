@@ -104,3 +104,26 @@ def test_override_is_differentiable_and_local(tiny_pipe, identity):
     assert torch.equal(rows.grad, torch.ones(2, 32))
     assert torch.equal(emb.weight.detach(), table)
     assert torch.equal(emb(ids), table[ids])  # hook removed afterwards
+
+
+def test_override_gives_each_prompt_its_own_rows(tiny_pipe, identity):
+    load_identity(tiny_pipe, identity)
+    emb = tiny_pipe.text_encoder.get_input_embeddings()
+    table = emb.weight.detach().clone()
+    rows = torch.randn(2, 2, 32, requires_grad=True)  # (B, P, d): prompt b's own rows
+    ids = torch.tensor([[320, 49408, 49409, 1125], [49409, 320, 320, 49408]])
+    with token_override(emb, [49408, 49409]) as state:
+        state["rows"] = rows
+        out = emb(ids)
+    assert torch.equal(out[0, 1:3], rows[0]) and torch.equal(out[1, 0], rows[1, 1]) and torch.equal(out[1, 3], rows[1, 0])
+    assert torch.equal(out[0, [0, 3]], table[[320, 1125]]) and torch.equal(out[1, 1:3], table[[320, 320]])
+    out.sum().backward()
+    assert torch.equal(rows.grad, torch.ones(2, 2, 32))
+
+
+def test_adding_words_leaves_the_global_generator_alone(tiny_pipe):
+    from celebbasis.insert import add_placeholder
+
+    state = torch.random.get_rng_state()
+    add_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zed>", 2)
+    assert torch.equal(torch.random.get_rng_state(), state)

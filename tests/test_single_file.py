@@ -232,3 +232,15 @@ def test_cached_family_config_loads_offline(models, no_hub):
     (repo / "refs" / "main").write_text(commit)
     pipe = load_pipeline(str(models["sd1"]["file"]))
     assert torch.equal(pipe.unet.conv_in.weight, load_pipeline(str(models["sd1"]["folder"])).unet.conv_in.weight)
+
+
+def test_fp16_variant_and_dtype_for_every_module(tmp_path):
+    from celebbasis.testing import tiny_pipeline
+
+    folder = tmp_path / "fp16-only"
+    tiny_pipeline(seed=0).save_pretrained(folder, variant="fp16")  # only *.fp16.safetensors files, as many hub repos have
+    assert not list(folder.rglob("diffusion_pytorch_model.safetensors"))
+    pipe = load_pipeline(str(folder), device="cpu", dtype="float16")
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float16}
+    full = load_pipeline(str(folder), device="cpu", dtype="bfloat16")  # other dtypes: the same files, cast
+    assert {full.unet.dtype, full.vae.dtype, full.text_encoder.dtype} == {torch.bfloat16}

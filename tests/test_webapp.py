@@ -1,20 +1,33 @@
-"""The web UI's state object, without a browser: everything the UI does is a Python call."""
+"""The web UI's state object and handlers, without a browser: everything the UI does is a Python call."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
+from dataclasses import replace
 
 import pytest
+import torch
 
+from celebbasis.config import GenerateConfig, TrainConfig
 from celebbasis.errors import InputError
 from celebbasis.identity import Identity
-from celebbasis.testing import tiny_pipeline
-from celebbasis.webui import Cancelled, WebApp
+from celebbasis.webui import Cancelled, WebApp, model_title
 
 
 @pytest.fixture
-def app(tmp_path):
-    return WebApp(lambda: tiny_pipeline(), tmp_path / "ids", default_steps=3, model_label="tiny")
+def app(tmp_path, tiny_pipe, face_analyzer):
+    return WebApp(lambda: tiny_pipe, tmp_path / "ids", model_label="tiny", analyzer=face_analyzer)
+
+
+def saved_identity(app: WebApp, name: str, seed: int = 0):
+    """An identity file made without training: random unit coefficients in the model's basis."""
+    from celebbasis.models import pipeline_bases
+
+    [basis] = pipeline_bases(app.pipe)
+    coeffs = torch.nn.functional.normalize(torch.randn(basis.n_tokens, basis.n_components, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return Identity.from_coefficients(f"<{name}>", coeffs, basis, base_model="tiny").save(app.dir / f"{name}.safetensors")
 
 
 def test_learn_rename_export_delete(app, astronaut_path):
@@ -29,9 +42,11 @@ def test_learn_rename_export_delete(app, astronaut_path):
     assert (app.dir / "ann.thumb.png").exists() and not (app.dir / "alice.safetensors").exists()
     path = app.export("ann", "a1111")
     assert path.name == "ann.safetensors" and path.parent.name == "a1111"
-    pairs, folder = app.create("<ann> person", "", 2, 7.5, 3, 64, 64, 2)
+    pairs, folder = app.create("<ann> person", steps=2, seed=3, num_images=2)
     assert [c for _, c in pairs] == ["<ann> person · seed 3", "<ann> person · seed 4"]
     assert app.zip_folder(folder).stat().st_size > 0
+    with pytest.raises(InputError, match="<alice>: not in the library"):  # renamed: the old word is gone
+        app.create("<alice> person", steps=1)
     app.delete("ann")
     assert app.identities() == []
 
@@ -42,7 +57,7 @@ def test_several_people_learn_together(app, astronaut_path, hopper_path):
                        lambda s, t, lo: seen.append((s, t)))
     assert [i.token for i in idents] == ["<alice>", "<grace>"] and seen[-1] == (4, 4)  # steps per person
     assert sorted(r["name"] for r in app.identities()) == ["alice", "grace"]
-    with pytest.raises(InputError, match="2 photo"):
+    with pytest.raises(InputError, match="2 person"):
         app.learn([str(astronaut_path), str(hopper_path)], "x", 2, threading.Event())
 
 
@@ -50,13 +65,14 @@ def test_cancelled_learning_writes_nothing(app, astronaut_path):
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
-        app.learn(str(astronaut_path), "bob", 100, stop)
+        app.learn(str(astronaut_path), "bob", 1, stop)
     assert not list(app.dir.glob("bob*"))
 
 
 def test_detect_boxes_and_refuses_faceless(app, astronaut_path, faceless_path):
-    shown, crop, msg = app.detect(str(astronaut_path))
-    assert shown.size == (512, 512) and crop.size == (256, 256) and msg == "Found one face."
+    found = app.detect(str(astronaut_path))
+    [(shown, _)], [(crop, _)] = found.boxed, found.crops
+    assert shown.size == (512, 512) and crop.size == (256, 256) and found.notes == ["Found one face."]
     with pytest.raises(InputError, match="No face found"):
         app.detect(str(faceless_path))
 
@@ -73,3 +89,151 @@ def test_uploads_over_the_pixel_cap_are_refused(app, tmp_path):
 def test_names_are_sanitised(app, bad):
     with pytest.raises(InputError, match="Invalid name"):
         app.delete(bad)
+
+
+# -- defaults and metadata come from the library -------------------------------------------------------
+
+def test_defaults_come_from_the_configs_and_the_model(tmp_path, tiny_pipe, face_analyzer, astronaut_path):
+    app = WebApp(lambda: tiny_pipe, tmp_path / "a", analyzer=face_analyzer)
+    d = app.defaults()
+    assert d.steps_per_person == TrainConfig().total_steps(1) and d.create_steps == GenerateConfig().steps
+    assert d.guidance == GenerateConfig().guidance and d.num_images == GenerateConfig().num_images
+    assert d.width == d.height == tiny_pipe.unet.config.sample_size * tiny_pipe.vae_scale_factor  # the model's own size
+    mine = WebApp(lambda: tiny_pipe, tmp_path / "b", analyzer=face_analyzer, train_config=TrainConfig(learning_rate=0.02, steps=7),
+                  generate_config=GenerateConfig(steps=9, guidance=3.0, width=128))
+    d = mine.defaults()
+    assert (d.steps_per_person, d.create_steps, d.guidance, d.width, d.height) == (7, 9, 3.0, 128, 64)
+    with pytest.raises(InputError, match="steps must be >= 1"):  # TrainConfig's own check, before any photo is read
+        mine.learn(str(astronaut_path), "zero", 0, threading.Event())
+    mine.learn(str(astronaut_path), "ann", 1, threading.Event())
+    run = json.loads((mine.dir / "ann.run.json").read_text())
+    assert run["config"]["learning_rate"] == 0.02 and run["config"]["steps"] == 1
+
+
+def test_same_identity_metadata_as_the_cli(tmp_path, face_analyzer, astronaut_path):
+    """The API writes the metadata; the web UI adds nothing and loses nothing compared with `celebbasis add`."""
+    from celebbasis.cli import main
+    from celebbasis.models import load_pipeline
+
+    assert main(["add", str(astronaut_path), "--name", "alice", "--tiny", "--steps", "2", "-o", str(tmp_path / "cli"), "-q"]) == 0
+    app = WebApp(lambda: load_pipeline(tiny=True), tmp_path / "web", analyzer=face_analyzer)
+    app.learn(str(astronaut_path), "alice", 2, threading.Event())
+    cli = Identity.load(tmp_path / "cli" / "alice.safetensors").metadata
+    web = Identity.load(tmp_path / "web" / "alice.safetensors").metadata
+    assert set(web) == set(cli)
+    for key in ("base_model", "face_encoder", "text_encoder_signature", "basis_sha256", "source_photo", "source_photos", "steps"):
+        assert web.get(key) == cli.get(key), key
+    assert web["source_photo"] == astronaut_path.name and web["base_model"] == "tiny"
+
+
+def test_header_shows_a_checkpoint_by_its_file_name(tmp_path):
+    assert model_title("/models/sd/dreamshaper_8.safetensors") == "dreamshaper_8.safetensors"
+    assert model_title("C:/models/v1-5-pruned.CKPT") == "v1-5-pruned.CKPT"
+    assert model_title("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    from celebbasis.webui import header
+
+    app = WebApp(lambda: None, tmp_path, model_label="/models/sd/dreamshaper_8.safetensors")
+    assert "`dreamshaper_8.safetensors`" in header(app) and "/models/" not in header(app)
+
+
+def test_mix_saves_and_previews(app):
+    saved_identity(app, "ann")
+    path, token = app.mix("ann", "", "Anne Hathaway", 0.3, "annanne", steps=1, seed=5)
+    from PIL import Image
+
+    assert token == "<annanne>" and Image.open(path).text["seed"] == "5"
+    assert Identity.load(app.dir / "annanne.safetensors").token == "<annanne>"
+    with pytest.raises(InputError, match="already exists"):
+        app.mix("ann", "", "Anne Hathaway", 0.3, "annanne")
+    with pytest.raises(InputError, match="No identity named 'bob'"):
+        app.mix("bob", "", "Anne Hathaway", 0.3, "x")
+
+
+# -- sessions, caching, launch ------------------------------------------------------------------------
+
+def test_cancel_stops_only_its_own_session(app, astronaut_path):
+    """Two browser tabs: Cancel in one stops its training, never the other tab's."""
+    from celebbasis.webui import Handlers
+
+    h = Handlers(app)
+    b = h.learn([str(astronaut_path)], None, "bob", 2, session="tab-b")
+    assert next(b)[0].startswith("Preparing")  # b trains (holding the model)...
+    a = h.learn([str(astronaut_path)], None, "ann", 1, session="tab-a")
+    assert next(a)[0].startswith("Preparing")  # ...while a waits for it
+    assert h.cancel("tab-a") == "Cancelling …"
+    assert h.cancel("tab-c") == "Nothing is learning in this tab."
+    assert list(b)[-1][0].startswith("Learned `<bob>`")
+    assert list(a)[-1][0] == "Cancelled; nothing was saved."
+    assert (app.dir / "bob.safetensors").exists() and not list(app.dir.glob("ann*"))
+    assert h.cancel("tab-b") == "Nothing is learning in this tab."  # finished runs are forgotten
+
+
+def test_create_tab_handlers(app):
+    from celebbasis.webui import Handlers
+
+    h = Handlers(app)
+    saved_identity(app, "ann")
+    assert h.chip("a photo of", "<ann>") == ("a photo of <ann> person", None)
+    assert h.preset(["<id1> person reading"]) == "<ann> person reading"
+    assert Handlers.seed_of("<ann> person · seed 42") == 42 and Handlers.seed_of("") is None
+    gallery, rows, *pickers = h.refresh("ann")
+    assert rows == [["ann", "<ann>", "tiny", rows[0][3]]] and pickers[0]["value"] == "ann"
+
+
+def test_library_files_are_read_and_loaded_once(app, monkeypatch):
+    import celebbasis.insert
+
+    saved_identity(app, "ann", 0)
+    saved_identity(app, "bob", 1)
+    reads, loads = [], []
+    real_read, real_load = Identity.load.__func__, celebbasis.insert.load_identity
+    monkeypatch.setattr(Identity, "load", classmethod(lambda cls, p: reads.append(p.name) or real_read(cls, p)))
+    monkeypatch.setattr(celebbasis.insert, "load_identity", lambda pipe, i, *a: loads.append(i.token) or real_load(pipe, i, *a))
+    assert [r["name"] for r in app.identities()] == ["ann", "bob"] and sorted(reads) == ["ann.safetensors", "bob.safetensors"]
+    app.identities()
+    app.create("<ann> person", steps=1)
+    assert len(reads) == 2 and sorted(loads) == ["<ann>", "<bob>"]  # refresh and create read nothing again
+    app.create("<bob> person", steps=1)
+    app.identities()
+    assert len(reads) == 2 and len(loads) == 2
+    saved_identity(app, "bob", 2)  # the file changed: read and loaded again, ann is not
+    app.create("<bob> person", steps=1)
+    assert reads[2:] == ["bob.safetensors"] and loads[2:] == ["<bob>"]
+    app.delete("ann")
+    with pytest.raises(InputError, match="<ann>: not in the library"):
+        app.create("<ann> person", steps=1)
+
+
+def test_launch_names_the_share_flag(app, capsys, monkeypatch):
+    from celebbasis.webui import launch
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = launch(app, port=port, block=False)
+    try:
+        out = capsys.readouterr().out
+        fields = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    finally:
+        demo.close()
+    assert f"Running on http://127.0.0.1:{port} (pass --share for a public link)" in out
+    assert "share=True" not in out and "launch()" not in out
+    d = app.defaults()
+    assert fields["learn-steps"].value == d.steps_per_person and fields["create-steps"].value == d.create_steps
+    assert fields["create-width"].value == fields["create-height"].value == 64
+
+
+# -- several photos of one person ---------------------------------------------------------------------
+
+def test_several_photos_of_one_person(app, astronaut_path, mirrored_path, hopper_path):
+    found = app.detect([str(astronaut_path), str(mirrored_path)])
+    assert len(found.boxed) == len(found.crops) == 2
+    assert found.notes == ["astronaut.png: Found one face.", "astronaut_mirrored.png: Found one face."]
+    odd = app.detect([str(astronaut_path), str(mirrored_path), str(hopper_path)])
+    warnings = [n for n in odd.notes if "does not look like" in n]
+    assert len(warnings) == 1 and warnings[0].startswith("⚠ grace_hopper.jpg")
+    pair = app.detect([str(astronaut_path), str(hopper_path)]).notes[-1]
+    assert pair.startswith("⚠ astronaut.png and grace_hopper.jpg do not look like the same person")
+    [ident] = app.learn([[str(astronaut_path), str(mirrored_path)]], "carol", 2, threading.Event())
+    assert Identity.load(app.dir / "carol.safetensors").metadata["source_photos"] == ["astronaut.png", "astronaut_mirrored.png"]

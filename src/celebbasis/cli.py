@@ -140,7 +140,8 @@ def _tool_parsers(sub) -> None:
     flag(p, p, "--reference", action="append", required=True, metavar="[NAME=]PHOTO_OR_DIR",
          help="photo (or folder of photos) of a person; NAME=... ties it to <NAME> in prompts (repeat for several people)")
     _output(p, "report", "report folder")
-    flag(p, p, "--prompts", help="prompts file, one per image in file-name order (default: PNG metadata)")
+    flag(p, p, "--prompts", help="prompts file, one line per image in file-name order: PROMPT or "
+         "CATEGORY<TAB>PROMPT[<TAB>NEGATIVE] (default: PNG metadata)")
     flag(p, p, "--eval-encoder", default="dlib", metavar="SPEC",
          help="evaluation face network: dlib (default), arcface:PATH or onnx:PATH; use one that did not train the identity")
     flag(p, p, "--identity", action="append", default=[], help="identity files, to warn when they were trained with the evaluation network")
@@ -423,16 +424,16 @@ def cmd_evaluate(args) -> int:
     for spec in args.reference:
         name, eq, path = spec.partition("=")
         refs.append((f"<{name.strip('<>')}>", path) if eq else (None, spec))
-    prompts = [(line.category, line.prompt) for line in read_prompt_file(args.prompts)] if args.prompts else None
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
     out = Path(args.output)
     _check_output_dir(out)
+    clip = None if args.no_clip else ClipScorer(args.clip_model)  # an offline CLIP fails before dlib loads
     analyzer = FaceAnalyzer(encoder=args.eval_encoder)
     for p in args.identity:
         trained = Identity.load(p).metadata.get("face_encoder")
         if trained == analyzer.encoder.name:
             logger.warning("%s was trained with %s, the evaluation network too: ID similarity will read high. "
                            "Pass another --eval-encoder (arcface:PATH or onnx:PATH).", p, trained)
-    clip = None if args.no_clip else ClipScorer(args.clip_model)
     report = evaluate(images, refs, analyzer=analyzer, clip=clip, prompts=prompts, show_progress=not args.quiet)
     write_report(report, out)
     s = report.summary()
@@ -442,7 +443,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark_prompts(args) -> int:
-    from .evaluate import benchmark_prompts, negative_prompt_for
+    from .evaluate import benchmark_prompt_lines, prompt_file_text
     from .files import atomic_write
     from .identity import check_name
 
@@ -450,8 +451,8 @@ def cmd_benchmark_prompts(args) -> int:
     if out.exists() and not args.overwrite:
         raise InputError(f"{out} already exists. Pass --overwrite to replace it.")
     _check_output_dir(out.parent)
-    rows = benchmark_prompts([check_name(n) for n in args.names])
-    text = "".join(f"{c}\t{p}\t{negative_prompt_for(c)}\n" for c, p in rows)
+    rows = benchmark_prompt_lines([check_name(n) for n in args.names])
+    text = prompt_file_text(rows)
     atomic_write(out, lambda t: Path(t).write_text(text, encoding="utf-8"))
     logger.info("Wrote %d prompts to %s. The paper's protocol: celebbasis generate --prompts-file %s --preset paper "
                 "--identity ...", len(rows), out, out)
@@ -463,9 +464,7 @@ def cmd_webui(args) -> int:
 
     out = Path(args.output)
     _check_output_dir(out)
-    size = 64 if args.tiny else 1024 if args.sdxl else 512
-    app = WebApp(lambda: _load(args), out, default_steps=50 if args.tiny else 400, model_label=_model_label(args), default_size=size)
-    launch(app, host=args.host, port=args.port, share=args.share)
+    launch(WebApp(lambda: _load(args), out, model_label=_model_label(args)), host=args.host, port=args.port, share=args.share)
     return 0
 
 

@@ -58,8 +58,8 @@ class TrainConfig:
     views_per_identity: int = field(default=64, metadata=_help(
         "augmented views per person (spread over their photos) encoded once up front; 0 makes new views every step",
         flag="views"))
-    view_faces: bool = field(default=True, metadata=_help(
-        "the face network sees each view's flip and colour jitter, as the paper's code (off: one vector per photo)"))
+    face_per_photo: bool = field(default=False, metadata=_help(
+        "one face vector per photo for all its views (faster); default: the face network sees every view, as the paper's code"))
     face_dim: int = field(default=512, metadata=_help(
         "smaller face vectors are lifted to this size by a fixed orthonormal map, as the paper's 512-d (0: never)"))
     compile: bool = field(default=False, metadata=_help("torch.compile the UNet (GPU; pays off on long runs)"))

@@ -1,19 +1,23 @@
 """Evaluation as in the paper (§4, METHOD §6): identity similarity, prompt fidelity, detection rate.
 
-- Identity similarity: cosine between the face vector of a reference photo and of each face found
-  in a generated image, with an evaluation network that should differ from the training one.
-  Images with several people match faces to references by the best total cosine (Hungarian
-  assignment, exhaustive for the few faces an image holds). Images without a face are counted in
-  the detection rate and left out of the mean.
+- Identity similarity: cosine between the face vector of a reference (a photo, or the re-normalised
+  mean over a folder of photos of one person) and of each face found in a generated image, with an
+  evaluation network that should differ from the training one. Images with several people match
+  faces to references by the best total cosine (the Hungarian method, ``linear_sum_assignment``).
+  Images without a face are counted in the detection rate and left out of the mean.
 - Prompt fidelity: CLIP score, ``100 * max(cos(image, text), 0)``, the text being the prompt with
   each identity word replaced by "person".
+- Protocol prompts: the paper's four categories, each with the official evaluation's negative
+  prompt (CelebBasis ``evaluation/prompt_templates.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +31,50 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 CATEGORIES = ("style", "single action", "with a celebrity", "two identities")
+UNKNOWN_CATEGORY = "unknown"  # images without a prompt: nothing to guess a category from
+HUB_CHECK_SECONDS = 3.0  # how long the Hub may take to accept a connection before counting as offline
+
+# The official evaluation's negative prompts, copied verbatim from CelebBasis (557531b)
+# evaluation/prompt_templates.py, missing commas between some lines included.
+_STYLE_NEGATIVE = "blurry face, overexpose, highlight on face, " \
+                  "only eyes, extra fingers, fewer fingers, divider line, "
+_ACTION_SINGLE_NEGATIVE = "only object, only person, close-up, no face, only head, no hand, no upper body, " \
+                          "blurry face, with beard, old, " \
+                          "overexpose, naked, multiple persons, " \
+                          "paintings, highlight on face, high contrast ratio, " \
+                          "only eyes, extra fingers, fewer fingers, " \
+                          "grayscale, monochrome, normal quality, " \
+                          "skin spots, acnes, skin blemishes, age spot, glans, " \
+                          "bad hands, missing fingers, missing arms, extra arms, malformed limbs, " \
+                          "fused fingers, too many fingers, mutated hands, multi nipples, " \
+                          "missing legs, extra legs, extra digit, fewer digits," \
+                          "bad anatomy, text, error, cross-eyed, polar lowres" \
+                          "blurry, poorly drawn hands, poorly drawn face, mutation, deformed" \
+                          "EasyNegative, bad proportion body to legs, " \
+                          "big head, wrong toes, extra toes, missing toes, weird toes"
+_ACTION_TWO_NEGATIVE = "blurry face, blurry eyes, mixed faces, close-up, only object, only background, no hand, " \
+                       "overexpose, fat face, " \
+                       "no person, single person, no upper body, only face, only eyes, " \
+                       "no face, only head, extra fingers, fewer fingers, " \
+                       "highlight on face, high contrast ratio, " \
+                       "grayscale, monochrome, paintings, normal quality, " \
+                       "skin spots, acnes, skin blemishes, age spot, glans, " \
+                       "bad hands, missing fingers, missing arms, extra arms, malformed limbs, " \
+                       "fused fingers, too many fingers, mutated hands, multi nipples, " \
+                       "missing legs, extra legs, extra digit, fewer digits," \
+                       "bad anatomy, text, error, cross-eyed, polar lowres" \
+                       "blurry, poorly drawn hands, poorly drawn face, mutation, deformed" \
+                       "EasyNegative, bad proportion body to legs, " \
+                       "big head, wrong toes, extra toes, missing toes, weird toes" \
+                       "aged up, old,"
+# The official code picks a template by file name: style -> style, single -> action_single,
+# celeb and two -> action_two.
+NEGATIVE_PROMPTS = {
+    "style": _STYLE_NEGATIVE,
+    "single action": _ACTION_SINGLE_NEGATIVE,
+    "with a celebrity": _ACTION_TWO_NEGATIVE,
+    "two identities": _ACTION_TWO_NEGATIVE,
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Celebrities the example and benchmark prompts use that the basis name list lacks.
 _PROMPT_CELEBRITIES = ("Barack Obama", "Emma Watson")
@@ -54,8 +102,64 @@ def categorize(prompt: str, n_identities: int) -> str:
     return "single action"
 
 
+@dataclass(frozen=True)
+class PromptLine:
+    """One line of a prompts file: ``PROMPT``, ``CATEGORY<TAB>PROMPT`` or ``CATEGORY<TAB>PROMPT<TAB>NEGATIVE``.
+
+    Attributes:
+        prompt: the text to draw, with ``<name>`` identity words.
+        category: one of ``CATEGORIES`` (or any label), ``None`` when the line has none.
+        negative_prompt: what the image should not show, ``None`` when the line has none.
+    """
+
+    prompt: str
+    category: str | None = None
+    negative_prompt: str | None = None
+
+
+def negative_prompt_for(category: str) -> str:
+    """The official evaluation's negative prompt for one of the paper's ``CATEGORIES``.
+
+    Example:
+        >>> negative_prompt_for("style")
+        'blurry face, overexpose, highlight on face, only eyes, extra fingers, fewer fingers, divider line, '
+    """
+    try:
+        return NEGATIVE_PROMPTS[category]
+    except KeyError:
+        raise InputError(f"Unknown prompt category {category!r}. Use one of: {', '.join(CATEGORIES)}.") from None
+
+
+def benchmark_prompt_lines(names: list[str]) -> list[PromptLine]:
+    """The paper's protocol prompts for the given identities, each with its category's official negative prompt.
+
+    Example:
+        >>> Path("benchmark_prompts.txt").write_text(prompt_file_text(benchmark_prompt_lines(["alice"])))
+    """
+    return [PromptLine(p, c, negative_prompt_for(c)) for c, p in benchmark_prompts(names)]
+
+
+def prompt_file_text(lines: list[PromptLine]) -> str:
+    """Prompt lines as a prompts file: ``CATEGORY<TAB>PROMPT[<TAB>NEGATIVE]``, or ``PROMPT`` alone."""
+    out = []
+    for line in lines:
+        fields = [line.prompt]
+        if line.category is not None or line.negative_prompt is not None:
+            fields.insert(0, line.category or "")
+        if line.negative_prompt is not None:
+            fields.append(line.negative_prompt)
+        if any("\t" in f or "\n" in f for f in fields):
+            raise InputError(f"Prompt line {fields!r} holds a tab or a line break; a prompts file cannot store it.")
+        out.append("\t".join(fields) + "\n")
+    return "".join(out)
+
+
 def benchmark_prompts(names: list[str]) -> list[tuple[str, str]]:
-    """The paper's protocol prompts for the given identities: (category, prompt) pairs."""
+    """The paper's protocol prompts for the given identities: (category, prompt) pairs.
+
+    ``negative_prompt_for(category)`` gives each one's negative prompt; ``benchmark_prompt_lines``
+    gives both together.
+    """
     if not names:
         raise InputError("Pass at least one identity name for the benchmark prompts.")
     style = ["an oil painting of {} person", "a pencil sketch of {} person", "{} person in the style of Van Gogh",
@@ -79,35 +183,166 @@ def benchmark_prompts(names: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def read_prompt_file(path) -> list[tuple[str | None, str]]:
-    """Lines ``prompt`` or ``category<TAB>prompt`` -> (category or None, prompt)."""
+def read_prompt_file(path) -> list[PromptLine]:
+    """Read a prompts file: one ``PromptLine`` per line.
+
+    Each line is ``PROMPT``, ``CATEGORY<TAB>PROMPT`` or ``CATEGORY<TAB>PROMPT<TAB>NEGATIVE``;
+    empty fields count as absent. Category and prompt are stripped of spaces, the negative prompt
+    is kept as written. Blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        InputError: no such file, not UTF-8 text, a line with more than three fields or no prompt.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such prompts file. Pass a text file with one prompt a line.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text. Save the prompts file as UTF-8.") from None
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        cat, tab, prompt = line.partition("\t")
-        out.append((cat.strip(), prompt.strip()) if tab else (None, line.strip()))
+        fields = line.split("\t")
+        if len(fields) > 3:
+            raise InputError(f"{path}, line {number}: {len(fields)} tab-separated fields. "
+                             "Use PROMPT, CATEGORY<TAB>PROMPT or CATEGORY<TAB>PROMPT<TAB>NEGATIVE.")
+        if len(fields) == 1:
+            fields = [None, fields[0]]
+        category, prompt, negative = (fields + [None])[:3]
+        category, prompt = category and category.strip(), prompt.strip()
+        negative = negative if negative and negative.strip() else None  # kept verbatim: the official ones end in ", "
+        if not prompt:
+            raise InputError(f"{path}, line {number} has no prompt. Use CATEGORY<TAB>PROMPT[<TAB>NEGATIVE].")
+        out.append(PromptLine(prompt, category or None, negative))
     return out
 
 
+_TRUE = ("1", "on", "yes", "true")
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").lower()
+    return env in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = HUB_CHECK_SECONDS) -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``, or its proxy) accepts a TCP connection within ``timeout`` s.
+
+    ``False`` at once in offline mode (``HF_HUB_OFFLINE=1``). Name lookup runs in a daemon thread,
+    so a hanging DNS server costs ``timeout`` seconds, not minutes.
+    """
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlparse
+
+    if _hub_offline():
+        return False
+    url = urlparse(_hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname, purl.port or 8080
+    if not host:
+        return False
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether the local Hugging Face cache holds ``model``'s config (a cheap look, no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Hub and transformers log only errors inside (no retry warnings); their levels are restored after."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 class ClipScorer:
-    """CLIP score of (image, text) with a transformers CLIP model (hub id or local folder)."""
+    """CLIP score of (image, text) with a transformers CLIP model (hub id or local folder).
+
+    A hub id is read from the local Hugging Face cache first; the Hub is contacted only when the
+    model is not cached and the Hub answers within ``HUB_CHECK_SECONDS``. Offline, it fails within
+    that time, before CLIP's code is even imported, with one line saying what to pass instead, and
+    the Hub's retry warnings are never printed.
+
+    Raises:
+        ModelLoadError: a missing or broken folder, or a hub id neither cached nor downloadable.
+    """
 
     def __init__(self, model: str = DEFAULT_CLIP):
+        fix = "Pass a local CLIP folder with --clip-model PATH, or --no-clip to skip the CLIP score."
+        path = Path(model).expanduser()
+        looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+        offline = ModelLoadError(
+            f"Cannot load the CLIP model {model!r}: it is not in the local Hugging Face cache and the Hub "
+            f"({_hub_endpoint()}) cannot be reached (offline?). {fix}"
+        )
+        if looks_local and not path.is_dir():
+            raise ModelLoadError(f"CLIP model folder {path} does not exist. {fix}")
+        if not looks_local and not _in_hub_cache(model) and not hub_reachable():
+            raise offline  # before importing CLIP's modelling code, which alone takes seconds
+
         import torch
         from transformers import CLIPModel, CLIPProcessor
 
-        try:
-            self.model = CLIPModel.from_pretrained(model).eval()
-            self.processor = CLIPProcessor.from_pretrained(model)
-        except OSError as e:
-            raise ModelLoadError(
-                f"Cannot load the CLIP model {model!r} ({str(e).splitlines()[0][:160]}). Offline? Pass a local folder "
-                "with --clip-model PATH, or --no-clip to skip the CLIP score."
-            ) from None
+        def load(source, **kwargs):
+            with _quiet_hub():
+                return CLIPModel.from_pretrained(source, **kwargs).eval(), CLIPProcessor.from_pretrained(source, **kwargs)
+
+        if looks_local:
+            try:
+                self.model, self.processor = load(str(path), local_files_only=True)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ModelLoadError(f"{path} is not a transformers CLIP model ({_first_line(e)}). {fix}") from None
+        else:
+            try:
+                self.model, self.processor = load(model, local_files_only=True)
+            except OSError:
+                if not hub_reachable():
+                    raise offline from None
+                logger.info("Downloading the CLIP model %s …", model)
+                try:
+                    self.model, self.processor = load(model)
+                except (OSError, ValueError) as e:
+                    raise ModelLoadError(f"Cannot load the CLIP model {model!r} ({_first_line(e)}). {fix}") from None
         self.torch = torch
         self.name = model
 
@@ -123,17 +358,33 @@ class ClipScorer:
         return 100.0 * max(cos, 0.0)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
 def best_assignment(sim: np.ndarray) -> list[tuple[int, int]]:
-    """Pairs (reference, face) maximising the total similarity; ``sim`` is (n_refs, n_faces)."""
-    n_ref, n_face = sim.shape
-    k = min(n_ref, n_face)
-    best, best_pairs = -np.inf, []
-    for refs in itertools.permutations(range(n_ref), k):
-        for faces in itertools.permutations(range(n_face), k):
-            total = sum(sim[r, f] for r, f in zip(refs, faces))
-            if total > best:
-                best, best_pairs = total, list(zip(refs, faces))
-    return best_pairs
+    """Pairs (reference, face) maximising the total similarity (Hungarian method).
+
+    Args:
+        sim: (n_refs, n_faces) similarities; either side may be the longer.
+
+    Returns:
+        ``min(n_refs, n_faces)`` pairs, sorted by reference.
+
+    Example:
+        >>> best_assignment(np.array([[0.9, 0.8], [0.7, 0.1]]))  # greedy would take 0.9, then 0.1
+        [(0, 1), (1, 0)]
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    sim = np.asarray(sim, dtype=np.float64)
+    if sim.ndim != 2:
+        raise ValueError(f"sim must be (n_refs, n_faces), got shape {sim.shape}")
+    if 0 in sim.shape:
+        return []
+    refs, faces = linear_sum_assignment(sim, maximize=True)
+    return [(int(r), int(f)) for r, f in zip(refs, faces)]
 
 
 @dataclass
@@ -193,54 +444,108 @@ def _identities(value: str | None) -> list[str]:
 
 
 def _image_meta(path: Path) -> dict:
+    """The PNG text fields of an image (``{}`` for other formats); a file Pillow cannot read warns and gives ``{}``."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             return dict(getattr(im, "text", {}) or {})
-    except Exception:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        logger.warning("Cannot read the metadata of %s (%s); its prompt is unknown.", path, _first_line(e))
         return {}
 
 
+def reference_embedding(analyzer, path) -> np.ndarray:
+    """The (D,) unit identity vector of a reference: one photo, or the re-normalised mean over a folder's photos.
+
+    Raises:
+        InputError: an empty folder, or a photo without a usable face.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return analyzer(path).embedding
+    photos = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not photos:
+        raise InputError(f"Reference folder {path} holds no PNG/JPEG/WebP photos. Pass a photo, or a folder of photos of one person.")
+    vectors = np.stack([analyzer(p).embedding for p in photos])  # (N, D)
+    mean = vectors.mean(0)
+    norm = float(np.linalg.norm(mean))
+    if norm < 1e-6:
+        raise InputError(f"The photos in {path} average to no identity at all; are they all the same person?")
+    logger.info("Reference %s: the mean face of %d photos.", path, len(photos))
+    return (mean / norm).astype(np.float32)
+
+
+def _prompt_line(item) -> PromptLine:
+    if isinstance(item, PromptLine):
+        return item
+    category, prompt = item
+    return PromptLine(prompt or "", category)
+
+
 def evaluate(images: list, references: list[tuple[str | None, str]], *, analyzer=None, clip: ClipScorer | None = None,
-             prompts: list[tuple[str | None, str]] | None = None, show_progress: bool = True) -> Report:
+             prompts: list[PromptLine | tuple[str | None, str]] | None = None, show_progress: bool = True) -> Report:
     """Score generated images against reference photos.
+
+    Which references an image's faces are matched to: those whose token the image names (PNG
+    ``identities``, else the prompt's ``<tokens>``); with unnamed references, the first as many as
+    the prompt names; with no prompt at all, every reference (best assignment over all of them).
 
     Args:
         images: image paths (their PNG text gives prompt, identities and category when present).
-        references: ``(token or None, photo path)``; a token ties the reference to ``<token>`` in prompts.
+        references: ``(token or None, path)``; ``path`` is a photo, or a folder of photos of one
+            person (their mean face vector). A token ties the reference to ``<token>`` in prompts.
         analyzer: ``FaceAnalyzer`` with the evaluation network (dlib's when ``None``).
         clip: a ``ClipScorer``, or ``None`` to skip prompt fidelity.
-        prompts: ``(category, prompt)`` per image, in order, overriding the PNG metadata.
+        prompts: a ``PromptLine`` (or ``(category, prompt)`` pair) per image, in order, overriding
+            the PNG metadata.
 
     Returns:
         ``Report`` with one ``ImageResult`` per image.
+
+    Example:
+        >>> report = evaluate(find_images("out/"), [("<alice>", "alice.jpg")], clip=None)
+        >>> write_report(report, "report/")
     """
     from tqdm.auto import tqdm
 
+    from .errors import NoFaceFoundError
     from .face import FaceAnalyzer, load_image
 
     if not images:
         raise InputError("No images to evaluate. Pass a folder with PNG/JPEG images.")
     if not references:
-        raise InputError("No reference photo. Pass the person's photo with --reference.")
+        raise InputError("No reference photo. Give a photo (or folder of photos) of each person to compare with.")
     if prompts is not None and len(prompts) != len(images):
         raise InputError(f"{len(prompts)} prompts for {len(images)} images. Give one prompt per image, in file-name order.")
+    lines = None if prompts is None else [_prompt_line(p) for p in prompts]
     analyzer = analyzer or FaceAnalyzer()
-    refs = [(tok, analyzer(path).embedding) for tok, path in references]
-    results = []
+    refs = [(tok, reference_embedding(analyzer, path)) for tok, path in references]
+    results, unprompted = [], 0
     for i, path in enumerate(tqdm(images, desc="evaluate", disable=not show_progress, unit="image")):
         path = Path(path)
         meta = _image_meta(path)
-        category, prompt = prompts[i] if prompts is not None else (meta.get("category"), meta.get("prompt", ""))
+        line = lines[i] if lines is not None else PromptLine(meta.get("prompt", ""), meta.get("category"))
+        prompt = line.prompt
         tokens = _identities(meta.get("identities")) or sorted(set(PLACEHOLDER_RE.findall(prompt)))
-        category = category or categorize(prompt, len(tokens))
+        if not prompt:
+            unprompted += 1
+        category = line.category or (categorize(prompt, len(tokens)) if prompt else UNKNOWN_CATEGORY)
         image = load_image(path)
         arr = np.asarray(image)
-        faces = analyzer.detector.detect(arr)
-        embs = [analyzer.encoder.embed(analyzer.encoder.align(arr, f)) for f in faces]
+        try:
+            faces = analyzer.detect(arr, path)
+            embs = [analyzer.embed(arr, f, path)[1] for f in faces]
+        except NoFaceFoundError as e:
+            logger.warning("%s Counted as no face.", e)
+            embs = []
         named = [j for j, (tok, _) in enumerate(refs) if tok and tok in tokens]
-        wanted = named or list(range(min(max(1, len(tokens)), len(refs))))
+        if named:
+            wanted = named
+        elif tokens:
+            wanted = list(range(min(len(tokens), len(refs))))
+        else:  # nobody named: every reference competes for every face
+            wanted = list(range(len(refs)))
         sim_value, matches = None, {}
         if embs:
             sim = np.array([[float(refs[r][1] @ e) for e in embs] for r in wanted])  # (refs, faces)
@@ -251,6 +556,11 @@ def evaluate(images: list, references: list[tuple[str | None, str]], *, analyzer
         results.append(ImageResult(str(path), prompt, category, bool(embs), len(embs),
                                    None if sim_value is None else round(sim_value, 6),
                                    None if score is None else round(score, 4), matches))
+    if unprompted:
+        logger.warning(
+            "%d of %d images have no prompt metadata: their category is %r, they get no CLIP score, and their faces "
+            "are matched against every reference. Pass the prompts (--prompts FILE, one line per image in file-name "
+            "order) to fix this.", unprompted, len(images), UNKNOWN_CATEGORY)
     return Report(results, analyzer.encoder.name, getattr(clip, "name", None))
 
 
@@ -295,12 +605,18 @@ def write_report(report: Report, out_dir) -> list[Path]:
         thumbs.append(im)
     sheet = contact_sheet(thumbs)
     paths.append(atomic_write(out_dir / "contact_sheet.png", lambda t: sheet.save(t, format="PNG")))
-    paths.append(_scatter(report, out_dir / "scatter.png"))
+    scatter = _scatter(report, out_dir / "scatter.png")
+    if scatter is not None:
+        paths.append(scatter)
     return paths
 
 
-def _scatter(report: Report, path: Path) -> Path:
-    """ID similarity vs CLIP score per category, as the paper's figure."""
+def _scatter(report: Report, path: Path) -> Path | None:
+    """ID similarity vs CLIP score per category, as the paper's figure.
+
+    Without any image that has both, the measured one per category (a strip plot); with neither,
+    no figure (``None``, and an info line says why).
+    """
     try:
         import matplotlib
 
@@ -312,17 +628,41 @@ def _scatter(report: Report, path: Path) -> Path:
         raise MissingDependencyError("The scatter plot needs matplotlib: pip install 'celebbasis[eval]'") from None
     from .files import atomic_write
 
+    rows = report.images
+    cats = sorted({r.category for r in rows})
+    both = any(r.clip_score is not None and r.id_similarity is not None for r in rows)
+    if not both:
+        metric = next((m for m in ("id_similarity", "clip_score") if any(getattr(r, m) is not None for r in rows)), None)
+        if metric is None:
+            logger.info("No face found and no CLIP score in any image: %s not drawn.", path.name)
+            return None
+        logger.info("%s shows %s only: no image has both an ID similarity and a CLIP score.", path.name,
+                    "ID similarity" if metric == "id_similarity" else "the CLIP score")
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    for cat in sorted({r.category for r in report.images}):
-        pts = [(r.clip_score, r.id_similarity) for r in report.images
-               if r.category == cat and r.clip_score is not None and r.id_similarity is not None]
-        if pts:
-            x, y = zip(*pts)
-            ax.scatter(x, y, label=cat, alpha=0.8)
-            ax.scatter([np.mean(x)], [np.mean(y)], marker="*", s=200, edgecolors="black")
-    ax.set_xlabel("CLIP score (prompt fidelity)")
-    ax.set_ylabel("ID similarity")
-    ax.set_title("celebbasis: identity vs prompt fidelity")
+    if both:
+        for k, cat in enumerate(cats):
+            pts = [(r.clip_score, r.id_similarity) for r in rows
+                   if r.category == cat and r.clip_score is not None and r.id_similarity is not None]
+            if pts:
+                x, y = zip(*pts)
+                ax.scatter(x, y, label=cat, alpha=0.8, color=f"C{k}")
+                ax.scatter([np.mean(x)], [np.mean(y)], marker="*", s=200, color=f"C{k}", edgecolors="black")
+        ax.set_xlabel("CLIP score (prompt fidelity)")
+        ax.set_ylabel("ID similarity")
+        ax.set_title("celebbasis: identity vs prompt fidelity")
+    else:
+        label = "ID similarity" if metric == "id_similarity" else "CLIP score (prompt fidelity)"
+        values = {c: [getattr(r, metric) for r in rows if r.category == c and getattr(r, metric) is not None] for c in cats}
+        cats = [c for c in cats if values[c]]
+        jitter = np.random.default_rng(0)
+        for k, cat in enumerate(cats):
+            y = values[cat]
+            ax.scatter(k + jitter.uniform(-0.15, 0.15, len(y)), y, label=cat, alpha=0.8, color=f"C{k}")
+            ax.scatter([k], [np.mean(y)], marker="*", s=200, color=f"C{k}", edgecolors="black")
+        ax.set_xticks(range(len(cats)), cats)
+        ax.set_xlim(-0.6, len(cats) - 0.4)
+        ax.set_ylabel(label)
+        ax.set_title(f"celebbasis: {label} by category ({'no CLIP score' if metric == 'id_similarity' else 'no face found'})")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)

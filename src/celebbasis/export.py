@@ -81,10 +81,10 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
         identity = Identity.load(identity)
     tensors = export_tensors(identity, fmt)
     if pt and (fmt == "diffusers" or identity.is_sdxl):
-        raise InputError("--pt writes A1111's classic SD 1.x/2.x layout; use it with --format a1111 or comfyui on a non-SDXL identity.")
+        raise InputError("A1111's classic .pt layout holds one SD 1.x/2.x embedding: use it with the a1111 or comfyui format on a non-SDXL identity.")
     path = export_path(identity, path, pt)
     if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists. Pass --overwrite to replace it.")
+        raise InputError(f"{path} already exists. Choose to overwrite it, or another file name.")
     base = str(identity.metadata.get("base_model", ""))
     if pt:
         emb = tensors["emb_params"].clone()  # its own storage: torch.save writes whole storages

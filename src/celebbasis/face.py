@@ -16,13 +16,17 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import InputError, MissingDependencyError, NoFaceFoundError
+from .errors import CelebBasisError, InputError, MissingDependencyError, NoFaceFoundError
 
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 64_000_000  # refuse larger images: decompression bombs, and no face needs more
 DETECT_MAX_SIDE = 1024  # images are shrunk to this longest side for detection only
 MIN_FACE_PX = 64  # faces narrower than this are upscaled noise for the identity network
+MIN_IMAGE_SIDE = 32  # images narrower than this hold no usable face; refused before any detector runs
+# dlib's detector misses faces under ~60-80 px at 1x. A second pass at 2x costs 4x the first, so it is
+# spent only on images this small: a 640x480 photo without a face now costs one pass, not five.
+UPSAMPLE_MAX_SIDE = 512
 
 # Where the eye centres and the base of the nose land in the square training crop: an FFHQ-like
 # framing (eyes a quarter of the width apart, slightly above the middle), head and some shoulders.
@@ -98,13 +102,19 @@ def _dlib():
     return dlib, face_recognition_models
 
 
+def _detection_scale(h: int, w: int) -> float:
+    """The scale (<= 1) that brings an image to at most ``DETECT_MAX_SIDE`` on its longest side."""
+    return min(1.0, DETECT_MAX_SIDE / max(h, w, 1))
+
+
 def _shrink_for_detection(image: np.ndarray) -> tuple[np.ndarray, float]:
     """The image at most ``DETECT_MAX_SIDE`` on its longest side, and the scale applied (<= 1)."""
     h, w = image.shape[:2]
-    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
+    scale = _detection_scale(h, w)
     if scale == 1.0:
         return image, scale
-    return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR)), scale
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), scale
 
 
 class DlibFaceDetector:
@@ -118,12 +128,19 @@ class DlibFaceDetector:
         self.predictor = dlib.shape_predictor(models.pose_predictor_five_point_model_location())
 
     def detect(self, image: np.ndarray) -> list[Face]:
-        """(H, W, 3) uint8 RGB -> faces, largest first."""
+        """(H, W, 3) uint8 RGB -> faces, largest first.
+
+        None when the (shrunk) image is under ``MIN_IMAGE_SIDE`` on a side: dlib's tensor code
+        fails on images a few pixels across. Images at most ``UPSAMPLE_MAX_SIDE`` on their longest
+        side are searched again at twice the size when the first pass finds nothing.
+        """
         small, scale = _shrink_for_detection(image)
-        h, w = image.shape[:2]
+        if min(small.shape[:2]) < MIN_IMAGE_SIDE:
+            return []
         dets = self.detector(small, self.upsample)
-        if not dets and self.upsample == 0 and max(h, w) * scale < 800:
-            dets = self.detector(small, 1)  # small photos: look again at twice the size
+        if not dets and self.upsample == 0 and max(small.shape[:2]) <= UPSAMPLE_MAX_SIDE:
+            logger.debug("No face at 1x; looking again at 2x.")
+            dets = self.detector(small, 1)
         faces = []
         for d in dets:
             r = d.rect
@@ -173,8 +190,10 @@ class MTCNNDetector:
         self.net = MTCNN(load_file(str(data_path("mtcnn.safetensors"))), min_face=min_face)
 
     def detect(self, image: np.ndarray) -> list[Face]:
-        """(H, W, 3) uint8 RGB -> faces, largest first."""
+        """(H, W, 3) uint8 RGB -> faces, largest first; none when the (shrunk) image is under ``MIN_IMAGE_SIDE`` on a side."""
         small, scale = _shrink_for_detection(image)
+        if min(small.shape[:2]) < MIN_IMAGE_SIDE:
+            return []
         boxes, points = self.net.detect(small)
         faces = [Face(tuple(float(v) / scale for v in b[:4]), p / scale, float(b[4]), FIVE_POINT) for b, p in zip(boxes, points)]
         return sorted(faces, key=lambda f: f.area, reverse=True)
@@ -276,19 +295,47 @@ class OnnxFaceEncoder:
         except Exception as e:
             raise InputError(f"{path} is not a loadable ONNX model ({type(e).__name__}). Pass an insightface recognition .onnx file.") from None
         inp = self.session.get_inputs()[0]
+        channels = inp.shape[1] if len(inp.shape) == 4 else None
+        if len(inp.shape) != 4 or isinstance(channels, int) and channels != 3:
+            raise InputError(
+                f"{path} takes input of shape {inp.shape}, not (N, 3, H, W) RGB faces. "
+                "Pass an insightface recognition .onnx file (e.g. w600k_r50.onnx)."
+            )
+        self.path = path
         self.input_name = inp.name
         self.size = int(inp.shape[2]) if isinstance(inp.shape[2], int) else 112
         self.embedding_dim = int(self.session.get_outputs()[0].shape[-1])
-        self.mean, self.std = 127.5, 127.5
+        self.mean, self.std = self._input_scaling(path)
+        self.name = f"onnx-{path.stem}:{_file_tag(path)}"
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        # onnxruntime's errors derive from Exception directly, not RuntimeError
+        names = ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented", "EPFail")
+        self._run_errors = (RuntimeError, ValueError, *(getattr(ort_state, n) for n in names if hasattr(ort_state, n)))
+
+    @staticmethod
+    def _input_scaling(path: Path) -> tuple[float, float]:
+        """(mean, std) for the pixels: (0, 1) when the graph starts with its own Sub/Mul
+        normalisation (as insightface checks), else insightface's (127.5, 127.5)."""
+        assumed = "assuming insightface's (x - 127.5) / 127.5 input scaling; identity vectors are wrong if the model expects another"
         try:
             import onnx
+        except ImportError:
+            logger.warning("%s: the onnx package is not installed, so celebbasis cannot check whether the model "
+                           "normalises its own input; %s. Install it with: pip install onnx", path, assumed)
+            return 127.5, 127.5
+        from google.protobuf.message import DecodeError
 
-            nodes = [n.op_type for n in onnx.load(str(path)).graph.node[:8]]
-            if "Sub" in nodes and "Mul" in nodes:
-                self.mean, self.std = 0.0, 1.0
-        except Exception:  # onnx not installed or unreadable: keep insightface's default scaling
-            pass
-        self.name = f"onnx-{path.stem}:{_file_tag(path)}"
+        try:
+            nodes = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node[:8]]
+        except (OSError, DecodeError, ValueError) as e:
+            logger.warning("%s: onnx cannot read the graph (%s), so celebbasis cannot check whether the model "
+                           "normalises its own input; %s.", path, type(e).__name__, assumed)
+            return 127.5, 127.5
+        if "Sub" in nodes and "Mul" in nodes:
+            logger.debug("%s normalises its own input; feeding it 0-255 pixels.", path)
+            return 0.0, 1.0
+        return 127.5, 127.5
 
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
         return arcface_align(image, face, self.size)
@@ -296,7 +343,13 @@ class OnnxFaceEncoder:
     def embed(self, aligned: np.ndarray) -> np.ndarray:
         x = (np.asarray(aligned, dtype=np.float32) - self.mean) / self.std
         x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])  # (1, 3, H, W) RGB
-        v = self.session.run(None, {self.input_name: x})[0][0].astype(np.float32)
+        try:
+            v = self.session.run(None, {self.input_name: x})[0][0].astype(np.float32)
+        except self._run_errors as e:
+            raise InputError(
+                f"{self.path} fails on a {x.shape[2]}x{x.shape[3]} RGB face ({type(e).__name__}). "
+                "Pass an insightface recognition .onnx file that takes (1, 3, 112, 112) input."
+            ) from None
         return v / np.linalg.norm(v)
 
 
@@ -409,6 +462,20 @@ def crop_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
     return warp_affine(image, m, size)
 
 
+def _check_searchable(h: int, w: int, path) -> None:
+    """Refuse, in one line naming ``path``, an image too small or too thin to hold a usable face."""
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise NoFaceFoundError(
+            f"{path} is only {w}x{h} px, too small to hold a usable face. Use a photo at least {MIN_IMAGE_SIDE} px "
+            f"on each side, with the face at least {MIN_FACE_PX} px wide."
+        )
+    if min(h, w) * _detection_scale(h, w) < MIN_IMAGE_SIDE:
+        raise NoFaceFoundError(
+            f"{path} is {w}x{h} px, too thin to search for a face (over {DETECT_MAX_SIDE // MIN_IMAGE_SIDE}:1). "
+            "Crop it to the person."
+        )
+
+
 @dataclass
 class FaceAnalysis:
     """Everything ``analyze_face`` found in one photo."""
@@ -432,6 +499,62 @@ class FaceAnalyzer:
         self.encoder = face_encoder(encoder) if isinstance(encoder, str) else encoder or DlibFaceEncoder()
         self.detector = detector or detector_for(self.encoder)
 
+    def detect(self, image: np.ndarray, path="the photo") -> list[Face]:
+        """Faces in an RGB photo, largest first, with every failure as one line naming ``path``.
+
+        Images under ``MIN_IMAGE_SIDE`` on a side, or so thin that shrinking them to
+        ``DETECT_MAX_SIDE`` would leave less (over 32:1), are refused before the detector runs;
+        errors from the detector's native code (dlib's ``RuntimeError``, ...) become ``NoFaceFoundError``.
+
+        Args:
+            image: (H, W, 3) uint8 RGB; (H, W) grey and (H, W, 4) RGBA arrays are accepted too.
+            path: what to call the photo in messages.
+
+        Raises:
+            NoFaceFoundError: the image is too small or too thin, or the detector cannot read it.
+        """
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        elif image.ndim == 3 and image.shape[2] == 4:
+            image = image[:, :, :3]
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"{path}: expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}. Load it with load_image.")
+        h, w = image.shape[:2]
+        _check_searchable(h, w, path)
+        try:
+            return self.detector.detect(np.ascontiguousarray(image))
+        except CelebBasisError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise NoFaceFoundError(
+                f"The face detector failed on {path} ({w}x{h} px, {type(e).__name__}). Use an ordinary photo "
+                f"at least {MIN_IMAGE_SIDE} px on each side, with the face at least {MIN_FACE_PX} px wide."
+            ) from None
+
+    def embed(self, image: np.ndarray, face: Face, path="the photo") -> tuple[np.ndarray, np.ndarray]:
+        """The aligned crop and the (D,) unit identity vector of one detected face.
+
+        Raises:
+            NoFaceFoundError: the identity network's native code fails on this face.
+        """
+        try:
+            aligned = self.encoder.align(image, face)
+            emb = np.asarray(self.encoder.embed(aligned), dtype=np.float32)
+        except CelebBasisError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise NoFaceFoundError(
+                f"The identity network {self.encoder.name} failed on the face in {path} ({type(e).__name__}). "
+                f"Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."
+            ) from None
+        if not np.isfinite(emb).all():
+            raise NoFaceFoundError(
+                f"The identity network {self.encoder.name} gave no usable vector for the face in {path}. "
+                f"Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."
+            )
+        return aligned, emb
+
     def __call__(self, path, face_index: int | None = None) -> FaceAnalysis:
         """Analyse the face in the photo at ``path``.
 
@@ -441,11 +564,14 @@ class FaceAnalyzer:
                 uses the largest and warns with the count.
 
         Raises:
-            NoFaceFoundError: no face, or ``face_index`` out of range.
+            InputError: the file cannot be read as an image.
+            NoFaceFoundError: no face, an image too small for one, or ``face_index`` out of range.
         """
         image = load_image(path)
         arr = np.asarray(image)
-        faces = self.detector.detect(arr)
+        _check_searchable(*arr.shape[:2], path)
+        logger.info("Looking for faces in %s …", path)
+        faces = self.detect(arr, path)
         if not faces:
             raise NoFaceFoundError(
                 f"No face found in {path}. Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."
@@ -453,7 +579,7 @@ class FaceAnalyzer:
         if face_index is None:
             index = 0
             if len(faces) > 1:
-                logger.warning("%s: %d faces found; using the largest. Pick another with --face-index (0 = largest).", path, len(faces))
+                logger.warning("%s: %d faces found; using the largest. Pick another by its face index (0 = largest).", path, len(faces))
         else:
             if not 0 <= face_index < len(faces):
                 raise NoFaceFoundError(
@@ -466,6 +592,5 @@ class FaceAnalyzer:
                 "%s: the face is only %d px wide; identity will be weak. Use a photo with the face at least %d px wide.",
                 path, int(face.width), MIN_FACE_PX,
             )
-        aligned = self.encoder.align(arr, face)
-        emb = np.asarray(self.encoder.embed(aligned), dtype=np.float32)
+        aligned, emb = self.embed(arr, face, path)
         return FaceAnalysis(str(path), image, face, len(faces), aligned, emb, self.encoder.name)

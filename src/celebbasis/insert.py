@@ -52,7 +52,10 @@ def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[
         )
     if not existing:
         tokenizer.add_tokens(words)
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        device = text_encoder.get_input_embeddings().weight.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the new rows' random start must not move the caller's generators
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return tokenizer.convert_tokens_to_ids(words)
 
 

@@ -60,7 +60,7 @@ def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=
             sources.append(item.token)
         else:
             if pipe is None:
-                raise InputError(f"Mixing with the name {item!r} needs the model; pass --model.")
+                raise InputError(f"Mixing with the name {item!r} needs the model: pass the pipeline.")
             parts = [celebrity_coefficients(item, tok, te, b) for (tok, te), b in zip(text_encoders(pipe), bases)]
             sources.append(item)
         for j, (c, b) in enumerate(zip(parts, bases)):

@@ -54,9 +54,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise InputError(f"Unknown device {name!r}. Use auto, cpu, cuda, cuda:N or mps.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA GPU is available here. Use --device cpu.")
+        raise InputError(f"Device {name}: no CUDA GPU is available here. Use the cpu device.")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: MPS is not available here. Use --device cpu.")
+        raise InputError(f"Device {name}: MPS is not available here. Use the cpu device.")
     return dev
 
 
@@ -114,7 +114,7 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
     if path.is_file() or (not path.exists() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
         return _load_single_file(path, config, dev, dt, revision)
     if config:
-        logger.warning("--model-config is only used with single-file checkpoints; ignoring it for %s.", model)
+        logger.warning("A model configuration is only used with single-file checkpoints; ignoring it for %s.", model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
     if looks_local:
         _check_folder(path)
@@ -148,10 +148,21 @@ def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype
     cache_only = not local and not hub_reachable()  # before importing diffusers: offline fails in ~2 s
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    try:
+    def load(variant):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dt, revision=revision, local_files_only=cache_only)
+            return DiffusionPipeline.from_pretrained(model, torch_dtype=dt, revision=revision, local_files_only=cache_only,
+                                                     variant=variant)
+
+    # float16: the repository's half-size fp16 files where it has them; else the full files, and the
+    # fp16 files when they are all there is (a cache or folder holding only the variant)
+    first, second = ("fp16", None) if dt == torch.float16 else (None, "fp16")
+    try:
+        try:
+            pipe = load(first)
+        except (OSError, ValueError) as e:
+            logger.debug("%s: no %s files (%s); trying %s", model, first or "default", str(e).splitlines()[0][:120], second or "default")
+            pipe = load(second)
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not local and (cache_only or "cached" in first or "connect" in first.lower() or "offline" in first.lower()):

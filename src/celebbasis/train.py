@@ -167,11 +167,10 @@ class PersonalizeResult:
         placed: list[Path] = []  # finals that did not exist before
         try:
             for ident, path, run_path in targets:
-                tmp = path.with_name(f".{path.name}.staged")
-                staged.append((ident.save(tmp), path))
-                tmp_run = run_path.with_name(f".{run_path.name}.staged")
+                tmp, tmp_run = (p.with_name(f".{p.name}.staged") for p in (path, run_path))
+                staged += [(tmp, path), (tmp_run, run_path)]
+                ident.save(tmp)
                 tmp_run.write_text(text, encoding="utf-8")
-                staged.append((tmp_run, run_path))
             for tmp, final in staged:
                 existed = final.exists()
                 os.replace(tmp, final)
@@ -185,6 +184,8 @@ class PersonalizeResult:
 
 
 def _check_targets(paths: list[Path], overwrite: bool) -> None:
+    if not paths:
+        return
     for p in paths:
         if p.is_dir():
             raise InputError(f"{p} is a folder. Remove it or choose another --name.")
@@ -390,11 +391,12 @@ def photo_agreement(vectors: np.ndarray) -> list[float]:
 
 
 class Views(NamedTuple):
-    """A person's pool of views: VAE posterior mean and std (V, 4, h, w) and face vectors (V, f)."""
+    """A person's pool of views: VAE posterior mean and std (V, 4, h, w), face vectors (V, f), source photo (V,)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     face: torch.Tensor
+    photo: torch.Tensor
 
 
 class Personalizer:
@@ -468,7 +470,7 @@ class Personalizer:
 
     def _face_network(self, given):
         """The face network to run on every view, or ``None`` (each photo's own vector for all its views)."""
-        if not self.cfg.view_faces:
+        if self.cfg.face_per_photo:
             return None
         net = getattr(given, "encoder", given)  # a FaceAnalyzer or an encoder
         if net is None:
@@ -512,7 +514,11 @@ class Personalizer:
         modules = [pipe.vae, pipe.unet] + [te for _, te in self.encoders]
         self._stack.enter_context(frozen_for_training(modules, pipe.unet, low_memory=cfg.low_memory,
                                                       channels_last=self.device.type == "cuda"))
-        unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+        try:
+            unet = torch.compile(pipe.unet) if cfg.compile else pipe.unet
+        except BaseException:
+            self.close()
+            raise
         # Frozen weights may be half precision; the identity network stays float32.
         dtypes = [pipe.unet.dtype] + [te.dtype for _, te in self.encoders]
         return unet, torch.amp.GradScaler("cuda") if needs_loss_scaling(self.device, dtypes) else None
@@ -573,7 +579,8 @@ class Personalizer:
                 means.append(m)
                 stds.append(s)
                 faces += [f for _, f in views]
-            pool.append(Views(torch.cat(means), torch.cat(stds), torch.stack(faces)))
+            photo = torch.arange(per_id) % len(crops)
+            pool.append(Views(torch.cat(means), torch.cat(stds), torch.stack(faces), photo))
         return pool
 
     def _latents_and_faces(self, who: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -759,7 +766,8 @@ def _resolve_bases(pipe, basis, basis_config, base_model: str) -> list:
     for b, (tok, te) in zip(bases, pairs):
         width = te.get_input_embeddings().embedding_dim
         if b.embedding_dim != width:
-            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. Build the basis from this model.")
+            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. "
+                             "Build the basis from this model.")
         if built_from_other_table(b.metadata, tok, te):
             logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
                            "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")

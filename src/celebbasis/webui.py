@@ -2,29 +2,41 @@
 
 One job runs on the model at a time (Gradio's queue, concurrency 1); others wait with their
 position shown. The app binds 127.0.0.1 unless told otherwise, caps uploads, sanitises names and
-serves only its own folders. Everything it does is also a Python call (see ``WebApp``).
+serves only its own folders. Everything it does is also a Python call: ``WebApp`` holds the state
+(pipeline, face analyzer, identities folder), ``Handlers`` is what each button does, and
+``build_ui`` only lays out components and wires them to handlers. Defaults come from
+``TrainConfig`` and ``GenerateConfig``; the image size from the loaded model.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Gradio reads handler annotations (gr.Request,
+# gr.SelectData) as objects, and the handlers are defined where ``gr`` is a local name.
 
+import dataclasses
 import datetime as _dt
 import logging
 import queue
 import threading
 import time
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import CelebBasisError, InputError
+from .config import GenerateConfig, TrainConfig, updated
+from .errors import CelebBasisError, InputError, NoFaceFoundError
+from .face import MIN_FACE_PX
 from .identity import Identity, check_name
 
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD = "20mb"
 MAX_UPLOAD_PIXELS = 40_000_000
+PHOTO_CACHE = 8  # photos whose face analysis is kept between Detect and Learn
+MAX_STEPS_PER_PERSON = 1600  # the Learn slider's end (raised to the configured default if that is larger)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def _md(text) -> str:
@@ -34,8 +46,36 @@ def _md(text) -> str:
     return html.escape(str(text))
 
 
+def model_title(model: str) -> str:
+    """What the page calls the model: a single-file checkpoint by its file name, anything else as given."""
+    model = str(model or "")
+    return Path(model).name if model.lower().endswith(SINGLE_FILE_SUFFIXES) else model
+
+
 class Cancelled(Exception):
     """Raised inside training when the user pressed Cancel."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """What the page's fields start with: from ``TrainConfig``/``GenerateConfig`` and the model."""
+
+    steps_per_person: int
+    create_steps: int
+    guidance: float
+    width: int
+    height: int
+    num_images: int
+    seed: int
+
+
+@dataclasses.dataclass
+class Detection:
+    """What the Learn tab shows before training: each photo with its faces boxed, the training crops, notes."""
+
+    boxed: list  # (photo with every face boxed, the one used in green; caption)
+    crops: list  # (aligned training crop; caption)
+    notes: list  # one line per photo, then a warning per photo that looks like someone else
 
 
 class WebApp:
@@ -44,25 +84,32 @@ class WebApp:
     Args:
         load: a function returning the diffusers pipeline (called once, on first use).
         identities_dir: where identities live (``NAME.safetensors`` + ``NAME.thumb.png``).
-        default_steps: training steps offered by default.
-        model_label: what the page says the model is.
-        default_size: image size offered by default (the model's native size).
+        train_config: training settings; the Learn tab's steps per person start at its default.
+        generate_config: sampling settings the Create tab starts with (size: the model's own by default).
+        model_label: what the page says the model is (a single-file checkpoint shows its file name).
+        analyzer: the ``FaceAnalyzer`` (dlib's, made on first use, when ``None``).
     """
 
-    def __init__(self, load, identities_dir, default_steps: int = 400, model_label: str = "", default_size: int = 512):
+    def __init__(self, load, identities_dir, *, train_config: TrainConfig | None = None,
+                 generate_config: GenerateConfig | None = None, model_label: str = "", analyzer=None):
         self._load = load
         self._pipe = None
-        self._analyzer = None
-        self.lock = threading.Lock()
+        self._analyzer = analyzer
+        self.lock = threading.Lock()  # one job on the pipeline at a time
         self.dir = Path(identities_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.outputs = self.dir / "outputs"
         self.outputs.mkdir(exist_ok=True)
         self.exports = self.dir / "exports"
         self.exports.mkdir(exist_ok=True)
-        self.default_steps = default_steps
-        self.model_label = model_label
-        self.default_size = default_size
+        self.train_config = train_config or TrainConfig()
+        self.generate_config = generate_config or GenerateConfig()
+        self.model_label = model_title(model_label)
+        self._cache: dict[Path, tuple[tuple, Identity | None]] = {}  # path -> ((mtime, size, inode), identity)
+        self._cache_lock = threading.Lock()
+        self._in_pipe: dict[str, tuple[Path, tuple, bool]] = {}  # token -> (file, version, loaded) in the pipeline
+        self._photos: OrderedDict = OrderedDict()  # (photo path, version) -> (faces, FaceAnalysis), latest last
+        self._photos_lock = threading.Lock()
 
     # -- resources ---------------------------------------------------------------------------
     @property
@@ -79,14 +126,44 @@ class WebApp:
             self._analyzer = FaceAnalyzer()
         return self._analyzer
 
+    @property
+    def native_size(self) -> int:
+        """The model's own image size in pixels (loads the model)."""
+        pipe = self.pipe
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def defaults(self) -> Defaults:
+        """The fields' starting values: the configs' defaults, sizes from the model when the config has none."""
+        g = self.generate_config
+        size = self.native_size if g.width is None or g.height is None else None
+        return Defaults(steps_per_person=self.train_config.total_steps(1), create_steps=g.steps, guidance=g.guidance,
+                        width=g.width or size, height=g.height or size, num_images=g.num_images, seed=g.seed)
+
     # -- library -----------------------------------------------------------------------------
+    def _scan(self) -> list[tuple[Path, tuple, Identity]]:
+        """Every readable identity in the folder; a file is read again only when its mtime, size or inode change."""
+        with self._cache_lock:
+            fresh = {}
+            for path in sorted(self.dir.glob("*.safetensors")):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # deleted while we looked
+                    continue
+                key = (st.st_mtime_ns, st.st_size, st.st_ino)
+                hit = self._cache.get(path)
+                if hit is None or hit[0] != key:
+                    try:
+                        hit = (key, Identity.load(path))
+                    except CelebBasisError as e:
+                        logger.warning("Skipping %s: %s", path.name, e)
+                        hit = (key, None)  # remembered, so it is not read (and reported) again
+                fresh[path] = hit
+            self._cache = fresh
+            return [(p, key, ident) for p, (key, ident) in fresh.items() if ident is not None]
+
     def identities(self) -> list[dict]:
         rows = []
-        for path in sorted(self.dir.glob("*.safetensors")):
-            try:
-                ident = Identity.load(path)
-            except CelebBasisError:
-                continue
+        for path, _, ident in self._scan():
             thumb = path.with_suffix(".thumb.png")
             rows.append({"name": ident.name, "token": ident.token, "path": str(path),
                          "thumb": str(thumb) if thumb.exists() else None,
@@ -96,20 +173,24 @@ class WebApp:
     def _path(self, name: str) -> Path:
         return self.dir / f"{check_name(name)}.safetensors"
 
+    def _identity(self, name: str) -> Identity:
+        path = self._path(name)
+        found = next((ident for p, _, ident in self._scan() if p == path), None)
+        if found is None:
+            raise InputError(f"No identity named {name!r}.")
+        return found
+
     def rename(self, old: str, new: str) -> str:
         src, dst = self._path(old), self._path(new)
-        if not src.exists():
-            raise InputError(f"No identity named {old!r}.")
+        ident = self._identity(old)
         if dst.exists():
             raise InputError(f"An identity named {new!r} already exists. Pick another name.")
-        ident = Identity.load(src)
-        ident.token = f"<{check_name(new)}>"
-        ident.save(dst)
+        dataclasses.replace(ident, token=f"<{check_name(new)}>").save(dst)
         for suffix in (".thumb.png", ".run.json"):
             if src.with_suffix(suffix).exists():
                 src.with_suffix(suffix).rename(dst.with_suffix(suffix))
         src.unlink()
-        return ident.token
+        return f"<{check_name(new)}>"
 
     def delete(self, name: str) -> None:
         path = self._path(name)
@@ -129,51 +210,95 @@ class WebApp:
         return export_identity(path, fmt, folder / f"{check_name(name)}.safetensors", overwrite=True)
 
     # -- learn -------------------------------------------------------------------------------
-    def detect(self, photo) -> tuple[Image.Image, Image.Image, str]:
-        """The photo with every face boxed (the one used in green) and the aligned training crop."""
-        from .face import load_image
+    def _photo(self, photo) -> tuple[list, "FaceAnalysis"]:
+        """Every face in the photo (largest first) and the analysis of the largest, once per file version.
 
-        if not photo:
-            raise InputError("Upload a photo first.")
-        with Image.open(photo) as im:
-            if im.width * im.height > MAX_UPLOAD_PIXELS:
-                raise InputError(f"The photo is {im.width}x{im.height}; the web UI takes up to {MAX_UPLOAD_PIXELS // 1_000_000} MP.")
-        image = load_image(photo)
-        faces = self.analyzer.detector.detect(np.asarray(image))
+        What the Learn tab showed is what trains: ``learn`` reuses the analyses ``detect`` made.
+        """
+        from .face import FaceAnalysis, load_image
+
+        path = Path(photo)
+        key = (str(path), _file_key(path)) if path.is_file() else None
+        with self._photos_lock:
+            if key in self._photos:
+                self._photos.move_to_end(key)
+                return self._photos[key]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, Image.DecompressionBombError):  # load_image below says what is wrong with the file
+            w = h = 0
+        if w * h > MAX_UPLOAD_PIXELS:
+            raise InputError(f"{path.name} is {w}x{h}; the web UI takes up to {MAX_UPLOAD_PIXELS // 1_000_000} MP.")
+        image = load_image(path)
+        pixels = np.asarray(image)
+        faces = self.analyzer.detector.detect(pixels)
         if not faces:
-            raise InputError("No face found. Use a photo where the face is frontal, well lit and at least 64 px wide.")
-        shown = image.copy()
-        draw = ImageDraw.Draw(shown)
-        width = max(2, image.width // 200)
-        for i, f in enumerate(faces):
-            draw.rectangle(f.box, outline=(0, 220, 0) if i == 0 else (220, 160, 0), width=width)
-        from .face import crop_face
+            raise NoFaceFoundError(f"No face found in {path.name}. Use a photo where the face is frontal, well lit and at least "
+                                   f"{MIN_FACE_PX} px wide.")
+        enc = self.analyzer.encoder
+        aligned = enc.align(pixels, faces[0])
+        found = faces, FaceAnalysis(str(path), image, faces[0], len(faces), aligned,
+                                    np.asarray(enc.embed(aligned), dtype=np.float32), enc.name)
+        if key is not None:
+            with self._photos_lock:
+                self._photos[key] = found
+                while len(self._photos) > PHOTO_CACHE:
+                    self._photos.popitem(last=False)
+        return found
 
-        crop = crop_face(image, faces[0], 256)
-        msg = f"Found {len(faces)} face(s); using the largest (green)." if len(faces) > 1 else "Found one face."
-        return shown, crop, msg
+    def detect(self, photos) -> Detection:
+        """Each photo with every face boxed (the one used in green), its training crop, and notes.
 
-    def learn(self, photos, names, steps: int, cancel: threading.Event, report=None) -> list[Identity]:
-        """Personalize one photo, or several people jointly; ``report(step, total, loss)`` as it trains.
+        With several photos of one person, a photo whose face is far from the others' is named in a warning.
+        """
+        photos = _paths(photos)
+        if not photos:
+            raise InputError("Upload a photo first.")
+        out, vectors = Detection([], [], []), []
+        for photo in photos:
+            name = Path(photo).name
+            about = f"{name}: " if len(photos) > 1 else ""
+            try:
+                faces, analysis = self._photo(photo)
+            except NoFaceFoundError as e:
+                out.notes.append(f"{about}{e}" if len(photos) > 1 else str(e))
+                continue
+            out.boxed.append((_boxed(analysis.image, faces), f"{name}: {len(faces)} face(s)"))
+            out.crops.append((analysis.crop(256), name))
+            out.notes.append(f"{about}Found one face." if len(faces) == 1 else f"{about}Found {len(faces)} faces; using the largest (green).")
+            if analysis.face.width < MIN_FACE_PX:
+                out.notes.append(f"{about}The face is only {int(analysis.face.width)} px wide; the likeness will be weak. "
+                                 f"Use a photo with the face at least {MIN_FACE_PX} px wide.")
+            vectors.append((name, analysis.embedding))
+        if not out.boxed:
+            raise NoFaceFoundError(" ".join(out.notes))
+        out.notes += _unlike(vectors, self.analyzer.encoder)
+        return out
+
+    def learn(self, photos, names, steps_per_person: int, cancel: threading.Event, report=None) -> list[Identity]:
+        """Personalize one person, or several jointly; ``report(step, total, loss)`` as it trains.
 
         Args:
-            photos: a photo path, or one path per person.
-            names: a name, a comma-separated string of names, or a list, in photo order.
-
-        Nothing is written unless training finishes; ``cancel`` stops it.
+            photos: a photo path, or one entry per person: a path, or a list of paths of that person.
+            names: a name, a comma-separated string of names, or a list, in person order.
+            steps_per_person: training steps per person (``TrainConfig.steps`` is the total).
+            cancel: set it to stop training; nothing is written then.
         """
-        from .train import TrainConfig, personalize
+        from .train import personalize
 
-        photos = [photos] if isinstance(photos, (str, Path)) else [p for p in photos if p]
+        people = [[photos]] if isinstance(photos, (str, Path)) else [_paths(p) for p in photos if p]
+        people = [p for p in people if p]
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",")]
         names = [check_name(n) for n in names]
-        if len(names) != len(photos):
-            raise InputError(f"{len(photos)} photo(s) but {len(names)} name(s). Give one name per photo, separated by commas.")
+        if len(names) != len(people):
+            raise InputError(f"{len(people)} person(s) but {len(names)} name(s). Give one name per person, separated by commas.")
+        config = updated(self.train_config, steps=int(steps_per_person) * len(names))
         for n in names:
             if self._path(n).exists():
                 raise InputError(f"An identity named {n!r} already exists. Pick another name or delete it in the Library.")
-        analyses = [self.analyzer(p) for p in photos]
+        analyses = [[self._photo(p)[1] for p in person] for person in people]
 
         def callback(step, total, loss):
             if cancel.is_set():
@@ -182,27 +307,52 @@ class WebApp:
                 report(step, total, loss)
 
         with self.lock:
-            pipe = self.pipe
-            resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-            cfg = TrainConfig(steps=int(steps) * len(names), resolution=resolution)
-            result = personalize(pipe, analyses, names, config=cfg, show_progress=False, callback=callback)
-        result.save(self.dir)
+            result = personalize(self.pipe, analyses, names, config=config, face_analyzer=self.analyzer,
+                                 show_progress=False, callback=callback)
+            for ident, path in zip(result.identities, result.save(self.dir)):  # personalize loaded them already
+                self._in_pipe[ident.token] = (path, _file_key(path), True)
         for a, n in zip(analyses, names):
-            a.crop(128).save(self._path(n).with_suffix(".thumb.png"))
+            a[0].crop(128).save(self._path(n).with_suffix(".thumb.png"))
         return result.identities
 
     # -- create ------------------------------------------------------------------------------
-    def create(self, prompt: str, negative: str, steps: int, guidance: float, seed: int, width: int, height: int,
-               n: int) -> tuple[list[tuple[str, str]], Path]:
-        """Generate with every identity in the library loaded; returns (path, caption) pairs and the folder."""
-        from .generate import generate, save_images
+    def _load_library(self, pipe) -> set[str]:
+        """Load into the pipeline the identities it lacks or whose file changed; returns the library's tokens."""
+        from .insert import load_identity
 
-        identities = [Identity.load(r["path"]) for r in self.identities()]
+        tokens = set()
+        for path, key, ident in self._scan():
+            loaded = self._in_pipe.get(ident.token)
+            if loaded is None or loaded[:2] != (path, key):
+                ok = True
+                try:
+                    load_identity(pipe, ident)
+                except CelebBasisError as e:  # another model family: reported once, not on every click
+                    logger.warning("Not loading %s: %s", path.name, e)
+                    ok = False
+                loaded = self._in_pipe[ident.token] = (path, key, ok)
+            if loaded[2]:
+                tokens.add(ident.token)
+        return tokens
+
+    def create(self, prompt: str, **settings) -> tuple[list[tuple[str, str]], Path]:
+        """Draw ``prompt`` with the library's people; returns (path, caption) pairs and the folder.
+
+        Args:
+            settings: ``GenerateConfig`` fields over the app's ``generate_config`` (``steps=20, seed=3, ...``).
+        """
+        from .generate import generate, save_images
+        from .insert import PLACEHOLDER_RE
+
+        config = updated(self.generate_config, **settings)
         with self.lock:
             pipe = self.pipe
-            results = generate(pipe, prompt, identities=identities, negative_prompt=negative or None,
-                               num_images=int(n), steps=int(steps), guidance=float(guidance), seed=int(seed),
-                               width=int(width), height=int(height), show_progress=False)
+            known = self._load_library(pipe)
+            unknown = sorted(set(PLACEHOLDER_RE.findall(prompt or "")) - known)
+            if unknown:
+                raise InputError(f"{', '.join(unknown)}: not in the library, or made for another model (usable here: "
+                                 f"{', '.join(sorted(known)) or 'nobody yet'}). Learn the person in Learn, or click a person above.")
+            results = generate(pipe, prompt, config=config, show_progress=False)
         folder = self.outputs / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         paths = save_images(results, folder, grid=False)
         return [(str(p), f"{r.prompt} · seed {r.seed}") for p, r in zip(paths, results)], folder
@@ -215,288 +365,414 @@ class WebApp:
         return out
 
     # -- mix ---------------------------------------------------------------------------------
-    def mix(self, a: str, b: str, celebrity: str, weight: float, name: str, seed: int) -> tuple[str, str]:
-        """Mix identity ``a`` with identity ``b`` or a celebrity; save it and draw a preview."""
-        from .basis import cached_basis
-        from .insert import text_encoders
+    def mix(self, a: str, b: str, celebrity: str, weight: float, name: str, **settings) -> tuple[str, str]:
+        """Mix identity ``a`` with identity ``b`` or a celebrity; save it and draw one preview image.
+
+        Args:
+            settings: ``GenerateConfig`` fields for the preview (``seed=3, steps=20, ...``).
+        """
         from .mix import mix
+        from .models import pipeline_bases
 
         name = check_name(name)
         if self._path(name).exists():
             raise InputError(f"An identity named {name!r} already exists. Pick another name.")
         if not a:
             raise InputError("Pick the first identity.")
-        first = Identity.load(self._path(a))
-        other = celebrity.strip() if celebrity and celebrity.strip() else (Identity.load(self._path(b)) if b else None)
+        first = self._identity(a)
+        other = celebrity.strip() if celebrity and celebrity.strip() else (self._identity(b) if b else None)
         if other is None:
             raise InputError("Pick a second identity or type a celebrity name.")
         with self.lock:
             pipe = self.pipe
-            bases = [cached_basis(tok, te) for tok, te in text_encoders(pipe)]
-            mixed = mix([(first, 1.0 - float(weight)), (other, float(weight))], name, bases, pipe)
+            mixed = mix([(first, 1.0 - float(weight)), (other, float(weight))], name, pipeline_bases(pipe), pipe)
         mixed.save(self._path(name))
-        pairs, _ = self.create(f"a photo of {mixed.token} person", "", 20, 7.5, seed,
-                               *(2 * [pipe.unet.config.sample_size * pipe.vae_scale_factor]), 1)
+        pairs, _ = self.create(f"a photo of {mixed.token} person", **{**settings, "num_images": 1})
         return pairs[0][0], mixed.token
 
 
-def build_ui(app: WebApp):
-    """The Gradio Blocks app."""
+def _paths(files) -> list[str]:
+    """Upload values (a path, a list of paths, Gradio file objects, or nothing) -> list of paths."""
+    if not files:
+        return []
+    if isinstance(files, (str, Path)):
+        return [str(files)]
+    return [str(getattr(f, "name", f)) for f in files if f]
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _boxed(image: Image.Image, faces) -> Image.Image:
+    """The photo with every face boxed: the one used (the largest) in green, the others in orange."""
+    shown = image.copy()
+    draw = ImageDraw.Draw(shown)
+    width = max(3, max(image.size) // 150)
+    for i, f in enumerate(faces):
+        draw.rectangle(f.box, outline=(0, 220, 0) if i == 0 else (220, 160, 0), width=width)
+    return shown
+
+
+def _unlike(vectors: list[tuple[str, np.ndarray]], encoder) -> list[str]:
+    """Warnings about photos whose face is, on average, below the encoder's same-person cosine to the others'."""
+    if len(vectors) < 2:
+        return []
+    from .train import same_person_threshold
+
+    threshold = same_person_threshold(encoder)
+    v = np.stack([x for _, x in vectors])
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)  # (n, f) unit rows
+    sims = v @ v.T
+    rule = f"the same person is usually {threshold:.2f} or more"
+    if len(vectors) == 2:  # which one is the odd one out cannot be told
+        if sims[0, 1] >= threshold:
+            return []
+        return [f"⚠ {vectors[0][0]} and {vectors[1][0]} do not look like the same person (face similarity "
+                f"{sims[0, 1]:.2f}; {rule}). Use photos of one person only."]
+    out = []
+    for i, (name, _) in enumerate(vectors):
+        others = float((sims[i].sum() - sims[i, i]) / (len(vectors) - 1))
+        if others < threshold:
+            out.append(f"⚠ {name} does not look like the other photos (face similarity {others:.2f}; {rule}). "
+                       "If it shows someone else, remove it.")
+    return out
+
+
+def _gradio():
     try:
         import gradio as gr
     except ImportError:
         from .errors import MissingDependencyError
 
         raise MissingDependencyError("The web UI needs Gradio: pip install 'celebbasis[webui]'") from None
-    import pandas as pd
+    return gr
 
+
+class Handlers:
+    """What the page's buttons do, as plain methods of the fields' values; ``build_ui`` wires them up.
+
+    Each browser session (tab) cancels only its own training: ``learn`` registers its run under
+    the session's id and ``cancel`` stops the run of the session that pressed it.
+    """
+
+    def __init__(self, app: WebApp):
+        self.app = app
+        self.gr = _gradio()
+        self._runs: dict[str, threading.Event] = {}  # session id -> its running training's stop flag
+        self._runs_lock = threading.Lock()
+
+    # -- library -----------------------------------------------------------------------------
+    def refresh(self, selected=None):
+        """Gallery, table, and every person picker, from one scan of the folder."""
+        gr, rows = self.gr, self.app.identities()
+        names = [r["name"] for r in rows]
+        keep = selected if selected in names else None  # the library selection survives a refresh
+        return ([(r["thumb"], r["token"]) for r in rows if r["thumb"]],
+                [[r["name"], r["token"], r["model"], r["created"]] for r in rows],
+                gr.update(choices=names, value=keep), gr.update(choices=[r["token"] for r in rows], value=None),
+                gr.update(choices=names), gr.update(choices=names))
+
+    def rename(self, old, new) -> str:
+        try:
+            return f"Renamed to `{self.app.rename(old, new)}`."
+        except CelebBasisError as e:
+            return f"**{_md(e)}**"
+
+    def delete(self, who, confirmed) -> str:
+        if not confirmed:
+            return "Tick the confirmation box first."
+        try:
+            self.app.delete(who)
+        except CelebBasisError as e:
+            return f"**{_md(e)}**"
+        return f"Deleted {_md(who)}."
+
+    def download(self, who, fmt):
+        if not who:
+            return None, "Pick an identity."
+        try:
+            return str(self.app.export(who, fmt)), ""
+        except CelebBasisError as e:
+            return None, f"**{_md(e)}**"
+
+    # -- learn -------------------------------------------------------------------------------
+    def detect(self, photos):
+        if not _paths(photos):
+            return None, None, ""
+        try:
+            found = self.app.detect(photos)
+        except CelebBasisError as e:
+            return None, None, f"**{_md(e)}**"
+        return found.boxed, found.crops, "  \n".join(_md(n) for n in found.notes)
+
+    def learn(self, photos, more, who, steps, session: str, progress=None):
+        """Train in a thread and yield (status, loss table) as it goes; Cancel in this session stops it."""
+        import pandas as pd
+
+        gr, empty = self.gr, pd.DataFrame({"step": [], "loss": []})
+        if not _paths(photos):
+            yield "**Upload a photo first.**", gr.skip()
+            return
+        stop, updates, box = threading.Event(), queue.Queue(), {}
+        with self._runs_lock:
+            self._runs[session] = stop
+
+        def work():
+            try:
+                people = [_paths(photos)] + [[p] for p in _paths(more)]
+                box["identities"] = self.app.learn(people, who, steps, stop, lambda s, t, lo: updates.put((s, t, lo)))
+            except Exception as e:  # reported below
+                box["error"] = e
+            finally:
+                updates.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        losses, t0 = [], time.time()
+        try:
+            yield "Preparing (faces, basis, model) …", empty
+            while (item := updates.get()) is not None:
+                step, total, loss = item
+                losses.append(loss)
+                if progress is not None:
+                    progress(step / total, desc=f"step {step}/{total}")
+                if step % max(1, total // 50) == 0 or step == total:
+                    eta = (time.time() - t0) / step * (total - step)
+                    yield (f"Learning: step {step}/{total}, loss {loss:.4f}, about {eta:.0f} s left",
+                           pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses}))
+        finally:
+            if thread.is_alive() and "identities" not in box:
+                stop.set()  # Cancel was pressed or the page went away: stop training
+            with self._runs_lock:
+                if self._runs.get(session) is stop:
+                    del self._runs[session]
+        thread.join()
+        err = box.get("error")
+        if isinstance(err, Cancelled):
+            yield "Cancelled; nothing was saved.", empty
+        elif err is not None:
+            yield (f"**{_md(err)}**" if isinstance(err, CelebBasisError) else f"**Failed: {type(err).__name__}: {_md(err)}**"), gr.skip()
+        else:
+            tokens = [i.token for i in box["identities"]]
+            yield f"Learned {', '.join(f'`{t}`' for t in tokens)}. Use it in **Create**: `{tokens[0]} person …`", gr.skip()
+
+    def cancel(self, session: str) -> str:
+        with self._runs_lock:
+            stop = self._runs.get(session)
+        if stop is None:
+            return "Nothing is learning in this tab."
+        stop.set()
+        return "Cancelling …"
+
+    # -- create ------------------------------------------------------------------------------
+    def chip(self, text, token):
+        if not token:
+            return self.gr.skip(), self.gr.skip()
+        sep = "" if not text or text.endswith(" ") else " "
+        return f"{text or ''}{sep}{token} person", None
+
+    def preset(self, sample) -> str:
+        text = sample[0]
+        for i, row in enumerate(self.app.identities()[:2]):
+            text = text.replace(f"<id{i + 1}>", row["token"])
+        return text
+
+    def generate(self, prompt, negative, steps, guidance, seed, width, height, n):
+        try:
+            pairs, folder = self.app.create(prompt, negative_prompt=negative or None, steps=int(steps), guidance=float(guidance),
+                                            seed=int(seed), width=int(width), height=int(height), num_images=int(n))
+        except CelebBasisError as e:
+            return self.gr.skip(), self.gr.skip(), f"**{_md(e)}**"
+        return pairs, str(folder), f"{len(pairs)} image(s) in {_md(folder)}"
+
+    @staticmethod
+    def seed_of(caption: str):
+        return int(caption.rsplit("seed", 1)[1]) if caption and "seed" in caption else None
+
+    def zip(self, folder):
+        return str(self.app.zip_folder(Path(folder))) if folder else None
+
+    # -- mix ---------------------------------------------------------------------------------
+    def mix(self, a, b, celebrity, weight, name, steps, guidance, seed, width, height):
+        """Mix and draw the preview with the Create tab's sampling settings."""
+        try:
+            path, token = self.app.mix(a, b, celebrity, weight, name, steps=int(steps), guidance=float(guidance),
+                                       seed=int(seed), width=int(width), height=int(height))
+        except CelebBasisError as e:
+            return None, f"**{_md(e)}**"
+        return path, f"Saved `{token}`."
+
+
+# -- layout: one builder per tab, returning its components -----------------------------------------
+
+def header(app: WebApp) -> str:
+    return f"# celebbasis\nPut anyone into Stable Diffusion from a few face photos. Model: `{app.model_label}`"
+
+
+def _learn_tab(gr, d: Defaults) -> SimpleNamespace:
+    with gr.Tab("Learn", id="learn"):
+        with gr.Row():
+            photo = gr.File(label="Photos of the person (one or more)", file_count="multiple", file_types=["image"],
+                            height=260, elem_id="learn-photo")
+            boxed = gr.Gallery(label="Faces found (the one used in green)", columns=2, height=260, interactive=False,
+                               elem_id="learn-boxes")
+            crop = gr.Gallery(label="Training crops", columns=2, height=260, interactive=False, elem_id="learn-crop")
+        detect_msg = gr.Markdown(elem_id="learn-detect-msg")
+        more = gr.File(label="More people, learned together with the first: one photo each (optional)",
+                       file_count="multiple", file_types=["image"], height=120, elem_id="learn-more")
+        with gr.Row():
+            name = gr.Textbox(label="Name (the prompt word becomes <name>); for several people: names in order, "
+                              "separated by commas", elem_id="learn-name")
+            steps = gr.Slider(1, max(MAX_STEPS_PER_PERSON, d.steps_per_person), value=d.steps_per_person, step=1,
+                              label="Steps per person", elem_id="learn-steps")
+        with gr.Row():
+            button = gr.Button("Learn", variant="primary", elem_id="learn-button")
+            cancel = gr.Button("Cancel", elem_id="learn-cancel")
+        status = gr.Markdown(elem_id="learn-status")
+        plot = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="learn-plot")
+    return SimpleNamespace(photo=photo, boxed=boxed, crop=crop, detect_msg=detect_msg, more=more, name=name, steps=steps,
+                           button=button, cancel=cancel, status=status, plot=plot)
+
+
+def _library_tab(gr) -> SimpleNamespace:
+    with gr.Tab("Library", id="library"):
+        thumbs = gr.Gallery(label="People", columns=6, height="auto", elem_id="library-gallery")
+        table = gr.Dataframe(headers=["name", "token", "model", "created"], interactive=False, elem_id="library-table")
+        with gr.Row():
+            name = gr.Dropdown(label="Identity", choices=[], elem_id="library-name")
+            new_name = gr.Textbox(label="New name", elem_id="library-new-name")
+            rename = gr.Button("Rename", elem_id="library-rename")
+        with gr.Row():
+            confirm = gr.Checkbox(label="Yes, delete it", elem_id="library-confirm")
+            delete = gr.Button("Delete", variant="stop", elem_id="library-delete")
+        with gr.Row():
+            fmt = gr.Dropdown(["celebbasis", "diffusers", "a1111", "comfyui"], value="celebbasis", label="Format")
+            download = gr.Button("Download", elem_id="library-download")
+            file = gr.File(label="File", elem_id="library-file")
+        msg = gr.Markdown(elem_id="library-msg")
+    return SimpleNamespace(thumbs=thumbs, table=table, name=name, new_name=new_name, rename=rename, confirm=confirm,
+                           delete=delete, fmt=fmt, download=download, file=file, msg=msg)
+
+
+def _create_tab(gr, d: Defaults) -> SimpleNamespace:
     from .resources import example_prompts
 
-    def names():
-        return [r["name"] for r in app.identities()]
+    with gr.Tab("Create", id="create"):
+        chips = gr.Radio(choices=[], label="Click a person to insert them", elem_id="create-chips")
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="create-prompt")
+        negative = gr.Textbox(label="Negative prompt", elem_id="create-negative")
+        with gr.Row():
+            steps = gr.Slider(1, max(150, d.create_steps), value=d.create_steps, step=1, label="Steps", elem_id="create-steps")
+            guidance = gr.Slider(0, max(20, d.guidance), value=d.guidance, step=0.5, label="Guidance", elem_id="create-guidance")
+            seed = gr.Number(value=d.seed, precision=0, label="Seed", elem_id="create-seed")
+        with gr.Row():
+            width = gr.Slider(64, max(1536, d.width), value=d.width, step=8, label="Width", elem_id="create-width")
+            height = gr.Slider(64, max(1536, d.height), value=d.height, step=8, label="Height", elem_id="create-height")
+            n = gr.Slider(1, max(8, d.num_images), value=d.num_images, step=1, label="Images", elem_id="create-n")
+        presets = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[p] for p in example_prompts()],
+                             label="Example prompts (<id1>/<id2>: the first people in the library)")
+        button = gr.Button("Generate", variant="primary", elem_id="create-button")
+        gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="create-gallery")
+        with gr.Row():
+            use_seed = gr.Button("Use this seed", elem_id="create-use-seed")
+            zip_button = gr.Button("Download all", elem_id="create-zip")
+            zipped = gr.File(label="All images", elem_id="create-zip-file")
+        msg = gr.Markdown(elem_id="create-msg")
+    return SimpleNamespace(chips=chips, prompt=prompt, negative=negative, steps=steps, guidance=guidance, seed=seed,
+                           width=width, height=height, n=n, presets=presets, button=button, gallery=gallery,
+                           use_seed=use_seed, zip_button=zip_button, zipped=zipped, msg=msg,
+                           last_folder=gr.State(None), picked_seed=gr.State(None))
 
-    def library_rows():
-        return [[r["name"], r["token"], r["model"], r["created"]] for r in app.identities()]
 
-    def library_gallery():
-        return [(r["thumb"], r["token"]) for r in app.identities() if r["thumb"]]
+def _mix_tab(gr) -> SimpleNamespace:
+    with gr.Tab("Mix", id="mix"):
+        with gr.Row():
+            a = gr.Dropdown(label="Person", choices=[], elem_id="mix-a")
+            b = gr.Dropdown(label="Mixed with person", choices=[], elem_id="mix-b")
+            celebrity = gr.Textbox(label="…or a celebrity", placeholder="Anne Hathaway", elem_id="mix-celebrity")
+        weight = gr.Slider(0, 1, value=0.5, step=0.05, label="Share of the second", elem_id="mix-weight")
+        name = gr.Textbox(label="Name of the mix", elem_id="mix-name")
+        button = gr.Button("Mix and preview", variant="primary", elem_id="mix-button")
+        preview = gr.Image(label="Preview", interactive=False, elem_id="mix-preview")
+        msg = gr.Markdown(elem_id="mix-msg")
+    return SimpleNamespace(a=a, b=b, celebrity=celebrity, weight=weight, name=name, button=button, preview=preview, msg=msg)
 
-    def fail(e: Exception):
-        raise gr.Error(str(e))
 
+# -- wiring: events of each tab --------------------------------------------------------------------
+
+def _wire_learn(gr, h: Handlers, learn: SimpleNamespace, after) -> None:
+    learn.photo.change(h.detect, learn.photo, [learn.boxed, learn.crop, learn.detect_msg])
+
+    def on_learn(photos, more, who, steps, request: gr.Request, progress=gr.Progress()):
+        yield from h.learn(photos, more, who, steps, request.session_hash, progress)
+
+    def on_cancel(request: gr.Request):
+        return h.cancel(request.session_hash)
+
+    after(learn.button.click(on_learn, [learn.photo, learn.more, learn.name, learn.steps], [learn.status, learn.plot]))
+    learn.cancel.click(on_cancel, None, learn.status, queue=False)
+
+
+def _wire_library(h: Handlers, lib: SimpleNamespace, after) -> None:
+    after(lib.rename.click(h.rename, [lib.name, lib.new_name], lib.msg))
+    after(lib.delete.click(h.delete, [lib.name, lib.confirm], lib.msg))
+    lib.download.click(h.download, [lib.name, lib.fmt], [lib.file, lib.msg])
+
+
+def _wire_create(gr, h: Handlers, c: SimpleNamespace) -> None:
+    c.chips.select(h.chip, [c.prompt, c.chips], [c.prompt, c.chips])
+    c.presets.click(h.preset, c.presets, c.prompt)
+    c.button.click(h.generate, [c.prompt, c.negative, c.steps, c.guidance, c.seed, c.width, c.height, c.n],
+                   [c.gallery, c.last_folder, c.msg])
+
+    def on_pick(evt: gr.SelectData):
+        return h.seed_of(evt.value.get("caption", "") if isinstance(evt.value, dict) else "")
+
+    c.gallery.select(on_pick, None, c.picked_seed)
+    c.use_seed.click(lambda s, cur: cur if s is None else s, [c.picked_seed, c.seed], c.seed)
+    c.zip_button.click(h.zip, c.last_folder, c.zipped)
+
+
+def _wire_mix(h: Handlers, m: SimpleNamespace, c: SimpleNamespace, after) -> None:
+    sampling = [c.steps, c.guidance, c.seed, c.width, c.height]  # the preview is drawn as Create would draw it
+    after(m.button.click(h.mix, [m.a, m.b, m.celebrity, m.weight, m.name, *sampling], [m.preview, m.msg]))
+
+
+def build_ui(app: WebApp):
+    """The Gradio Blocks app: four tabs wired to ``Handlers(app)``. Loads the model (for its image size)."""
+    gr = _gradio()
+    h, d = Handlers(app), app.defaults()
     with gr.Blocks(title="celebbasis") as demo:
-        gr.Markdown(f"# celebbasis\nPut anyone into Stable Diffusion from one face photo. Model: `{app.model_label}`")
-        with gr.Tab("Learn", id="learn"):
-            with gr.Row():
-                photo = gr.Image(type="filepath", label="Face photo", elem_id="learn-photo", sources=["upload"])
-                boxed = gr.Image(label="Detected faces", interactive=False, elem_id="learn-boxes")
-                crop = gr.Image(label="Training crop", interactive=False, elem_id="learn-crop")
-            detect_msg = gr.Markdown(elem_id="learn-detect-msg")
-            more = gr.File(label="More people, learned together with the first (optional)", file_count="multiple",
-                           file_types=["image"], elem_id="learn-more")
-            with gr.Row():
-                name = gr.Textbox(label="Name (the prompt word becomes <name>); for several people: names in order, "
-                                  "separated by commas", elem_id="learn-name")
-                steps = gr.Slider(1, 1600, value=app.default_steps, step=1, label="Steps per person", elem_id="learn-steps")
-            with gr.Row():
-                learn_btn = gr.Button("Learn", variant="primary", elem_id="learn-button")
-                cancel_btn = gr.Button("Cancel", elem_id="learn-cancel")
-            status = gr.Markdown(elem_id="learn-status")
-            plot = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="learn-plot")
+        gr.Markdown(header(app), elem_id="header")
+        learn, lib, create, mix = _learn_tab(gr, d), _library_tab(gr), _create_tab(gr, d), _mix_tab(gr)
+        listing = [lib.thumbs, lib.table, lib.name, create.chips, mix.a, mix.b]
 
-        with gr.Tab("Library", id="library"):
-            thumbs = gr.Gallery(label="People", columns=6, height="auto", elem_id="library-gallery")
-            table = gr.Dataframe(headers=["name", "token", "model", "created"], interactive=False, elem_id="library-table")
-            with gr.Row():
-                lib_name = gr.Dropdown(label="Identity", choices=[], elem_id="library-name")
-                new_name = gr.Textbox(label="New name", elem_id="library-new-name")
-                rename_btn = gr.Button("Rename")
-            with gr.Row():
-                confirm = gr.Checkbox(label="Yes, delete it", elem_id="library-confirm")
-                delete_btn = gr.Button("Delete", variant="stop", elem_id="library-delete")
-            with gr.Row():
-                fmt = gr.Dropdown(["celebbasis", "diffusers", "a1111", "comfyui"], value="celebbasis", label="Format")
-                download_btn = gr.Button("Download", elem_id="library-download")
-                download = gr.File(label="File", elem_id="library-file")
-            lib_msg = gr.Markdown(elem_id="library-msg")
+        def after(event):  # whatever changed the folder: show it everywhere, keeping the library's selection
+            event.then(h.refresh, lib.name, listing)
 
-        with gr.Tab("Create", id="create"):
-            chips = gr.Radio(choices=[], label="Click a person to insert them", elem_id="create-chips")
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="create-prompt")
-            negative = gr.Textbox(label="Negative prompt", elem_id="create-negative")
-            with gr.Row():
-                c_steps = gr.Slider(1, 150, value=50 if app.default_size >= 256 else 10, step=1, label="Steps", elem_id="create-steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="create-seed")
-            with gr.Row():
-                width = gr.Slider(64, 1536, value=app.default_size, step=8, label="Width", elem_id="create-width")
-                height = gr.Slider(64, 1536, value=app.default_size, step=8, label="Height", elem_id="create-height")
-                n = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="create-n")
-            presets = gr.Dataset(components=[gr.Textbox(visible=False)], samples=[[p] for p in example_prompts()],
-                                 label="Example prompts (<id1>/<id2>: pick people above first)")
-            gen_btn = gr.Button("Generate", variant="primary", elem_id="create-button")
-            gallery = gr.Gallery(label="Results", columns=4, height="auto", elem_id="create-gallery")
-            with gr.Row():
-                use_seed = gr.Button("Use this seed", elem_id="create-use-seed")
-                zip_btn = gr.Button("Download all")
-                zipped = gr.File(label="All images")
-            create_msg = gr.Markdown(elem_id="create-msg")
-            last_folder = gr.State(None)
-            picked_seed = gr.State(None)
-
-        with gr.Tab("Mix", id="mix"):
-            with gr.Row():
-                mix_a = gr.Dropdown(label="Person", choices=[], elem_id="mix-a")
-                mix_b = gr.Dropdown(label="Mixed with person", choices=[], elem_id="mix-b")
-                mix_celeb = gr.Textbox(label="…or a celebrity", placeholder="Anne Hathaway", elem_id="mix-celebrity")
-            mix_w = gr.Slider(0, 1, value=0.5, step=0.05, label="Share of the second", elem_id="mix-weight")
-            mix_name = gr.Textbox(label="Name of the mix", elem_id="mix-name")
-            mix_btn = gr.Button("Mix and preview", variant="primary", elem_id="mix-button")
-            mix_img = gr.Image(label="Preview", interactive=False, elem_id="mix-preview")
-            mix_msg = gr.Markdown(elem_id="mix-msg")
-
-        # -- events ----------------------------------------------------------------------------
-        def refresh(selected=None):
-            ns = names()
-            tokens = [f"<{x}>" for x in ns]
-            keep = selected if selected in ns else None  # the library selection survives a refresh
-            return (library_gallery(), library_rows(), gr.update(choices=ns, value=keep), gr.update(choices=tokens, value=None),
-                    gr.update(choices=ns), gr.update(choices=ns))
-
-        refresh_outputs = [thumbs, table, lib_name, chips, mix_a, mix_b]
-        demo.load(refresh, None, refresh_outputs)
-
-        def on_detect(path):
-            if not path:
-                return None, None, ""
-            try:
-                shown, c, msg = app.detect(path)
-            except CelebBasisError as e:
-                return None, None, f"**{_md(e)}**"
-            return shown, c, msg
-
-        photo.change(on_detect, photo, [boxed, crop, detect_msg])
-
-        cancel_event = threading.Event()
-
-        def on_learn(path, extra, who, n_steps, progress=gr.Progress()):
-            cancel_event.clear()
-            updates: queue.Queue = queue.Queue()
-            box: dict = {}
-
-            def work():
-                try:
-                    photos = [path] + [getattr(f, "name", f) for f in (extra or [])]
-                    box["identity"] = app.learn(photos, who, n_steps, cancel_event, lambda s, t, lo: updates.put((s, t, lo)))
-                except Exception as e:  # reported below
-                    box["error"] = e
-                finally:
-                    updates.put(None)
-
-            if not path:
-                raise gr.Error("Upload a photo first.")
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            losses, t0 = [], time.time()
-            yield "Preparing (face, basis, model) …", pd.DataFrame({"step": [], "loss": []})
-            try:
-                while True:
-                    item = updates.get()
-                    if item is None:
-                        break
-                    step, total, loss = item
-                    losses.append(loss)
-                    progress(step / total, desc=f"step {step}/{total}")
-                    if step % max(1, total // 50) == 0 or step == total:
-                        eta = (time.time() - t0) / step * (total - step)
-                        yield (f"Learning: step {step}/{total}, loss {loss:.4f}, about {eta:.0f} s left",
-                               pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses}))
-            finally:
-                if thread.is_alive() and "identity" not in box:
-                    cancel_event.set()  # Cancel was pressed or the page went away: stop training
-            thread.join()
-            if isinstance(box.get("error"), Cancelled):
-                yield "Cancelled; nothing was saved.", pd.DataFrame({"step": [], "loss": []})
-                return
-            if "error" in box:
-                err = box["error"]
-                yield (f"**{_md(err)}**" if isinstance(err, CelebBasisError) else f"**Failed: {type(err).__name__}: {_md(err)}**"), gr.skip()
-                return
-            tokens = [i.token for i in box["identity"]]
-            yield (f"Learned {', '.join(f'`{t}`' for t in tokens)}. Use it in **Create**: `{tokens[0]} person …`",
-                   gr.skip())
-
-        learn_event = learn_btn.click(on_learn, [photo, more, name, steps], [status, plot])
-        learn_event.then(refresh, lib_name, refresh_outputs)
-
-        def on_cancel():
-            cancel_event.set()
-            return "Cancelling …"
-
-        cancel_btn.click(on_cancel, None, status, queue=False)
-
-        def on_rename(old, new):
-            try:
-                token = app.rename(old, new)
-            except CelebBasisError as e:
-                return f"**{_md(e)}**"
-            return f"Renamed to `{token}`."
-
-        rename_btn.click(on_rename, [lib_name, new_name], lib_msg).then(lambda: refresh(None), None, refresh_outputs)
-
-        def on_delete(who, ok):
-            if not ok:
-                return "Tick the confirmation box first."
-            try:
-                app.delete(who)
-            except CelebBasisError as e:
-                return f"**{_md(e)}**"
-            return f"Deleted {who}."
-
-        delete_btn.click(on_delete, [lib_name, confirm], lib_msg).then(refresh, lib_name, refresh_outputs)
-
-        def on_download(who, f):
-            if not who:
-                return None, "Pick an identity."
-            try:
-                return str(app.export(who, f)), ""
-            except CelebBasisError as e:
-                return None, f"**{_md(e)}**"
-
-        download_btn.click(on_download, [lib_name, fmt], [download, lib_msg])
-
-        def on_chip(text, token):
-            if not token:
-                return gr.skip(), gr.skip()
-            sep = "" if not text or text.endswith(" ") else " "
-            return f"{text or ''}{sep}{token} person", None
-
-        chips.select(on_chip, [prompt, chips], [prompt, chips])
-
-        def on_preset(sample):
-            text = sample[0]
-            ns = [f"<{x}>" for x in names()]
-            for i, tok in enumerate(ns[:2]):
-                text = text.replace(f"<id{i + 1}>", tok)
-            return text
-
-        presets.click(on_preset, presets, prompt)
-
-        def on_generate(p, neg, st, g, sd, w, h, k):
-            try:
-                pairs, folder = app.create(p, neg, st, g, sd, w, h, k)
-            except CelebBasisError as e:
-                return gr.skip(), gr.skip(), f"**{_md(e)}**"
-            return pairs, str(folder), f"{len(pairs)} image(s) in {folder}"
-
-        gen_btn.click(on_generate, [prompt, negative, c_steps, guidance, seed, width, height, n], [gallery, last_folder, create_msg])
-
-        def on_pick(evt: gr.SelectData):
-            caption = evt.value.get("caption", "") if isinstance(evt.value, dict) else ""
-            return int(caption.rsplit("seed", 1)[1]) if "seed" in caption else None
-
-        gallery.select(on_pick, None, picked_seed)
-        use_seed.click(lambda s, cur: cur if s is None else s, [picked_seed, seed], seed)
-        zip_btn.click(lambda f: str(app.zip_folder(Path(f))) if f else None, last_folder, zipped)
-
-        def on_mix(a, b, celeb, w, who, sd):
-            try:
-                path, token = app.mix(a, b, celeb, w, who, sd)
-            except CelebBasisError as e:
-                return None, f"**{_md(e)}**"
-            return path, f"Saved `{token}`."
-
-        mix_btn.click(on_mix, [mix_a, mix_b, mix_celeb, mix_w, mix_name, seed], [mix_img, mix_msg]).then(refresh, lib_name, refresh_outputs)
+        demo.load(h.refresh, None, listing)
+        _wire_learn(gr, h, learn, after)
+        _wire_library(h, lib, after)
+        _wire_create(gr, h, create)
+        _wire_mix(h, mix, create, after)
     demo.queue(default_concurrency_limit=1)
     return demo
 
 
 def launch(app: WebApp, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
-    """Start the server (share links only when asked, with a warning)."""
+    """Start the server and print its address; share links only when asked, with a warning.
+
+    Returns the running Gradio app (``.close()`` stops it) once it stops, or at once with ``block=False``.
+    """
     demo = build_ui(app)
     if share:
         logger.warning("--share makes this app reachable by anyone with the link, including your GPU and photos.")
-    logger.info("celebbasis web UI on http://%s:%d", host, port)
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD,
-                       allowed_paths=[str(app.dir)], prevent_thread_lock=not block, show_error=True)
-
+    # quiet: Gradio's own lines talk about launch(share=True); ours name the command-line flag
+    demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, allowed_paths=[str(app.dir)],
+                prevent_thread_lock=True, show_error=True, quiet=True)
+    print(f"Running on http://{host}:{demo.server_port}" + ("" if share else " (pass --share for a public link)"), flush=True)
+    if block:
+        demo.block_thread()
+    return demo
