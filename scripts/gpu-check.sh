@@ -55,7 +55,8 @@ if torch.version.cuda is None:
              "that has one.")
 if not torch.cuda.is_available():
     sys.exit(f"gpu-check: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU. Check the driver with "
-             "nvidia-smi, and CUDA_VISIBLE_DEVICES.")
+             "nvidia-smi, and CUDA_VISIBLE_DEVICES; a torch built for a newer CUDA than the driver supports reads the "
+             "same (pin another with CELEBBASIS_TORCH=VERSION and delete .venv).")
 import diffusers
 import transformers
 

@@ -63,7 +63,7 @@ read -r -a EVAL <<< "${EVAL_FLAGS:-}"
 COMMON+=("$@")
 mkdir -p "$OUT"
 
-say() { printf '\n== %s\n' "$*" >&2; }
+say() { printf "\n== [%d s] %s\n" "$SECONDS" "$*" >&2; }
 
 say "1/4 learning everyone in $REF_DIR -> $OUT/identities/"
 rc=0
@@ -98,7 +98,7 @@ while IFS=$'\t' read -r name ref; do
   REFERENCES+=(--reference "$name=$ref")
 done <<< "$PEOPLE"
 
-say "2/4 the paper's benchmark prompts for ${#NAMES[@]} people -> $OUT/prompts.txt"
+say "2/4 the paper's benchmark prompts for ${#NAMES[@]} person(s) -> $OUT/prompts.txt"
 cb benchmark-prompts "${NAMES[@]}" -o "$OUT/prompts.txt" --overwrite
 if [ -n "${PROMPTS_PER_CATEGORY:-}" ]; then
   awk -F'\t' -v n="$PROMPTS_PER_CATEGORY" 'seen[$1]++ < n' "$OUT/prompts.txt" > "$OUT/prompts.txt.tmp"
