@@ -1,7 +1,7 @@
 """Does the view pool change what is learned? Pool of encoded views vs fresh views every step.
 
-    python benchmarks/bench_view_pool.py --arch sd-small --resolution 128 --steps 100   # CPU, ~10 min on 2 cores
-    python benchmarks/bench_view_pool.py --arch tiny --resolution 64 --steps 20          # seconds: a smoke test
+    python benchmarks/bench_view_pool.py --arch sd-small --resolution 128 --steps 80 --threads 1   # CPU, 4 runs
+    python benchmarks/bench_view_pool.py --arch tiny --resolution 64 --steps 20          # a smoke test
 
 celebbasis encodes ``--views`` augmented views per person once and draws every step's latent from
 a stored view's VAE posterior; the textual-inversion recipe encodes new views every step. The same
@@ -97,7 +97,7 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sd-small", choices=["tiny", "sd-small", "sd15"], help="model shapes (random weights)")
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps per run")
+    p.add_argument("--steps", type=int, default=80, help="optimisation steps per run")
     p.add_argument("--resolution", type=int, default=128, help="training resolution")
     p.add_argument("--views", type=int, default=64, help="the pool's views per person")
     p.add_argument("--seed", type=int, default=0, help="seed of the pool run and the first fresh run")
