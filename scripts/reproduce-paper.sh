@@ -21,7 +21,8 @@
 #                     identities, and reads high (a loud warning says so).
 #   CELEBBASIS_FLAGS  more flags for add-many and generate (like EXTRA FLAGS);
 #   ADD_FLAGS         flags for add-many only (e.g. "--steps 400 --group-size 2");
-#   GENERATE_FLAGS    flags for generate only (e.g. "--num-images 4 --batch-images 8");
+#   GENERATE_FLAGS    flags for generate only (e.g. "--num-images 4 --batch-images 8"; an SDXL model
+#                     wants "--height 1024 --width 1024": the paper's preset draws 512 px);
 #   EVAL_FLAGS        flags for evaluate only (e.g. "--clip-model PATH" offline, or "--no-clip");
 #   PROMPTS_PER_CATEGORY  draw only the first N prompts of each category (a quick look; default: all);
 #   CELEBBASIS_PYTHON a Python that has celebbasis (its src/ is put first on the path); default: the
