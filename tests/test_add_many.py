@@ -90,3 +90,22 @@ def test_one_progress_bar_over_every_step(faces, tmp_path, capsys):
     assert not any("0/2 [" in line and "group" in line for line in steps)
     again = add_many(load, faces, tmp_path / "ids", config=TrainConfig(steps=2, resolution=64), process=(0, 1))
     assert sorted(again.skipped) == ["Eileen_Collins", "grace", "mirror_2"] and loads == [None]  # nothing to do: no model load
+
+
+def test_a_subfolder_is_one_person_with_several_photos(tmp_path, astronaut_path, mirrored_path, hopper_path):
+    import json
+
+    from celebbasis.many import people_in
+
+    d = tmp_path / "faces"
+    (d / "Ann Lee").mkdir(parents=True)
+    shutil.copy(astronaut_path, d / "Ann Lee" / "front.png")
+    shutil.copy(mirrored_path, d / "Ann Lee" / "mirror.png")
+    shutil.copy(hopper_path, d / "grace.jpg")
+    assert [(p.name, [f.name for f in p.photos]) for p in people_in(d)] == [
+        ("Ann_Lee", ["front.png", "mirror.png"]), ("grace", ["grace.jpg"])]
+    out = tmp_path / "ids"
+    assert main(["add-many", str(d), "--tiny", "-o", str(out), *FAST]) == 0
+    ann = Identity.load(out / "Ann_Lee.safetensors")
+    assert ann.metadata["source_photos"] == ["front.png", "mirror.png"]
+    assert Identity.load(out / "grace.safetensors").token == "<grace>"

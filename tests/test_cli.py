@@ -237,3 +237,13 @@ def test_single_file_model_on_the_command_line(tmp_path, tiny_single_file, tiny_
                  "-o", str(tmp_path / "img"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--model-config" in err[0], err
+
+
+def test_add_several_photos_of_one_person(tmp_path, astronaut_path, mirrored_path, hopper_path, capsys):
+    out = tmp_path / "ids"
+    assert main(["add", str(astronaut_path), str(mirrored_path), str(hopper_path), "--name", "ann", "--tiny",
+                 "-o", str(out), "--steps", "2", "--resolution", "64", "--views", "3"]) == 0
+    ann = Identity.load(out / "ann.safetensors")
+    assert ann.metadata["source_photos"] == [astronaut_path.name, mirrored_path.name, hopper_path.name]
+    err = capsys.readouterr().err
+    assert f"{hopper_path} does not look like the other photos of <ann>" in err  # another person mixed in: named

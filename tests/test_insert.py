@@ -127,3 +127,12 @@ def test_adding_words_leaves_the_global_generator_alone(tiny_pipe):
     state = torch.random.get_rng_state()
     add_placeholder(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "<zed>", 2)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_missing_token_message_lists_only_identities(tiny_pipe):
+    from celebbasis.errors import InputError
+    from celebbasis.insert import check_prompt_tokens
+
+    with pytest.raises(InputError) as e:
+        check_prompt_tokens(tiny_pipe.tokenizer, "<carol> person")
+    assert "(loaded: none)" in str(e.value)  # not <|endoftext|> and <|startoftext|>

@@ -29,3 +29,13 @@ def test_packaged_prompts_and_face_exist():
     prompts = example_prompts()
     assert any("<id2>" in p for p in prompts) and all("<id1>" in p for p in prompts)
     assert example_face().stat().st_size > 100_000
+
+
+def test_tiny_models_leave_the_callers_random_state_alone():
+    import torch
+
+    from celebbasis.testing import tiny_pipeline
+
+    state = torch.random.get_rng_state()
+    tiny_pipeline(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)

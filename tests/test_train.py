@@ -16,11 +16,12 @@ from PIL import Image
 
 from celebbasis.basis import build_basis
 from celebbasis.errors import InputError
+from celebbasis.face import same_person_threshold
 from celebbasis.identity import Identity
 from celebbasis.testing import tiny_pipeline
 from celebbasis.train import (
     TEMPLATES, PersonalizeResult, Personalizer, TrainConfig, ViewJitter, augment, needs_loss_scaling, personalize,
-    same_person_threshold,
+
 )
 
 CFG = dict(resolution=64, seed=0, views_per_identity=4)
@@ -115,20 +116,22 @@ def test_v_prediction_target(astronaut):
     assert torch.isfinite(torch.tensor(trainer.step(b)))
 
 
-def test_saved_coefficients_are_the_average_over_every_view(tiny_pipe, astronaut):
-    trainer = trainer_for(tiny_pipe, [astronaut])
+@pytest.mark.parametrize("momentum, kept", [(0.0, "last view"), (1 - 1e-9, "first view")])
+def test_saved_coefficients_are_the_moving_average_over_views(tiny_pipe, astronaut, momentum, kept):
+    # The average's two ends, without restating its formula: momentum 0 keeps the last view's prediction,
+    # momentum ~1 the first one (the average starts from the first prediction, not from random numbers).
+    trainer = trainer_for(copy.deepcopy(tiny_pipe), [astronaut], ema_momentum=momentum)
     seen = []
     for _ in range(3):
         batch = trainer.sample_batch()
         with torch.no_grad():
             seen.append(trainer.coefficients(batch)[0].clone())  # encoder 0: (B, K, n), each view its own
         trainer.step(batch)
-    views = [c for step in seen for c in step]  # one average update per view, from the first prediction on
-    ema = views[0]
-    for c in views:
-        ema = 0.99 * ema + 0.01 * c
+    views = [c for step in seen for c in step]
+    expected = views[-1] if kept == "last view" else views[0]
     ident = trainer.identities()[0]
-    assert torch.allclose(ident.coefficients, torch.nn.functional.normalize(ema, dim=-1), atol=1e-5)
+    assert torch.allclose(ident.coefficients, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
+    assert not torch.allclose(views[0], views[-1], atol=1e-3)  # training moved: the two ends differ
     assert torch.allclose(ident.coefficients.norm(dim=-1), torch.ones(2), atol=1e-6)
 
 
@@ -476,3 +479,21 @@ def test_save_writes_all_of_a_group_or_none(tmp_path, two_identities, monkeypatc
     assert [p.name for p in two_identities.save(tmp_path)] == ["alice.safetensors", "grace.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.run.json", "alice.safetensors", "grace.run.json",
                                                          "grace.safetensors"]
+
+
+def test_a_failed_or_cancelled_run_leaves_no_words_behind(tiny_pipe, astronaut):
+    tokenizer, rows = tiny_pipe.tokenizer, tiny_pipe.text_encoder.get_input_embeddings().num_embeddings
+
+    def cancel(step, total, loss):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        personalize(tiny_pipe, [astronaut], ["alice"], config=TrainConfig(steps=3, **CFG), show_progress=False, callback=cancel)
+    odd = copy.deepcopy(tiny_pipe)
+    odd.scheduler.register_to_config(prediction_type="sample")  # refused during set-up, after the words were made
+    with pytest.raises(InputError, match="prediction type"):
+        personalize(odd, [astronaut], ["alice"], config=TrainConfig(steps=1, **CFG), show_progress=False)
+    for pipe in (tiny_pipe, odd):
+        assert "<alice>" not in pipe.tokenizer.get_added_vocab()
+        assert pipe.text_encoder.get_input_embeddings().num_embeddings == rows
+    assert tiny_pipe.tokenizer is tokenizer  # the caller's own tokenizer object, given back

@@ -24,8 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, ModelLoadError
+from .errors import InputError, MissingDependencyError, ModelLoadError, NoFaceFoundError
+from .face import IMAGE_SUFFIXES, FaceAnalyzer, load_image
+from .files import atomic_write
+from .generate import contact_sheet
 from .insert import PLACEHOLDER_RE
+from .resources import celeb_names
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,6 @@ NEGATIVE_PROMPTS = {
     "with a celebrity": _ACTION_TWO_NEGATIVE,
     "two identities": _ACTION_TWO_NEGATIVE,
 }
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # Celebrities the example and benchmark prompts use that the basis name list lacks.
 _PROMPT_CELEBRITIES = ("Barack Obama", "Emma Watson")
 _STYLE_WORDS = ("painting", "sketch", "style", "drawing", "watercolor", "watercolour", "anime", "cartoon", "illustration",
@@ -90,8 +93,6 @@ def clip_text(prompt: str) -> str:
 
 def categorize(prompt: str, n_identities: int) -> str:
     """One of the paper's four prompt categories, guessed from the prompt."""
-    from .resources import celeb_names
-
     if n_identities >= 2:
         return "two identities"
     low = prompt.lower()
@@ -509,9 +510,6 @@ def evaluate(images: list, references: list[tuple[str | None, str]], *, analyzer
     """
     from tqdm.auto import tqdm
 
-    from .errors import NoFaceFoundError
-    from .face import FaceAnalyzer, load_image
-
     if not images:
         raise InputError("No images to evaluate. Pass a folder with PNG/JPEG images.")
     if not references:
@@ -568,9 +566,6 @@ def write_report(report: Report, out_dir) -> list[Path]:
     """``report.json``, ``report.md``, ``contact_sheet.png`` and ``scatter.png`` in ``out_dir``."""
     from PIL import Image
 
-    from .files import atomic_write
-    from .generate import contact_sheet
-
     out_dir = Path(out_dir)
     data = report.to_json()
     paths = [atomic_write(out_dir / "report.json", lambda t: Path(t).write_text(json.dumps(data, indent=2), encoding="utf-8"))]
@@ -623,11 +618,7 @@ def _scatter(report: Report, path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import MissingDependencyError
-
         raise MissingDependencyError("The scatter plot needs matplotlib: pip install 'celebbasis[eval]'") from None
-    from .files import atomic_write
-
     rows = report.images
     cats = sorted({r.category for r in rows})
     both = any(r.clip_score is not None and r.id_similarity is not None for r in rows)

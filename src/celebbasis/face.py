@@ -20,6 +20,7 @@ from .errors import CelebBasisError, InputError, MissingDependencyError, NoFaceF
 
 logger = logging.getLogger(__name__)
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # photos in folders: what add, add-many and evaluate look at
 MAX_PIXELS = 64_000_000  # refuse larger images: decompression bombs, and no face needs more
 DETECT_MAX_SIDE = 1024  # images are shrunk to this longest side for detection only
 MIN_FACE_PX = 64  # faces narrower than this are upscaled noise for the identity network
@@ -157,6 +158,10 @@ class DlibFaceEncoder:
     """dlib's 128-d ResNet identity model (99.38 % on LFW), aligned with dlib's own face chips."""
 
     name = "dlib-resnet-v1"
+    # dlib's rule is Euclidean distance < 0.6 between its raw descriptors, about 1.43 long:
+    # 1 - 0.6^2 / (2 * 1.43^2) = 0.91 between unit vectors (two different test faces: 0.886; a photo
+    # and its mirror image: 0.992)
+    same_person_cosine = 0.91
     embedding_dim = 128
     landmarks = DLIB5
 
@@ -219,6 +224,9 @@ def _file_tag(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+SAME_PERSON_COSINE = 0.3  # ArcFace-style 512-d networks: about insightface's usual verification threshold
+
+
 class ArcFaceEncoder:
     """The paper's identity network: an IResNet (r18/r34/r50/r100/r200) from insightface's
     ``arcface_torch``, weights from a user-given ``backbone.pth`` (read with ``weights_only=True``)
@@ -226,6 +234,7 @@ class ArcFaceEncoder:
     """
 
     landmarks = FIVE_POINT
+    same_person_cosine = SAME_PERSON_COSINE
 
     def __init__(self, path, device: str = "cpu"):
         import torch
@@ -281,6 +290,7 @@ class OnnxFaceEncoder:
     """
 
     landmarks = FIVE_POINT
+    same_person_cosine = SAME_PERSON_COSINE
 
     def __init__(self, path):
         path = Path(path)
@@ -351,6 +361,32 @@ class OnnxFaceEncoder:
                 "Pass an insightface recognition .onnx file that takes (1, 3, 112, 112) input."
             ) from None
         return v / np.linalg.norm(v)
+
+
+def same_person_threshold(encoder) -> float:
+    """Cosine above which two unit face vectors of ``encoder`` (object or name) show the same person."""
+    own = getattr(encoder, "same_person_cosine", None)
+    if own is not None:
+        return float(own)
+    name = encoder if isinstance(encoder, str) else getattr(encoder, "name", "")
+    return DlibFaceEncoder.same_person_cosine if name.startswith("dlib-") else SAME_PERSON_COSINE
+
+
+def unlike_photos(vectors, encoder) -> list[tuple[int, float]]:
+    """Photos of one person whose face does not look like the others': (index, mean cosine to the others).
+
+    A photo is named when its mean cosine to the other photos' face vectors is below the encoder's
+    same-person threshold. With two photos that disagree, both are named: which one is the odd one
+    out cannot be told.
+    """
+    if len(vectors) < 2:
+        return []
+    v = np.stack([np.asarray(x, dtype=np.float64) for x in vectors])
+    v /= np.linalg.norm(v, axis=1, keepdims=True)  # (n, f) unit rows
+    sims = v @ v.T
+    threshold = same_person_threshold(encoder)
+    means = (sims.sum(1) - sims.diagonal()) / (len(v) - 1)  # (n,): mean cosine to the others
+    return [(i, float(m)) for i, m in enumerate(means) if m < threshold]
 
 
 def face_encoder(spec: str = "dlib") -> FaceEncoder:

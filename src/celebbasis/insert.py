@@ -28,10 +28,12 @@ def placeholder_tokens(token: str, n_tokens: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n_tokens)]
 
 
-def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[int]:
+def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int, resize: bool = True) -> list[int]:
     """Add ``token``'s K words to the tokenizer and grow the embedding table to match.
 
     Words this function added before are reused (their rows are then overwritten by the caller).
+    With ``resize=False`` only the tokenizer learns the words (training: ``token_override`` supplies
+    their rows, so the table is never touched).
 
     Returns:
         The K token ids.
@@ -52,6 +54,7 @@ def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int) -> list[
         )
     if not existing:
         tokenizer.add_tokens(words)
+    if resize and text_encoder.get_input_embeddings().num_embeddings < len(tokenizer):
         device = text_encoder.get_input_embeddings().weight.device
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # the new rows' random start must not move the caller's generators
@@ -110,9 +113,9 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
 
 
 def loaded_placeholders(tokenizer) -> list[str]:
-    """Tokens of identities (or textual inversions) the tokenizer knows, without the ``_1`` extras."""
-    added = tokenizer.get_added_vocab()
-    return sorted(t for t in added if PLACEHOLDER_RE.fullmatch(t))
+    """Tokens of identities (or textual inversions) the tokenizer knows, without the ``_1`` extras or special tokens."""
+    special = set(tokenizer.all_special_tokens)
+    return sorted(t for t in tokenizer.get_added_vocab() if PLACEHOLDER_RE.fullmatch(t) and t not in special)
 
 
 def check_prompt_tokens(tokenizer, prompt: str) -> None:
@@ -150,15 +153,23 @@ def token_override(embedding: torch.nn.Embedding, token_ids: list[int]):
     itself never changes, so other words are untouched. Used in training, where the rows come from
     the identity network and carry its gradient.
     """
-    lookup = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=embedding.weight.device)
+    size = max(embedding.num_embeddings, max(token_ids) + 1)  # the words may lie past the table (never resized)
+    lookup = torch.full((size,), -1, dtype=torch.long, device=embedding.weight.device)
     lookup[torch.tensor(token_ids, device=lookup.device)] = torch.arange(len(token_ids), device=lookup.device)
-    state: dict[str, Tensor | None] = {"rows": None}
+    state: dict[str, Tensor | None] = {"rows": None, "ids": None}
+
+    def pre_hook(module, args):
+        ids = args[0]
+        state["ids"] = ids
+        if int(ids.max()) < module.num_embeddings:
+            return None
+        return (ids.masked_fill(ids >= module.num_embeddings, 0), *args[1:])  # rows past the table: looked up as 0, replaced below
 
     def hook(module, args, output):
         rows = state["rows"]
         if rows is None:
             return output
-        pos = lookup[args[0]]  # (B, T): index into rows, -1 for ordinary words
+        pos = lookup[state["ids"]]  # (B, T): index into rows, -1 for ordinary words
         rows = rows.to(output.device, output.dtype)
         if rows.ndim == 3:  # (B, P, d): each prompt its own rows
             sub = rows[torch.arange(pos.shape[0], device=pos.device)[:, None], pos.clamp(min=0)]  # (B, T, d)
@@ -166,8 +177,29 @@ def token_override(embedding: torch.nn.Embedding, token_ids: list[int]):
             sub = rows[pos.clamp(min=0)]  # (B, T, d)
         return torch.where((pos >= 0).unsqueeze(-1), sub, output)
 
-    handle = embedding.register_forward_hook(hook)
+    handles = [embedding.register_forward_pre_hook(pre_hook), embedding.register_forward_hook(hook)]
     try:
         yield state
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def borrowed_tokenizers(pipe):
+    """Give ``pipe`` copies of its tokenizers inside the block and its own back afterwards.
+
+    Training adds the new words to the copies only, so a run that fails or is cancelled leaves the
+    caller's tokenizers (and, with ``token_override``, the embedding tables) exactly as they were.
+    """
+    import copy
+
+    names = [n for n in ("tokenizer", "tokenizer_2") if getattr(pipe, n, None) is not None]
+    originals = {n: getattr(pipe, n) for n in names}
+    try:
+        for n in names:
+            setattr(pipe, n, copy.deepcopy(originals[n]))
+        yield pipe
+    finally:
+        for n, tok in originals.items():
+            setattr(pipe, n, tok)

@@ -16,11 +16,12 @@ from typing import Callable
 
 from .config import BasisConfig, TrainConfig
 from .errors import InputError
+from .face import IMAGE_SUFFIXES, FaceAnalyzer
 from .identity import name_from_filename
+from .train import personalize
 
 logger = logging.getLogger(__name__)
 
-from .evaluate import IMAGE_SUFFIXES
 
 
 @dataclass
@@ -110,9 +111,6 @@ def add_many(load_pipe: Callable[[str | None], object], folder, out_dir, *, conf
     """
     from tqdm.auto import tqdm
 
-    from .face import FaceAnalyzer
-    from .train import personalize
-
     if group_size < 1:
         raise InputError(f"group_size must be >= 1, got {group_size}.")
     config = config or TrainConfig()
@@ -145,8 +143,8 @@ def add_many(load_pipe: Callable[[str | None], object], folder, out_dir, *, conf
                 bar.update(config.total_steps(len(group)))
                 continue
             skipped_steps = config.total_steps(len(group)) - config.total_steps(len(ready))
-            learned = personalize(pipe, [photos if len(photos) > 1 else photos[0] for _, photos in ready], [p.name for p, _ in ready], config=config,
-                                  basis=bases, basis_config=basis_config, show_progress=False,
+            learned = personalize(pipe, [photos for _, photos in ready], [p.name for p, _ in ready], config=config,
+                                  basis=bases, basis_config=basis_config, face_analyzer=analyzer, show_progress=False,
                                   callback=lambda step, n, loss: bar.update(1))
             result.written += learned.save(out_dir, overwrite=overwrite)
             bar.update(skipped_steps)

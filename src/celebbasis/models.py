@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from .basis import CelebBasis, build_basis, cache_dir, embedding_fingerprint
+from .config import BasisConfig
 from .errors import InputError, ModelLoadError
+from .resources import celeb_names, normalize_names
 
 logger = logging.getLogger(__name__)
 
@@ -469,9 +472,6 @@ def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_c
     signature matches this text encoder's (``same_signature``), so float32, float16 and bfloat16
     copies of one model share one entry.
     """
-    from .basis import CelebBasis, build_basis, cache_dir, embedding_fingerprint
-    from .resources import celeb_names, normalize_names
-
     names = normalize_names(celeb_names() if names is None else names)
     n = min(n_components, text_encoder.get_input_embeddings().embedding_dim)
     signature = table_signature(tokenizer, text_encoder)
@@ -497,8 +497,6 @@ def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_c
 
 def pipeline_bases(pipe, config=None, source: str | None = None) -> list:
     """The cached basis of each text encoder of ``pipe`` (``config``: a ``BasisConfig``)."""
-    from .config import BasisConfig
-
     cfg = config or BasisConfig()
     return [cached_basis(tok, te, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
                          source=source or model_name(pipe)) for tok, te in text_encoders(pipe)]

@@ -6,6 +6,7 @@ and the web UI run on a CPU in seconds without downloading anything. Its images 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -16,6 +17,17 @@ TINY_WIDTH = 32  # text embedding width of the tiny model
 TINY_RESOLUTION = 64  # pixels; 8x8 latents through the 8x-downsampling tiny VAE
 
 
+def _own_rng(build):
+    """Run a model builder on a forked torch RNG: its seeds never touch the caller's random state."""
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+@_own_rng
 def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: str = "sd1"):
     """Build a tiny random ``StableDiffusionPipeline`` (or SDXL pipeline) in memory.
 
@@ -121,6 +133,7 @@ def _tiny_text_encoder(tokenizer, width: int, with_projection: bool = False):
 TINY_WIDTH_2 = 64  # the tiny SDXL's second text encoder (OpenCLIP-G is 1280 wide)
 
 
+@_own_rng
 def tiny_sdxl_pipeline(seed: int = 0):
     """A tiny random ``StableDiffusionXLPipeline``: CLIP-L-like (32 wide) + OpenCLIP-G-like (64 wide, pad "!")."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -171,6 +184,7 @@ def save_tiny_pipeline(path, seed: int = 0, *, prediction_type: str = "epsilon",
     return path
 
 
+@_own_rng
 def save_tiny_clip(path, seed: int = 0) -> Path:
     """A tiny random CLIP (transformers ``CLIPModel`` + processor) folder for ``--clip-model PATH``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .config import BasisConfig, TrainConfig
 from .errors import InputError
+from .face import DlibFaceEncoder, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, load_identity, token_override
+from .insert import add_placeholder, borrowed_tokenizers, load_identity, token_override
 from .models import built_from_other_table, encoders_signature, model_name, pipeline_bases, text_encoders
 
 logger = logging.getLogger(__name__)
@@ -126,24 +127,6 @@ TEMPLATES = [
     "a depiction of a small {}",
 ]
 
-# Cosine above which two unit face vectors of an encoder show the same person, by encoder-name prefix.
-# dlib's documented rule is Euclidean distance < 0.6 between its raw descriptors, which are about
-# 1.43 long (1.45 and 1.42 for the two test faces): 1 - 0.6² / (2 · 1.43²) ≈ 0.91 between unit vectors.
-# The test faces: two different people 0.886, a photo and its mirror image 0.992. ArcFace-style
-# 512-d networks: 0.3, about the usual verification threshold of insightface's models.
-SAME_PERSON_COSINE = {"dlib-": 0.91, "arcface-": 0.3, "onnx-": 0.3}
-DEFAULT_SAME_PERSON_COSINE = 0.3
-
-
-def same_person_threshold(encoder) -> float:
-    """The same-person cosine of a face encoder (object or name): its ``same_person_cosine``, else by name."""
-    own = getattr(encoder, "same_person_cosine", None)
-    if own is not None:
-        return float(own)
-    name = encoder if isinstance(encoder, str) else getattr(encoder, "name", "")
-    return next((v for k, v in SAME_PERSON_COSINE.items() if name.startswith(k)), DEFAULT_SAME_PERSON_COSINE)
-
-
 @dataclass
 class PersonalizeResult:
     """What ``personalize`` returns: the identities and a record of the run."""
@@ -188,9 +171,9 @@ def _check_targets(paths: list[Path], overwrite: bool) -> None:
         return
     for p in paths:
         if p.is_dir():
-            raise InputError(f"{p} is a folder. Remove it or choose another --name.")
+            raise InputError(f"{p} is a folder. Remove it or choose another name.")
         if p.exists() and not overwrite and p.suffix == ".safetensors":
-            raise InputError(f"{p} already exists. Pass --overwrite to replace it, or choose another --name.")
+            raise InputError(f"{p} already exists. Choose to overwrite it, or another name.")
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -295,16 +278,16 @@ def check_inputs(pipe, names: list[str], n_people: int) -> list[str]:
     if n_people == 0:
         raise InputError("No photo given. Pass one face photo (or a list of photos) per person.")
     if len(names) != n_people:
-        raise InputError(f"{n_people} photo(s) but {len(names)} name(s). Pass one --name per photo "
+        raise InputError(f"{n_people} photo(s) but {len(names)} name(s). Give one name per person "
                          "(or per list of photos of one person), in the same order.")
     names = [check_name(n) for n in names]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise InputError(f"The name(s) {', '.join(dup)} appear more than once. Give each person their own --name.")
+        raise InputError(f"The name(s) {', '.join(dup)} appear more than once. Give each person their own name.")
     vocab, added = pipe.tokenizer.get_vocab(), pipe.tokenizer.get_added_vocab()
     for n in names:
         if f"<{n}>" in vocab and f"<{n}>" not in added:
-            raise InputError(f"'<{n}>' is already a word in the model's vocabulary. Choose another --name.")
+            raise InputError(f"'<{n}>' is already a word in the model's vocabulary. Choose another name.")
     return names
 
 
@@ -421,10 +404,19 @@ class Personalizer:
 
     def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str, *,
                  face_encoder=None):
+        self._stack = ExitStack()
+        try:
+            self._setup(pipe, analyses, names, config, bases, base_model, face_encoder)
+        except BaseException:
+            self._stack.close()  # a set-up that fails gives everything back, as ``close`` does
+            raise
+
+    def _setup(self, pipe, analyses, names, config, bases, base_model, face_encoder) -> None:
         check_not_offloaded(pipe)
         if config.resolution is None:  # the model's native size
             config = dataclasses.replace(config, resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
         self.pipe, self.cfg, self.base_model = pipe, config, base_model
+        self._stack.enter_context(borrowed_tokenizers(pipe))  # the new words go into copies until training succeeds
         self.encoders = text_encoders(pipe)  # [(tokenizer, text_encoder)], two for SDXL
         self.bases = self._check_bases(bases)
         self.people = photo_groups(analyses)  # per person: [FaceAnalysis, ...]
@@ -452,7 +444,6 @@ class Personalizer:
         self.steps_done = 0
         self._drawn = [0] * self.n_id  # fresh views drawn per person (views_per_identity=0), for even photo use
         self.pool = self._build_pool() if config.views_per_identity > 0 else None
-        self._stack = ExitStack()
         self.unet, self.scaler = self._prepare_unet()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -474,8 +465,6 @@ class Personalizer:
             return None
         net = getattr(given, "encoder", given)  # a FaceAnalyzer or an encoder
         if net is None:
-            from .face import DlibFaceEncoder
-
             net = DlibFaceEncoder() if self.face_encoder == DlibFaceEncoder.name else None
         if net is None or any(getattr(a, "aligned", None) is None for photos in self.people for a in photos):
             logger.warning("The face network (%s) is not at hand, so each photo's one face vector serves all its views. "
@@ -488,7 +477,8 @@ class Personalizer:
         return net
 
     def _placeholders(self) -> list[list[int]]:
-        return [[i for t in self.tokens for i in add_placeholder(tok, te, t, self.k)] for tok, te in self.encoders]
+        return [[i for t in self.tokens for i in add_placeholder(tok, te, t, self.k, resize=False)]
+                for tok, te in self.encoders]
 
     def _heads(self) -> nn.ModuleList:
         """One identity network per text encoder, started from the seed without touching the global RNG."""
@@ -747,8 +737,6 @@ def personalize(
 
 
 def _is_analysis(photo) -> bool:
-    from .face import FaceAnalysis
-
     return isinstance(photo, FaceAnalysis)
 
 
@@ -780,8 +768,6 @@ def _analyse_photos(groups: list[list], names: list[str], analyzer, face_index) 
     Returns the people's photos and the analyzer used (dlib's is made when a photo needs one and none was given).
     """
     if analyzer is None and any(not _is_analysis(p) for g in groups for p in g):
-        from .face import FaceAnalyzer
-
         analyzer = FaceAnalyzer()
     people = []
     for name, group in zip(names, groups):
@@ -800,17 +786,11 @@ def _analyse_photos(groups: list[list], names: list[str], analyzer, face_index) 
 
 def _warn_unlike(photos: list, name: str, encoder) -> None:
     """Warn, naming the photo, when one photo's face is beyond the encoder's same-person threshold from the others."""
-    if len(photos) < 2:
-        return
     threshold = same_person_threshold(encoder)
-    vectors = np.stack([a.embedding for a in photos]).astype(np.float64)  # (n, f), unit rows
-    sims = vectors @ vectors.T
-    for i, a in enumerate(photos):
-        others = float((sims[i].sum() - sims[i, i]) / (len(photos) - 1))
-        if others < threshold:
-            logger.warning("%s does not look like the other photos of <%s> (face similarity %.3f; %s counts %.2f or more "
-                           "as the same person). If it shows someone else, leave it out of %s's photos.",
-                           a.path, name, others, getattr(encoder, "name", encoder), threshold, name)
+    for i, similarity in unlike_photos([a.embedding for a in photos], encoder):
+        logger.warning("%s does not look like the other photos of <%s> (face similarity %.3f; %s counts %.2f or more "
+                       "as the same person). If it shows someone else, leave it out of %s's photos.",
+                       photos[i].path, name, similarity, getattr(encoder, "name", encoder), threshold, name)
 
 
 def _train(trainer: Personalizer, total: int, show_progress: bool, callback) -> float:

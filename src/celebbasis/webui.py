@@ -232,14 +232,12 @@ class WebApp:
             raise InputError(f"{path.name} is {w}x{h}; the web UI takes up to {MAX_UPLOAD_PIXELS // 1_000_000} MP.")
         image = load_image(path)
         pixels = np.asarray(image)
-        faces = self.analyzer.detector.detect(pixels)
+        faces = self.analyzer.detect(pixels, path.name)  # the face stack's own checks and one-line errors
         if not faces:
             raise NoFaceFoundError(f"No face found in {path.name}. Use a photo where the face is frontal, well lit and at least "
                                    f"{MIN_FACE_PX} px wide.")
-        enc = self.analyzer.encoder
-        aligned = enc.align(pixels, faces[0])
-        found = faces, FaceAnalysis(str(path), image, faces[0], len(faces), aligned,
-                                    np.asarray(enc.embed(aligned), dtype=np.float32), enc.name)
+        aligned, vector = self.analyzer.embed(pixels, faces[0], path.name)
+        found = faces, FaceAnalysis(str(path), image, faces[0], len(faces), aligned, vector, self.analyzer.encoder.name)
         if key is not None:
             with self._photos_lock:
                 self._photos[key] = found
@@ -416,28 +414,18 @@ def _boxed(image: Image.Image, faces) -> Image.Image:
 
 
 def _unlike(vectors: list[tuple[str, np.ndarray]], encoder) -> list[str]:
-    """Warnings about photos whose face is, on average, below the encoder's same-person cosine to the others'."""
-    if len(vectors) < 2:
-        return []
-    from .train import same_person_threshold
+    """Warnings about photos whose face does not look like the others' (``face.unlike_photos``)."""
+    from .face import same_person_threshold, unlike_photos
 
-    threshold = same_person_threshold(encoder)
-    v = np.stack([x for _, x in vectors])
-    v = v / np.linalg.norm(v, axis=1, keepdims=True)  # (n, f) unit rows
-    sims = v @ v.T
-    rule = f"the same person is usually {threshold:.2f} or more"
+    odd = unlike_photos([v for _, v in vectors], encoder)
+    if not odd:
+        return []
+    rule = f"the same person is usually {same_person_threshold(encoder):.2f} or more"
     if len(vectors) == 2:  # which one is the odd one out cannot be told
-        if sims[0, 1] >= threshold:
-            return []
         return [f"⚠ {vectors[0][0]} and {vectors[1][0]} do not look like the same person (face similarity "
-                f"{sims[0, 1]:.2f}; {rule}). Use photos of one person only."]
-    out = []
-    for i, (name, _) in enumerate(vectors):
-        others = float((sims[i].sum() - sims[i, i]) / (len(vectors) - 1))
-        if others < threshold:
-            out.append(f"⚠ {name} does not look like the other photos (face similarity {others:.2f}; {rule}). "
-                       "If it shows someone else, remove it.")
-    return out
+                f"{odd[0][1]:.2f}; {rule}). Use photos of one person only."]
+    return [f"⚠ {vectors[i][0]} does not look like the other photos (face similarity {sim:.2f}; {rule}). "
+            "If it shows someone else, remove it." for i, sim in odd]
 
 
 def _gradio():
