@@ -2,20 +2,25 @@
 
     python benchmarks/bench_personalize.py --arch tiny --steps 50 --resolution 64
     python benchmarks/bench_personalize.py --arch sd-small --steps 30 --resolution 256    # CPU, SD proportions
-    python benchmarks/bench_personalize.py --arch sd15 --steps 400 --resolution 512 --device cuda   # GPU
+    python benchmarks/bench_personalize.py --arch sd15 --steps 400 --resolution 512 --device cuda \
+        --json results/personalize.json --markdown results/personalize.md   # GPU (scripts/gpu-check.sh runs this)
 
 (a) the recipe: a faithful re-implementation of diffusers' examples/textual_inversion loop: every
 step encodes new views with the VAE, trains the whole token-embedding table with AdamW (and puts
 the other rows back afterwards), tokenizes its captions, fp32 (the example's default).
 (b) celebbasis: `personalize()` exactly as `celebbasis add` runs it.
-Each runs in its own process, so each peak memory is its own. Prints times, memory and the ratio.
+Each runs in its own process, so each peak memory is its own. Prints seconds, steps/s, peak
+memory (torch.cuda.max_memory_allocated on a GPU, resident set size on the CPU) and the ratios;
+``--json`` and ``--markdown`` also write them, with the targets (``--target-*``) met or missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -79,16 +84,11 @@ def run_recipe(pipe, analysis, steps: int, batch: int, resolution: int, seed: in
     return {"final_loss": float(np.mean(losses[-10:]))}
 
 
+_FACE: dict = {}
+
+
 def run_one(which: str, args) -> dict:
     from _models import peak_memory_mb
-
-    if which == "warm":  # build the basis cache outside the timed runs
-        from celebbasis.basis import cached_basis
-        from celebbasis.models import load_pipeline
-
-        pipe = load_pipeline(args.model, device="cpu", dtype="float32")
-        cached_basis(pipe.tokenizer, pipe.text_encoder)
-        return {"which": "warm"}
 
     from celebbasis.face import FaceAnalyzer
     from celebbasis.models import load_pipeline
@@ -97,7 +97,11 @@ def run_one(which: str, args) -> dict:
 
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype="float32" if which == "recipe" else args.dtype)
-    analysis = FaceAnalyzer()(example_face())
+    t_face = time.perf_counter()
+    if "face" not in _FACE:  # detected once per process (--in-process runs both here)
+        _FACE["face"] = FaceAnalyzer()(example_face())
+    analysis = _FACE["face"]
+    face_seconds = time.perf_counter() - t_face
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize()
@@ -112,7 +116,74 @@ def run_one(which: str, args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"which": which, "seconds": seconds, "peak_mb": peak_memory_mb(device), **extra}
+    return {"which": which, "seconds": seconds, "steps_per_s": args.steps / seconds, "peak_mb": peak_memory_mb(device),
+            "face_seconds": face_seconds, "dtype": str(pipe.unet.dtype).removeprefix("torch."), **extra}
+
+
+def warm_basis(model: Path, cache: str) -> None:
+    """Build the model's basis into the cache once, outside the timed runs."""
+    os.environ["CELEBBASIS_CACHE"] = cache
+    from celebbasis.models import load_pipeline, pipeline_bases
+
+    pipeline_bases(load_pipeline(str(model), device="cpu", dtype="float32"))
+
+
+def summarize(args, rows: dict) -> dict:
+    """The run's numbers, ratios and targets as one JSON-able dict."""
+    import diffusers
+
+    a, b = rows["recipe"], rows["celebbasis"]
+    cuda = args.device.startswith("cuda")
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {platform.machine()})",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+        "arch": args.arch, "steps": args.steps, "batch": args.batch, "resolution": args.resolution,
+        "views": args.views, "compile": args.compile,
+        "peak_memory": "torch.cuda.max_memory_allocated" if cuda else
+                       "resident set size" + (" (one process for both: the larger)" if args.in_process else ""),
+        "recipe": a, "celebbasis": b,
+        "speedup": a["seconds"] / b["seconds"],
+        "memory_ratio": a["peak_mb"] / b["peak_mb"],
+        "seconds_per_identity": b["seconds"],  # one person: the pool, then every step; load and detection excluded
+    }
+    targets = []
+    if args.target_speedup is not None:
+        targets.append(("speed-up vs recipe", f">= {args.target_speedup:g}x", f"{summary['speedup']:.2f}x",
+                        summary["speedup"] >= args.target_speedup))
+    if args.target_seconds is not None:
+        targets.append(("seconds per identity", f"<= {args.target_seconds:g} s", f"{b['seconds']:.1f} s",
+                        b["seconds"] <= args.target_seconds))
+    if args.target_peak_gb is not None:
+        gb = b["peak_mb"] / 1024
+        targets.append(("peak memory (celebbasis)", f"<= {args.target_peak_gb:g} GB", f"{gb:.2f} GB", gb <= args.target_peak_gb))
+    summary["targets"] = [{"what": w, "target": t, "measured": m, "met": ok} for w, t, m, ok in targets]
+    summary["targets_met"] = all(ok for *_, ok in targets)
+    return summary
+
+
+def markdown(s: dict) -> str:
+    """A Markdown report of ``summarize``'s dict: the setting, one row per method, then the targets."""
+    lines = [
+        f"Personalization benchmark, {s['date']}: {s['device']}, torch {s['torch']} (CUDA {s['cuda']}), "
+        f"diffusers {s['diffusers']}.",
+        f"Model `{s['arch']}` (random weights), {s['steps']} steps, batch {s['batch']}, {s['resolution']} px, "
+        f"celebbasis pool of {s['views']} views{', torch.compile' if s['compile'] else ''}; peak memory is "
+        f"{s['peak_memory']}.",
+        "",
+        "| method | precision | seconds | s/step | steps/s | peak MB | loss (last 10) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in (("textual-inversion recipe", s["recipe"]), ("celebbasis", s["celebbasis"])):
+        lines.append(f"| {name} | {r['dtype']} | {r['seconds']:.1f} | {r['seconds'] / s['steps']:.3f} | {r['steps_per_s']:.2f} | "
+                     f"{r['peak_mb']:.0f} | {r['final_loss']:.4f} |")
+    lines += ["", f"Speed-up **{s['speedup']:.2f}x**, memory ratio (recipe / celebbasis) {s['memory_ratio']:.2f}x, "
+              f"{s['seconds_per_identity']:.1f} s per identity (model load and face detection excluded; detection took "
+              f"{s['celebbasis']['face_seconds']:.1f} s)."]
+    if s["targets"]:
+        lines += ["", "| target | wanted | measured | |", "|---|---|---|---|"]
+        lines += [f"| {t['what']} | {t['target']} | {t['measured']} | {'met' if t['met'] else '**missed**'} |" for t in s["targets"]]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -126,7 +197,14 @@ def main() -> None:
     p.add_argument("--views", type=int, default=64, help="celebbasis' pool of views per person")
     p.add_argument("--compile", action="store_true", help="torch.compile celebbasis' UNet")
     p.add_argument("--cache", default=".bench-models", help="where model folders are built once")
-    p.add_argument("--only", choices=["warm", "recipe", "celebbasis"], help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--markdown", type=Path, help="write the results as a Markdown table here")
+    p.add_argument("--target-speedup", type=float, help="report whether celebbasis is at least this many times faster")
+    p.add_argument("--target-seconds", type=float, help="report whether one identity takes at most this many seconds")
+    p.add_argument("--target-peak-gb", type=float, help="report whether celebbasis' peak memory is at most this (GiB)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run both in this process (starts faster; CPU peak memory is then this process's, not each run's)")
+    p.add_argument("--only", choices=["recipe", "celebbasis"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only:
@@ -135,19 +213,27 @@ def main() -> None:
     from _models import build
 
     model = build(args.arch, Path(args.cache) / args.arch)
-    env = {**os.environ, "CELEBBASIS_CACHE": str(Path(args.cache) / "cache")}
+    cache = str(Path(args.cache) / "cache")
+    env = {**os.environ, "CELEBBASIS_CACHE": cache}
+    warm_basis(model, cache)
     rows = {}
-    for which in ("warm", "recipe", "celebbasis"):
+    for which in ("recipe", "celebbasis"):
+        if args.in_process:
+            args.model = str(model)
+            rows[which] = run_one(which, args)
+            continue
         cmd = [sys.executable, __file__, "--only", which, "--model", str(model), *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
-        rows[which] = json.loads(out)
-    a, b = rows["recipe"], rows["celebbasis"]
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    print(f"arch={args.arch} steps={args.steps} batch={args.batch} resolution={args.resolution} device={dev}")
-    print(f"{'':12}{'seconds':>10}{'s/step':>10}{'peak MB':>10}{'loss(last10)':>14}")
-    for name, r in (("TI recipe", a), ("celebbasis", b)):
-        print(f"{name:12}{r['seconds']:>10.1f}{r['seconds'] / args.steps:>10.3f}{r['peak_mb']:>10.0f}{r['final_loss']:>14.4f}")
-    print(f"speed-up: {a['seconds'] / b['seconds']:.2f}x   memory ratio (recipe/celebbasis): {a['peak_mb'] / b['peak_mb']:.2f}x")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            sys.exit(f"the {which} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        rows[which] = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = summarize(args, rows)
+    report = markdown(summary)
+    print(report, end="")
+    for path, text in ((args.json, json.dumps(summary, indent=2) + "\n"), (args.markdown, report)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
