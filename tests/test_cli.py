@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,9 +56,10 @@ def test_generate_writes_pngs_with_metadata(tmp_path, alice, tiny_model_dir):
                  "-o", str(again), "--steps", "2", "--seed", "8", "--negative-prompt", "blurry", "--scheduler", "euler_a", "-q"]) == 0
     remade = Image.open(next(again.glob("*.png")))
     original = next(p for p in pngs if Image.open(p).text["prompt"] == "a photo of <alice> person" and Image.open(p).text["seed"] == "8")
-    assert list(remade.getdata()) == list(Image.open(original).getdata())
+    diff = np.abs(np.asarray(remade, dtype=int) - np.asarray(Image.open(original), dtype=int))
+    assert diff.max() <= 2  # the same picture; a batch of two may round a pixel differently on the CPU
     seed7 = next(p for p in pngs if Image.open(p).text["prompt"] == "a photo of <alice> person" and Image.open(p).text["seed"] == "7")
-    assert list(remade.getdata()) != list(Image.open(seed7).getdata())
+    assert np.abs(np.asarray(remade, dtype=int) - np.asarray(Image.open(seed7), dtype=int)).mean() > 10  # another seed: another picture
 
 
 def test_two_people_in_one_prompt(tmp_path, tiny_model_dir, astronaut_path, hopper_path):

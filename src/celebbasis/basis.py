@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,62 @@ def embedding_fingerprint(signature: str, names: list[str], n_components: int, n
     return h.hexdigest()
 
 
+SIGNATURE_DIRECTIONS = 16  # random directions the table is summarised along
+SIGNATURE_RTOL = 1e-4  # relative to the signature's largest entry; fp32/fp16/bf16 copies differ by ~1e-6
+_signatures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def table_signature(tokenizer, text_encoder, chunk: int = 4096) -> list[float]:
+    """A dtype-independent summary of the base vocabulary's token-embedding rows: 2 x 16 numbers.
+
+    The table's mean and root-mean-square along 16 fixed random unit directions, accumulated in
+    float64 a chunk of rows at a time. float32, float16 and bfloat16 copies of one model give the
+    same numbers to ~1e-6 (rounding errors average out over ~50,000 rows), different models differ
+    in every entry, so two signatures are compared with ``same_signature`` rather than for equality.
+    Computed once per text encoder and remembered (the rows it sampled are checked on reuse).
+    """
+    weight = text_encoder.get_input_embeddings().weight.detach()
+    rows = tokenizer.vocab_size
+    probe = weight[:8].to("cpu", torch.float64).clone()
+    cached = _signatures.get(text_encoder)
+    if cached is not None and cached[0] == rows and torch.equal(cached[1], probe):
+        return cached[2]
+    d = weight.shape[1]
+    directions = torch.randn(d, SIGNATURE_DIRECTIONS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    directions /= directions.norm(dim=0, keepdim=True)  # (d, 16) unit columns
+    first = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
+    second = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, rows, chunk):
+            proj = weight[start:min(rows, start + chunk)].to("cpu", torch.float64) @ directions  # (chunk, 16)
+            first += proj.sum(0)
+            second += (proj * proj).sum(0)
+    signature = [float(x) for x in torch.cat([first / rows, (second / rows).sqrt()])]
+    _signatures[text_encoder] = (rows, probe, signature)
+    return signature
+
+
+def same_signature(a, b) -> bool:
+    """Whether two ``table_signature`` results come from the same token table (any dtype)."""
+    a, b = list(a or []), list(b or [])
+    if not a or len(a) != len(b):
+        return False
+    scale = max(abs(x) for x in a + b) or 1.0
+    return max(abs(x - y) for x, y in zip(a, b)) <= SIGNATURE_RTOL * scale
+
+
+def format_signature(signature) -> str:
+    """Metadata form of a signature: comma-separated, 9 significant digits."""
+    return ",".join(f"{x:.9g}" for x in signature)
+
+
+def parse_signature(text: str | None) -> list[float] | None:
+    try:
+        return [float(x) for x in text.split(",")] if text else None
+    except ValueError:
+        return None
+
+
 def _numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
     if s.numel() == 0:
         return 0
@@ -169,8 +226,8 @@ def build_basis(
         n_tokens: slots K, i.e. token vectors per identity.
         dedupe: keep each distinct token once per column instead of every occurrence.
         source: model id or path, recorded in the metadata.
-        signature: the table's ``models.table_signature`` in metadata form, recorded so that the
-            basis can be matched to its text encoder in any dtype.
+        signature: the table's ``table_signature`` in metadata form (computed when empty), recorded
+            so that the basis can be matched to its text encoder in any dtype.
 
     Returns:
         ``CelebBasis`` with mean (K, d), components (K, n, d) and the rank of each slot.
@@ -188,6 +245,7 @@ def build_basis(
     if n_components < 1:
         raise InputError(f"n_components must be >= 1, got {n_components}.")
     weight = text_encoder.get_input_embeddings().weight.detach()  # (V, d), any device and dtype
+    signature = signature or format_signature(table_signature(tokenizer, text_encoder))
     d = weight.shape[1]
     if n_components > d:
         logger.info("n_components %d is larger than the embedding width %d; using %d.", n_components, d, d)

@@ -12,12 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import weakref
 from pathlib import Path
 
 import torch
 
-from .basis import CelebBasis, build_basis, cache_dir, embedding_fingerprint
+from .basis import (CelebBasis, build_basis, cache_dir, embedding_fingerprint, format_signature, parse_signature,
+                    same_signature, table_signature)
 from .config import BasisConfig
 from .errors import InputError, ModelLoadError
 from .resources import celeb_names, normalize_names
@@ -210,36 +210,28 @@ def _hub_offline() -> bool:
 
 
 def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
-    """Whether the Hugging Face Hub (``HF_ENDPOINT``, or its proxy) accepts a TCP connection within ``timeout`` s.
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``, through any proxy) answers within ``timeout`` seconds.
 
-    ``False`` at once in offline mode (``HF_HUB_OFFLINE=1``). Name lookup runs in a daemon thread,
-    so a hanging DNS server costs ``timeout`` seconds, not minutes.
+    Any HTTP answer counts; a server that accepts the connection but never answers does not. ``False``
+    at once in offline mode (``HF_HUB_OFFLINE=1``). The request runs in a daemon thread, so a hanging
+    name lookup costs ``timeout`` seconds, not minutes.
     """
-    import socket
     import threading
-    import urllib.request
-    from urllib.parse import urlparse
+
+    from huggingface_hub import get_session
 
     if _hub_offline():
         return False
-    url = urlparse(hub_endpoint())
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(url.scheme) or urllib.request.getproxies().get("all")
-    if proxy and host and not urllib.request.proxy_bypass(host):
-        purl = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = purl.hostname, purl.port or 8080
-    if not host:
-        return False
     result = []
 
-    def connect():
+    def ask():
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            get_session().head(hub_endpoint(), timeout=timeout)
             result.append(True)
-        except OSError:
+        except Exception:  # connection refused, DNS failure, timeout, proxy error: all mean "not now"
             result.append(False)
 
-    thread = threading.Thread(target=connect, daemon=True)
+    thread = threading.Thread(target=ask, daemon=True)
     thread.start()
     thread.join(timeout)
     return bool(result and result[0])
@@ -411,62 +403,6 @@ def text_encoders(pipe) -> list[tuple]:
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
     return pairs
-
-
-SIGNATURE_DIRECTIONS = 16  # random directions the table is summarised along
-SIGNATURE_RTOL = 1e-4  # relative to the signature's largest entry; fp32/fp16/bf16 copies differ by ~1e-6
-_signatures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def table_signature(tokenizer, text_encoder, chunk: int = 4096) -> list[float]:
-    """A dtype-independent summary of the base vocabulary's token-embedding rows: 2 x 16 numbers.
-
-    The table's mean and root-mean-square along 16 fixed random unit directions, accumulated in
-    float64 a chunk of rows at a time. float32, float16 and bfloat16 copies of one model give the
-    same numbers to ~1e-6 (rounding errors average out over ~50,000 rows), different models differ
-    in every entry, so two signatures are compared with ``same_signature`` rather than for equality.
-    Computed once per text encoder and remembered (the rows it sampled are checked on reuse).
-    """
-    weight = text_encoder.get_input_embeddings().weight.detach()
-    rows = tokenizer.vocab_size
-    probe = weight[:8].to("cpu", torch.float64).clone()
-    cached = _signatures.get(text_encoder)
-    if cached is not None and cached[0] == rows and torch.equal(cached[1], probe):
-        return cached[2]
-    d = weight.shape[1]
-    directions = torch.randn(d, SIGNATURE_DIRECTIONS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    directions /= directions.norm(dim=0, keepdim=True)  # (d, 16) unit columns
-    first = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
-    second = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, rows, chunk):
-            proj = weight[start:min(rows, start + chunk)].to("cpu", torch.float64) @ directions  # (chunk, 16)
-            first += proj.sum(0)
-            second += (proj * proj).sum(0)
-    signature = [float(x) for x in torch.cat([first / rows, (second / rows).sqrt()])]
-    _signatures[text_encoder] = (rows, probe, signature)
-    return signature
-
-
-def same_signature(a, b) -> bool:
-    """Whether two ``table_signature`` results come from the same token table (any dtype)."""
-    a, b = list(a or []), list(b or [])
-    if not a or len(a) != len(b):
-        return False
-    scale = max(abs(x) for x in a + b) or 1.0
-    return max(abs(x - y) for x, y in zip(a, b)) <= SIGNATURE_RTOL * scale
-
-
-def format_signature(signature) -> str:
-    """Metadata form of a signature: comma-separated, 9 significant digits."""
-    return ",".join(f"{x:.9g}" for x in signature)
-
-
-def parse_signature(text: str | None) -> list[float] | None:
-    try:
-        return [float(x) for x in text.split(",")] if text else None
-    except ValueError:
-        return None
 
 
 def encoders_signature(pipe) -> str:
