@@ -52,6 +52,7 @@ def test_a_bad_photo_is_reported_and_the_rest_learned(faces, tmp_path, tiny_mode
     assert len(list(out.glob("*.safetensors"))) == 3
 
 
+@pytest.mark.e2e
 def test_two_processes_share_the_work(faces, tmp_path, tiny_model_dir):
     out = tmp_path / "ids"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -245,6 +245,7 @@ def test_existing_identity_is_never_overwritten(tmp_path, good_identity, astrona
     assert (out / "alice.safetensors").read_bytes() != before
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
 def test_interrupt_during_add_leaves_nothing(tmp_path, tiny_model_dir, astronaut_path, sig, code):
     out = tmp_path / "ids"

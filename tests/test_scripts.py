@@ -28,6 +28,7 @@ def _has_nvidia_gpu() -> bool:
     return bool(shutil.which("nvidia-smi")) or Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/version").exists()
 
 
+@pytest.mark.e2e
 def test_bench_personalize_tiny_writes_json_and_markdown(tmp_path):
     js, md = tmp_path / "r" / "personalize.json", tmp_path / "r" / "personalize.md"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_personalize.py"), "--arch", "tiny", "--steps", "2",
@@ -76,6 +77,7 @@ def test_reproduce_paper_usage_errors(tmp_path):
     assert proc.returncode == 2 and "is not a folder" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_reproduce_paper_end_to_end_on_the_tiny_model(tmp_path, astronaut_path):
     from celebbasis.testing import save_tiny_clip
 
