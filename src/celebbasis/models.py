@@ -113,7 +113,8 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
 
         pipe = tiny_pipeline(family="sdxl" if sdxl else "sd1")
         pipe.register_to_config(_name_or_path=f"{TINY_MODEL}-sdxl" if sdxl else TINY_MODEL)
-        return pipe.to(dev, dt)
+        pipe.to(dev)
+        return pipe if dt == torch.float32 else pipe.to(dtype=dt)  # built in float32: cast only when asked
     path = Path(model).expanduser()
     if path.is_file() or (not path.exists() and path.suffix.lower() in SINGLE_FILE_SUFFIXES):
         return _load_single_file(path, config, dev, dt, revision)
