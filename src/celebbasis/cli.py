@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, flag, merged, parse
-from .config import GENERATE_PRESETS, BasisConfig, GenerateConfig, TrainConfig
+from .config import DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, BasisConfig, GenerateConfig, TrainConfig
 from .errors import CelebBasisError, InputError
 
 logger = logging.getLogger("celebbasis")
@@ -86,7 +86,7 @@ def _add_parsers(sub) -> None:
     p = sub.add_parser("add-many", help="learn everyone in a folder (groups trained jointly; resumable; shards under accelerate launch)")
     p.add_argument("faces", metavar="FACES_DIR", help="folder: a photo is a person named after the file, a subfolder of photos one person named after it")
     _output(p, "identities", "folder for NAME.safetensors")
-    flag(p, p, "--group-size", type=int, default=2, help="people trained jointly per group (default: 2, as the paper)")
+    flag(p, p, "--group-size", type=int, default=GROUP_SIZE, help=f"people trained jointly per group (default: {GROUP_SIZE}, as the paper)")
     _overwrite(p, "learn again people that already have an identity (default: skip them)")
     _train_flags(p)
     _common(p)
@@ -106,7 +106,7 @@ def _draw_parsers(sub) -> None:
 
     p = sub.add_parser("export", help="write an identity as a textual-inversion file for diffusers, A1111 or ComfyUI")
     p.add_argument("identity", metavar="IDENTITY", help="identity file (NAME.safetensors)")
-    flag(p, p, "--format", default="diffusers", choices=["diffusers", "a1111", "comfyui"], help="target tool (default: diffusers)")
+    flag(p, p, "--format", default=EXPORT_FORMATS[0], choices=EXPORT_FORMATS, help=f"target tool (default: {EXPORT_FORMATS[0]})")
     flag(p, p, "-o", "--output", default=".", help="output file (NAME.safetensors, or NAME.pt with --pt) or folder, created if missing; "
          "a trailing / always means a folder (default: NAME.safetensors here)")
     flag(p, p, "--pt", default=False, action="store_true", help="A1111's classic .pt layout instead of safetensors (SD 1.x/2.x)")
@@ -145,7 +145,7 @@ def _tool_parsers(sub) -> None:
     flag(p, p, "--eval-encoder", default="dlib", metavar="SPEC",
          help="evaluation face network: dlib (default), arcface:PATH or onnx:PATH; use one that did not train the identity")
     flag(p, p, "--identity", action="append", default=[], help="identity files, to warn when they were trained with the evaluation network")
-    flag(p, p, "--clip-model", default="openai/clip-vit-base-patch32", help="CLIP for the prompt score: hub id or local folder")
+    flag(p, p, "--clip-model", default=DEFAULT_CLIP_MODEL, help=f"CLIP for the prompt score: hub id or local folder (default: {DEFAULT_CLIP_MODEL})")
     flag(p, p, "--no-clip", default=False, action="store_true", help="skip the CLIP score")
     _common(p, model=False)
 

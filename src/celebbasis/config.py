@@ -9,7 +9,7 @@ Errors name the field, not a command-line flag: the library does not know who ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import InputError
@@ -150,9 +150,9 @@ GENERATE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def config_fields(cls) -> list:
-    """The dataclass fields of a config class, in declaration order."""
-    return list(fields(cls))
+GROUP_SIZE = 2  # people trained jointly by add-many, sharing one network (two, as the paper's default run)
+EXPORT_FORMATS = ("diffusers", "a1111", "comfyui")  # the tools an identity is exported for
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # evaluate's prompt-fidelity model
 
 
 def updated(config, **changes):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import DEFAULT_CLIP_MODEL
 from .errors import InputError, MissingDependencyError, ModelLoadError, NoFaceFoundError
 from .face import IMAGE_SUFFIXES, FaceAnalyzer, load_image, photos_in
 from .files import atomic_write
@@ -33,7 +34,7 @@ from .resources import celeb_names
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_CLIP = DEFAULT_CLIP_MODEL
 CATEGORIES = ("style", "single action", "with a celebrity", "two identities")
 UNKNOWN_CATEGORY = "unknown"  # images without a prompt: nothing to guess a category from
 

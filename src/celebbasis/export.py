@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
+from .config import EXPORT_FORMATS
 from .errors import FileFormatError, InputError
 from .files import atomic_write, load_safetensors
 from .identity import Identity, check_name
@@ -32,7 +33,7 @@ from .models import model_metadata
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "a1111", "comfyui")
+FORMATS = EXPORT_FORMATS
 _ARCH = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2-768-v"}
 
 

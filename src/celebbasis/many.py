@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import BasisConfig, TrainConfig
+from .config import GROUP_SIZE, BasisConfig, TrainConfig
 from .errors import InputError
 from .face import FaceAnalyzer, photos_in
 from .identity import name_from_filename
@@ -82,7 +82,7 @@ def shard() -> tuple[int, int, str | None]:
 
 
 def add_many(load_pipe: Callable[[str | None], object], folder, out_dir, *, config: TrainConfig | None = None,
-             bases=None, basis_config: BasisConfig | None = None, group_size: int = 2, overwrite: bool = False,
+             bases=None, basis_config: BasisConfig | None = None, group_size: int = GROUP_SIZE, overwrite: bool = False,
              analyzer=None, face_index: int | None = None, process: tuple[int, int] | None = None,
              show_progress: bool = True) -> AddManyResult:
     """Learn everyone in ``folder`` into ``out_dir``: resumable, in groups, sharded across processes.
