@@ -160,10 +160,11 @@ def test_cancel_stops_only_its_own_session(app, astronaut_path):
     assert next(b)[0].startswith("Preparing")  # b trains (holding the model)...
     a = h.learn([str(astronaut_path)], None, "ann", 1, session="tab-a")
     assert next(a)[0].startswith("Preparing")  # ...while a waits for it
-    assert h.cancel("tab-a") == "Cancelling …"
+    assert not isinstance(h.cancel("tab-a"), str)  # a's own stream reports it, so no reply can overwrite its end
     assert h.cancel("tab-c") == "Nothing is learning in this tab."
     assert list(b)[-1][0].startswith("Learned `<bob>`")
-    assert list(a)[-1][0] == "Cancelled; nothing was saved."
+    said = [status for status, _ in a]
+    assert said[-1] == "Cancelled; nothing was saved." and set(said[:-1]) <= {"Cancelling …"}
     assert (app.dir / "bob.safetensors").exists() and not list(app.dir.glob("ann*"))
     assert h.cancel("tab-b") == "Nothing is learning in this tab."  # finished runs are forgotten
 

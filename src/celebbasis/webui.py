@@ -305,6 +305,8 @@ class WebApp:
                 report(step, total, loss)
 
         with self.lock:
+            if cancel.is_set():  # pressed while another run held the model
+                raise Cancelled()
             result = personalize(self.pipe, analyses, names, config=config, face_analyzer=self.analyzer,
                                  show_progress=False, callback=callback)
             for ident, path in zip(result.identities, result.save(self.dir)):  # personalize loaded them already
@@ -438,6 +440,17 @@ def _gradio():
     return gr
 
 
+_WAITING = object()  # no training update within the poll interval
+
+
+def _next(updates: queue.Queue, poll_s: float = 0.25):
+    """The next training update, or ``_WAITING`` when none came within ``poll_s``."""
+    try:
+        return updates.get(timeout=poll_s)
+    except queue.Empty:
+        return _WAITING
+
+
 class Handlers:
     """What the page's buttons do, as plain methods of the fields' values; ``build_ui`` wires them up.
 
@@ -521,7 +534,13 @@ class Handlers:
         losses, t0 = [], time.time()
         try:
             yield "Preparing (faces, basis, model) …", empty
-            while (item := updates.get()) is not None:
+            announced = False
+            while (item := _next(updates)) is not None:
+                if stop.is_set() and not announced:  # this stream alone writes the status, so no reply can overtake it
+                    announced = True
+                    yield "Cancelling …", gr.skip()
+                if item is _WAITING:
+                    continue
                 step, total, loss = item
                 losses.append(loss)
                 if progress is not None:
@@ -546,13 +565,14 @@ class Handlers:
             tokens = [i.token for i in box["identities"]]
             yield f"Learned {', '.join(f'`{t}`' for t in tokens)}. Use it in **Create**: `{tokens[0]} person …`", gr.skip()
 
-    def cancel(self, session: str) -> str:
+    def cancel(self, session: str):
+        """Stop this session's training. Its own ``learn`` stream then reports "Cancelling …" and the end."""
         with self._runs_lock:
             stop = self._runs.get(session)
         if stop is None:
             return "Nothing is learning in this tab."
         stop.set()
-        return "Cancelling …"
+        return self.gr.skip()
 
     # -- create ------------------------------------------------------------------------------
     def chip(self, text, token):
