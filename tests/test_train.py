@@ -467,7 +467,7 @@ def test_save_writes_all_of_a_group_or_none(tmp_path, two_identities, monkeypatc
     real_replace = os.replace
 
     def failing_replace(src, dst):
-        if Path(dst).name == "grace.run.json":
+        if Path(dst).name == "grace.run.json" and Path(src).name.endswith(".staged"):
             raise OSError("gone")
         return real_replace(src, dst)
 
@@ -477,8 +477,20 @@ def test_save_writes_all_of_a_group_or_none(tmp_path, two_identities, monkeypatc
     assert list(tmp_path.iterdir()) == []  # alice's files, already in place, were taken back
     monkeypatch.setattr(os, "replace", real_replace)
     assert [p.name for p in two_identities.save(tmp_path)] == ["alice.safetensors", "grace.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice.run.json", "alice.safetensors", "grace.run.json",
-                                                         "grace.safetensors"]
+    names = ["alice.run.json", "alice.safetensors", "grace.run.json", "grace.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+    # Overwriting: a failure half-way puts every old file back as it was.
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    two_identities.run["names"] = ["changed"]
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="gone"):
+        two_identities.save(tmp_path, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    two_identities.save(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    assert json.loads((tmp_path / "alice.run.json").read_text())["names"] == ["changed"]
 
 
 def test_a_failed_or_cancelled_run_leaves_no_words_behind(tiny_pipe, astronaut):

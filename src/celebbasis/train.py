@@ -139,7 +139,8 @@ class PersonalizeResult:
         """Write ``NAME.safetensors`` and ``NAME.run.json`` for each identity into ``out_dir``: all or none.
 
         Every target is checked first; the files are written beside their targets under temporary
-        names and renamed into place only when all of them were written.
+        names and renamed into place only when all of them were written. Files being overwritten are
+        set aside first and put back if any rename fails, so the folder ends either all old or all new.
         """
         out_dir = Path(out_dir)
         targets = [(ident, out_dir / f"{ident.name}.safetensors", out_dir / f"{ident.name}.run.json")
@@ -147,7 +148,8 @@ class PersonalizeResult:
         _check_targets([p for _, *paths in targets for p in paths], overwrite)
         text = json.dumps(self.run, indent=2, sort_keys=True)
         staged: list[tuple[Path, Path]] = []  # (temporary, final)
-        placed: list[Path] = []  # finals that did not exist before
+        placed: list[Path] = []  # finals written by this call
+        set_aside: list[tuple[Path, Path]] = []  # (old file's temporary name, final)
         try:
             for ident, path, run_path in targets:
                 tmp, tmp_run = (p.with_name(f".{p.name}.staged") for p in (path, run_path))
@@ -155,14 +157,20 @@ class PersonalizeResult:
                 ident.save(tmp)
                 tmp_run.write_text(text, encoding="utf-8")
             for tmp, final in staged:
-                existed = final.exists()
+                if final.exists():
+                    old = final.with_name(f".{final.name}.replaced")
+                    os.replace(final, old)
+                    set_aside.append((old, final))
                 os.replace(tmp, final)
-                if not existed:
-                    placed.append(final)
+                placed.append(final)
         except BaseException:
             for p in [t for t, _ in staged] + placed:
                 p.unlink(missing_ok=True)
+            for old, final in set_aside:
+                os.replace(old, final)
             raise
+        for old, _ in set_aside:
+            old.unlink(missing_ok=True)
         return [path for _, path, _ in targets]
 
 
