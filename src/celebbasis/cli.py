@@ -20,7 +20,7 @@ from pathlib import Path
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, flag, merged, parse
 from .config import DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, BasisConfig, GenerateConfig, TrainConfig
-from .errors import CelebBasisError, InputError
+from .errors import CelebBasisError, InputError, first_line
 
 logger = logging.getLogger("celebbasis")
 
@@ -715,7 +715,7 @@ def _run(args) -> int:
     except Exception as e:  # a bug: say so in one line; -v shows the traceback
         if args.verbose:
             raise
-        print(f"celebbasis: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+        print(f"celebbasis: internal error: {type(e).__name__}: {first_line(e, 400)}. "
               "Run again with -v for the traceback and report it.", file=sys.stderr)
         return 1
 

@@ -34,3 +34,9 @@ class FileFormatError(InputError):
 
 class MissingDependencyError(CelebBasisError, ImportError):
     """An optional dependency is not installed."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type's name when empty), for one-line errors."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

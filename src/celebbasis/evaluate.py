@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -24,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_CLIP_MODEL
-from .errors import InputError, MissingDependencyError, ModelLoadError, NoFaceFoundError
+from .errors import InputError, MissingDependencyError, NoFaceFoundError, first_line
 from .face import IMAGE_SUFFIXES, FaceAnalyzer, load_image, photos_in
 from .files import atomic_write
 from .generate import contact_sheet
 from .insert import PLACEHOLDER_RE
-from .models import hub_endpoint, hub_reachable, looks_like_path
+from .models import load_clip
 from .resources import celeb_names
 
 logger = logging.getLogger(__name__)
@@ -220,78 +219,20 @@ def read_prompt_file(path) -> list[PromptLine]:
     return out
 
 
-def _in_hub_cache(model: str) -> bool:
-    """Whether the local Hugging Face cache holds ``model``'s config (a cheap look, no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(model, "config.json"), str)
-    except ValueError:  # not a valid repo id
-        return False
-
-
-@contextlib.contextmanager
-def _quiet_hub():
-    """Hub and transformers log only errors inside (no retry warnings); their levels are restored after."""
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 class ClipScorer:
     """CLIP score of (image, text) with a transformers CLIP model (hub id or local folder).
 
-    A hub id is read from the local Hugging Face cache first; the Hub is contacted only when the
-    model is not cached and the Hub answers within ``models.HUB_TIMEOUT`` seconds. Offline, it fails within
-    that time, before CLIP's code is even imported, with one line saying what to pass instead, and
-    the Hub's retry warnings are never printed.
+    The model is loaded by ``models.load_clip``: from the local cache first, offline in about two
+    seconds with one line saying what to pass instead.
 
     Raises:
         ModelLoadError: a missing or broken folder, or a hub id neither cached nor downloadable.
     """
 
     def __init__(self, model: str = DEFAULT_CLIP):
-        fix = "Pass a local CLIP folder with --clip-model PATH, or --no-clip to skip the CLIP score."
-        path = Path(model).expanduser()
-        looks_local = looks_like_path(model)
-        offline = ModelLoadError(
-            f"Cannot load the CLIP model {model!r}: it is not in the local Hugging Face cache and the Hub "
-            f"({hub_endpoint()}) cannot be reached (offline?). {fix}"
-        )
-        if looks_local and not path.is_dir():
-            raise ModelLoadError(f"CLIP model folder {path} does not exist. {fix}")
-        if not looks_local and not _in_hub_cache(model) and not hub_reachable():
-            raise offline  # before importing CLIP's modelling code, which alone takes seconds
-
         import torch
-        from transformers import CLIPModel, CLIPProcessor
 
-        def load(source, **kwargs):
-            with _quiet_hub():
-                return CLIPModel.from_pretrained(source, **kwargs).eval(), CLIPProcessor.from_pretrained(source, **kwargs)
-
-        if looks_local:
-            try:
-                self.model, self.processor = load(str(path), local_files_only=True)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ModelLoadError(f"{path} is not a transformers CLIP model ({_first_line(e)}). {fix}") from None
-        else:
-            try:
-                self.model, self.processor = load(model, local_files_only=True)
-            except OSError:
-                if not hub_reachable():
-                    raise offline from None
-                logger.info("Downloading the CLIP model %s …", model)
-                try:
-                    self.model, self.processor = load(model)
-                except (OSError, ValueError) as e:
-                    raise ModelLoadError(f"Cannot load the CLIP model {model!r} ({_first_line(e)}). {fix}") from None
+        self.model, self.processor = load_clip(model)
         self.torch = torch
         self.name = model
 
@@ -306,10 +247,6 @@ class ClipScorer:
         cos = torch.nn.functional.cosine_similarity(img, txt).item()
         return 100.0 * max(cos, 0.0)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 def best_assignment(sim: np.ndarray) -> list[tuple[int, int]]:
@@ -400,7 +337,7 @@ def _image_meta(path: Path) -> dict:
         with Image.open(path) as im:
             return dict(getattr(im, "text", {}) or {})
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        logger.warning("Cannot read the metadata of %s (%s); its prompt is unknown.", path, _first_line(e))
+        logger.warning("Cannot read the metadata of %s (%s); its prompt is unknown.", path, first_line(e))
         return {}
 
 

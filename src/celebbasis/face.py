@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import CelebBasisError, InputError, MissingDependencyError, NoFaceFoundError
+from .errors import CelebBasisError, InputError, MissingDependencyError, NoFaceFoundError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class ArcFaceEncoder:
             raise
         except Exception as e:
             raise InputError(
-                f"{path} is not an arcface_torch IResNet state dict ({type(e).__name__}: {str(e).splitlines()[0][:120]}). "
+                f"{path} is not an arcface_torch IResNet state dict ({type(e).__name__}: {first_line(e, 120)}). "
                 "Pass insightface's backbone.pth (r18/r34/r50/r100)."
             ) from None
         self.net.eval().to(device)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ._version import __version__
-from .errors import FileFormatError, InputError
+from .errors import FileFormatError, InputError, first_line
 
 
 def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
@@ -109,7 +109,7 @@ def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for corrupt input
         raise FileFormatError(
-            f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'}). "
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {first_line(e)}). "
             "Re-create it with celebbasis; pickled .pt/.bin files are never loaded."
         ) from None
     return tensors, meta

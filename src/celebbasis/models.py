@@ -8,6 +8,7 @@ only with ``torch.load(weights_only=True)``; nothing else is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import torch
 from .basis import (CelebBasis, build_basis, cache_dir, embedding_fingerprint, format_signature, parse_signature,
                     same_signature, table_signature)
 from .config import BasisConfig
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, first_line
 from .resources import celeb_names, normalize_names
 
 logger = logging.getLogger(__name__)
@@ -166,10 +167,10 @@ def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype
         try:
             pipe = load(first)
         except (OSError, ValueError) as e:
-            logger.debug("%s: no %s files (%s); trying %s", model, first or "default", str(e).splitlines()[0][:120], second or "default")
+            logger.debug("%s: no %s files (%s); trying %s", model, first or "default", first_line(e, 120), second or "default")
             pipe = load(second)
     except OSError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = first_line(e, 400)
         if not local and (cache_only or "cached" in first or "connect" in first.lower() or "offline" in first.lower()):
             raise ModelLoadError(
                 f"Cannot load {model!r}: it is not in the local Hugging Face cache and the Hub cannot be reached (offline?). "
@@ -178,7 +179,7 @@ def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype
         raise ModelLoadError(f"Cannot load model {model!r}: {first}") from None
     except (ValueError, TypeError, KeyError) as e:
         raise ModelLoadError(
-            f"{model} is not a Stable Diffusion 1.x/2.x or SDXL pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
+            f"{model} is not a Stable Diffusion 1.x/2.x or SDXL pipeline ({type(e).__name__}: {first_line(e, 200)})."
         ) from None
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)) or pipe.text_encoder is None \
             or pipe.unet.config.in_channels != 4:
@@ -241,6 +242,77 @@ def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
 def looks_like_path(model: str) -> bool:
     """Whether ``model`` names a local path rather than a hub id (``owner/name``)."""
     return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def load_clip(model: str):
+    """A transformers CLIP model (eval mode) and its processor, from a hub id or a local folder.
+
+    A hub id is read from the local Hugging Face cache first; the Hub is contacted only when the
+    model is not cached and the Hub answers within ``HUB_TIMEOUT`` seconds. Offline, it fails within
+    that time, before CLIP's code is even imported, with one line saying what to pass instead, and
+    the Hub's retry warnings are never printed.
+
+    Raises:
+        ModelLoadError: a missing or broken folder, or a hub id neither cached nor downloadable.
+    """
+    fix = "Pass a local CLIP folder with --clip-model PATH, or --no-clip to skip the CLIP score."
+    path = Path(model).expanduser()
+    looks_local = looks_like_path(model)
+    offline = ModelLoadError(
+        f"Cannot load the CLIP model {model!r}: it is not in the local Hugging Face cache and the Hub "
+        f"({hub_endpoint()}) cannot be reached (offline?). {fix}"
+    )
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(f"CLIP model folder {path} does not exist. {fix}")
+    if not looks_local and not _in_hub_cache(model) and not hub_reachable():
+        raise offline  # before importing CLIP's modelling code, which alone takes seconds
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    def load(source, **kwargs):
+        with _quiet_hub():
+            return CLIPModel.from_pretrained(source, **kwargs).eval(), CLIPProcessor.from_pretrained(source, **kwargs)
+
+    if looks_local:
+        try:
+            return load(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{path} is not a transformers CLIP model ({first_line(e)}). {fix}") from None
+    try:
+        return load(model, local_files_only=True)
+    except OSError:
+        if not hub_reachable():
+            raise offline from None
+    logger.info("Downloading the CLIP model %s …", model)
+    try:
+        return load(model)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"Cannot load the CLIP model {model!r} ({first_line(e)}). {fix}") from None
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether the local Hugging Face cache holds ``model``'s config (a cheap look, no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Hub and transformers log only errors inside (no retry warnings); their levels are restored after."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
