@@ -617,6 +617,7 @@ class _LoggingSetup:
     def __enter__(self):
         args = self.args
         level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+        self.bars = self._progress_bars()  # imports the libraries first: transformers sets its level on import
         self.saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in map(logging.getLogger, ("celebbasis", *self.NOISY))]
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s"))
@@ -627,7 +628,6 @@ class _LoggingSetup:
         if not args.verbose:  # the libraries' own chatter (deprecations, load reports) is not for CLI users
             for name in self.NOISY:
                 logging.getLogger(name).setLevel(logging.ERROR)
-        self.bars = self._progress_bars()
         if args.quiet:
             for lib in self.bars:
                 lib.disable_progress_bar()
