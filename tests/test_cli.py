@@ -136,6 +136,24 @@ def test_bad_input_one_line_errors(tmp_path, monkeypatch, capsys, args, match):
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("error, said", [(RuntimeError("boom\nsecond line"), "internal error: RuntimeError: boom. "),
+                                          (RuntimeError(), "internal error: RuntimeError. ")])
+def test_a_bug_is_one_line_and_v_shows_the_traceback(tmp_path, monkeypatch, capsys, error, said):
+    import celebbasis.evaluate
+
+    def broken(names):
+        raise error
+
+    monkeypatch.setattr(celebbasis.evaluate, "benchmark_prompt_lines", broken)
+    args = ["benchmark-prompts", "alice", "-o", str(tmp_path / "p.txt")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0] and "-v" in err[0], err
+    with pytest.raises(RuntimeError):
+        main([*args, "-v"])
+    assert not list(tmp_path.iterdir())
+
+
 CONFIGS = __import__("pathlib").Path(__file__).parent.parent / "configs"
 
 

@@ -658,7 +658,7 @@ def _on_sigterm(signum, frame):
 def _out_of_memory(e: BaseException) -> bool:
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -697,27 +697,24 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("celebbasis: interrupted; nothing was written for the unfinished work.", file=sys.stderr)
         return 130
-    except (RuntimeError, MemoryError) as e:
-        if args.verbose or not (isinstance(e, MemoryError) or _out_of_memory(e)):
+    except Exception as e:  # -v shows the traceback; otherwise one line
+        if args.verbose:
             raise
+        print(f"celebbasis: error: {_unexpected(e, args)}", file=sys.stderr)
+        return 1
+
+
+def _unexpected(e: Exception, args) -> str:
+    """One line for an error no command raised on purpose: out of memory, a file system error, or a bug."""
+    if isinstance(e, MemoryError) or _out_of_memory(e):
         hint = ("--low-memory, --resolution 384 or --batch-size 1" if args.command in ("add", "add-many", "demo")
                 else "smaller --height/--width or --num-images 1")
-        print(f"celebbasis: error: out of memory on {getattr(args, 'device', 'the device')}. Try --dtype float16, {hint}.",
-              file=sys.stderr)
-        return 1
-    except OSError as e:
-        if args.verbose:
-            raise
+        return f"out of memory on {getattr(args, 'device', 'the device')}. Try --dtype float16, {hint}."
+    if isinstance(e, OSError):
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"celebbasis: error: cannot read or write{where}: {e.strerror or e}. Check the path and free disk space.",
-              file=sys.stderr)
-        return 1
-    except Exception as e:  # a bug: say so in one line; -v shows the traceback
-        if args.verbose:
-            raise
-        print(f"celebbasis: internal error: {type(e).__name__}: {first_line(e, 400)}. "
-              "Run again with -v for the traceback and report it.", file=sys.stderr)
-        return 1
+        return f"cannot read or write{where}: {e.strerror or e}. Check the path and free disk space."
+    detail = f": {first_line(e, 400)}" if str(e).strip() else ""
+    return f"internal error: {type(e).__name__}{detail}. Run again with -v for the traceback and report it."
 
 
 def _main_thread() -> bool:
