@@ -182,14 +182,14 @@ def test_create_tab_handlers(app):
 
 
 def test_library_files_are_read_and_loaded_once(app, monkeypatch):
-    import celebbasis.insert
+    import celebbasis.webui
 
     saved_identity(app, "ann", 0)
     saved_identity(app, "bob", 1)
     reads, loads = [], []
-    real_read, real_load = Identity.load.__func__, celebbasis.insert.load_identity
+    real_read, real_load = Identity.load.__func__, celebbasis.webui.load_identity
     monkeypatch.setattr(Identity, "load", classmethod(lambda cls, p: reads.append(p.name) or real_read(cls, p)))
-    monkeypatch.setattr(celebbasis.insert, "load_identity", lambda pipe, i, *a: loads.append(i.token) or real_load(pipe, i, *a))
+    monkeypatch.setattr(celebbasis.webui, "load_identity", lambda pipe, i, *a: loads.append(i.token) or real_load(pipe, i, *a))
     assert [r["name"] for r in app.identities()] == ["ann", "bob"] and sorted(reads) == ["ann.safetensors", "bob.safetensors"]
     app.identities()
     app.create("<ann> person", steps=1)

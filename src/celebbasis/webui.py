@@ -13,6 +13,7 @@ serves only its own folders. Everything it does is also a Python call: ``WebApp`
 
 import dataclasses
 import datetime as _dt
+import html
 import logging
 import queue
 import threading
@@ -27,8 +28,15 @@ from PIL import Image, ImageDraw
 
 from .config import GenerateConfig, TrainConfig, updated
 from .errors import CelebBasisError, InputError, NoFaceFoundError
-from .face import MIN_FACE_PX
+from .export import export_identity
+from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, load_image, same_person_threshold, unlike_photos
+from .generate import generate, save_images
 from .identity import Identity, check_name
+from .insert import PLACEHOLDER_RE, load_identity
+from .mix import mix
+from .models import SINGLE_FILE_SUFFIXES, pipeline_bases
+from .resources import example_prompts
+from .train import personalize
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +44,10 @@ MAX_UPLOAD = "20mb"
 MAX_UPLOAD_PIXELS = 40_000_000
 PHOTO_CACHE = 8  # photos whose face analysis is kept between Detect and Learn
 MAX_STEPS_PER_PERSON = 1600  # the Learn slider's end (raised to the configured default if that is larger)
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def _md(text) -> str:
     """User-facing text inside Markdown: ``<alice>`` must not turn into an HTML tag."""
-    import html
-
     return html.escape(str(text))
 
 
@@ -121,8 +126,6 @@ class WebApp:
     @property
     def analyzer(self):
         if self._analyzer is None:
-            from .face import FaceAnalyzer
-
             self._analyzer = FaceAnalyzer()
         return self._analyzer
 
@@ -200,8 +203,6 @@ class WebApp:
             p.unlink(missing_ok=True)
 
     def export(self, name: str, fmt: str) -> Path:
-        from .export import export_identity
-
         path = self._path(name)
         if fmt == "celebbasis":
             return path
@@ -215,8 +216,6 @@ class WebApp:
 
         What the Learn tab showed is what trains: ``learn`` reuses the analyses ``detect`` made.
         """
-        from .face import FaceAnalysis, load_image
-
         path = Path(photo)
         key = (str(path), _file_key(path)) if path.is_file() else None
         with self._photos_lock:
@@ -283,8 +282,6 @@ class WebApp:
             steps_per_person: training steps per person (``TrainConfig.steps`` is the total).
             cancel: set it to stop training; nothing is written then.
         """
-        from .train import personalize
-
         people = [[photos]] if isinstance(photos, (str, Path)) else [_paths(p) for p in photos if p]
         people = [p for p in people if p]
         if isinstance(names, str):
@@ -318,8 +315,6 @@ class WebApp:
     # -- create ------------------------------------------------------------------------------
     def _load_library(self, pipe) -> set[str]:
         """Load into the pipeline the identities it lacks or whose file changed; returns the library's tokens."""
-        from .insert import load_identity
-
         tokens = set()
         for path, key, ident in self._scan():
             loaded = self._in_pipe.get(ident.token)
@@ -341,9 +336,6 @@ class WebApp:
         Args:
             settings: ``GenerateConfig`` fields over the app's ``generate_config`` (``steps=20, seed=3, ...``).
         """
-        from .generate import generate, save_images
-        from .insert import PLACEHOLDER_RE
-
         config = updated(self.generate_config, **settings)
         with self.lock:
             pipe = self.pipe
@@ -371,9 +363,6 @@ class WebApp:
         Args:
             settings: ``GenerateConfig`` fields for the preview (``seed=3, steps=20, ...``).
         """
-        from .mix import mix
-        from .models import pipeline_bases
-
         name = check_name(name)
         if self._path(name).exists():
             raise InputError(f"An identity named {name!r} already exists. Pick another name.")
@@ -417,8 +406,6 @@ def _boxed(image: Image.Image, faces) -> Image.Image:
 
 def _unlike(vectors: list[tuple[str, np.ndarray]], encoder) -> list[str]:
     """Warnings about photos whose face does not look like the others' (``face.unlike_photos``)."""
-    from .face import same_person_threshold, unlike_photos
-
     odd = unlike_photos([v for _, v in vectors], encoder)
     if not odd:
         return []
@@ -665,8 +652,6 @@ def _library_tab(gr) -> SimpleNamespace:
 
 
 def _create_tab(gr, d: Defaults) -> SimpleNamespace:
-    from .resources import example_prompts
-
     with gr.Tab("Create", id="create"):
         chips = gr.Radio(choices=[], label="Click a person to insert them", elem_id="create-chips")
         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="create-prompt")
