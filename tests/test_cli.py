@@ -207,6 +207,15 @@ def test_toml_quiet_and_lists_replace(tmp_path, astronaut_path, capsys):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["alice.safetensors"]  # the command line replaces the file's list
     assert "Wrote" not in capsys.readouterr().err  # quiet from the file took effect
 
+    cfg.write_text('quiet = true\nname = "carol"\n')  # a required flag may come from the file alone
+    assert main(["add", str(astronaut_path), "--tiny", "--steps", "1", "--resolution", "64", "--views", "1",
+                 "-o", str(out), "--config", str(cfg)]) == 0
+    assert (out / "carol.safetensors").exists()
+    cfg.write_text("quiet = true\n")
+    with pytest.raises(SystemExit) as e:
+        main(["add", str(astronaut_path), "--tiny", "-o", str(out), "--config", str(cfg)])
+    assert e.value.code == 2 and "required: --name" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("content, match", [("stepz = 3", "stepz is not a flag of `celebbasis add` (did you mean steps?)"), ("steps = ", "not valid TOML"),
                                             ("steps = 'many'", "steps = 'many' should be int"),

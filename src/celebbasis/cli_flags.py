@@ -33,11 +33,18 @@ class Parser(argparse.ArgumentParser):
         self.flag_names: dict[str, str] = {}  # "batch-size", "batch_size", "views" ... -> dest
         self.option_strings: list[str] = ["-h", "--help"]
         self.subparsers: dict[str, Parser] = {}
+        self.flag_required: dict[str, str] = {}  # dest -> flag name, for flags the command line or TOML must give
 
 
-def flag(parser: Parser, group, *names: str, default: Any = None, kind: Any = None, **kwargs) -> argparse.Action:
-    """``group.add_argument(*names, ...)`` whose value is absent from the namespace unless given."""
+def flag(parser: Parser, group, *names: str, default: Any = None, kind: Any = None, required: bool = False,
+         **kwargs) -> argparse.Action:
+    """``group.add_argument(*names, ...)`` whose value is absent from the namespace unless given.
+
+    A ``required`` flag may come from the command line or the ``--config`` file; ``merged`` checks it.
+    """
     action = group.add_argument(*names, default=argparse.SUPPRESS, **kwargs)
+    if required:
+        parser.flag_required[action.dest] = max(action.option_strings, key=len)
     parser.flag_defaults[action.dest] = default
     parser.flag_types[action.dest] = kind or _kind(action)
     parser.option_strings += action.option_strings
@@ -70,14 +77,14 @@ def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None
         typ = base[0]
         name = "--" + f.metadata.get("flag", f.name).replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.default is not MISSING and f.default not in (None, False):
+        if f.default is not MISSING and f.default is not None and f.default is not False:
             help_text += f" (default: {f.default})"
         help_text = help_text.replace("%", "%%")
         if typ is bool:
             flag(parser, group, name, dest=f.name, default=UNSET, action="store_true", help=help_text)
         else:
             flag(parser, group, name, dest=f.name, default=UNSET, type=typ, choices=f.metadata.get("choices"),
-                 kind=typ, help=help_text, metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper())
+                 kind=typ, help=help_text, metavar=None if f.metadata.get("choices") else name[2:].split("-")[-1].upper())
 
 
 def config_from(cls, values: dict, **extra):
@@ -119,6 +126,9 @@ def merged(parser: Parser, args: argparse.Namespace) -> argparse.Namespace:
     if given.get("config"):
         values.update(read_toml(Path(given["config"]), sub, args.command))
     values.update(given)
+    missing = [name for dest, name in sub.flag_required.items() if values.get(dest) in (None, [])]
+    if missing:
+        sub.error(f"the following arguments are required: {', '.join(missing)} (on the command line or in --config)")
     return argparse.Namespace(**values)
 
 
