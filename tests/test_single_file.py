@@ -153,6 +153,11 @@ def test_offline_without_config_is_one_fast_line(models, no_hub):
     msg = str(e.value)
     assert time.perf_counter() - t0 < 5
     assert "\n" not in msg and "--model-config" in msg and FAMILY_CONFIGS["sdxl"] in msg and "SDXL" in msg
+    with pytest.raises(ModelLoadError) as e:  # a hub id given but not cached: say so, never suggest passing it
+        load_pipeline(str(models["sdxl"]["file"]), config="someone/not-cached-config")
+    msg = str(e.value)
+    assert "\n" not in msg and "someone/not-cached-config, which is not in the local Hugging Face cache" in msg
+    assert "hf download someone/not-cached-config" in msg and "(e.g." not in msg
 
 
 def test_silent_hub_fails_fast(models, silent_hub):

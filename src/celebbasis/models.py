@@ -392,10 +392,12 @@ def _resolve_config(config: str | None, family: str, path: Path, revision: str |
     from huggingface_hub import snapshot_download
 
     what = FAMILY_NAMES[family]
-    hint = (f"Pass --model-config with a diffusers folder or a cached hub id of the same architecture "
-            f"(e.g. {FAMILY_CONFIGS[family]}).")
+    given = config is not None
     if config is None:
         config = FAMILY_CONFIGS[family]
+    hint = ("Pass --model-config a local diffusers folder of the same architecture, or download that id's "
+            f"configuration where there is network (hf download {config} --include '*.json' '*.txt')." if given else
+            f"Pass --model-config with a diffusers folder or a cached hub id of the same architecture (e.g. {config}).")
     local = Path(config).expanduser()
     if looks_like_path(config):
         if not (local / "model_index.json").is_file():
@@ -414,8 +416,7 @@ def _resolve_config(config: str | None, family: str, path: Path, revision: str |
     try:
         return snapshot_download(config, revision=revision, allow_patterns=_CONFIG_FILES)
     except Exception as e:
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ModelLoadError(f"Cannot fetch the configuration {config} for {path.name} ({first}). {hint}") from None
+        raise ModelLoadError(f"Cannot fetch the configuration {config} for {path.name} ({first_line(e)}). {hint}") from None
 
 
 def _check_config(config_dir: str, family: str, path: Path, shapes: dict[str, tuple[int, ...]], shown: str) -> None:
