@@ -362,3 +362,17 @@ def test_prompt_file_round_trip_and_old_formats(tmp_path):
     path.write_text("style\ta\tb\tc\n", encoding="utf-8")
     with pytest.raises(InputError, match="line 1: 4 tab-separated fields"):
         read_prompt_file(path)
+
+
+def test_missing_eval_network_is_reported_before_clip(tmp_path, capsys, monkeypatch, astronaut_path):
+    """Offline, a wrong --eval-encoder path is the error a user sees first, not CLIP's."""
+    from celebbasis.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "imgs").mkdir()
+    Image.open(astronaut_path).save(tmp_path / "imgs" / "a.png")
+    assert main(["evaluate", str(tmp_path / "imgs"), "--reference", str(astronaut_path), "--eval-encoder",
+                 f"arcface:{tmp_path / 'backbone.pth'}", "--clip-model", "celebbasis-tests/no-such-clip",
+                 "-o", str(tmp_path / "r"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "backbone.pth: no such file" in err[0]

@@ -422,7 +422,7 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import ClipScorer, evaluate, find_images, read_prompt_file, write_report
-    from .face import FaceAnalyzer
+    from .face import FaceAnalyzer, face_encoder
     from .identity import Identity
 
     images = find_images(args.images)
@@ -433,8 +433,9 @@ def cmd_evaluate(args) -> int:
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     out = Path(args.output)
     _check_output_dir(out)
-    clip = None if args.no_clip else ClipScorer(args.clip_model)  # an offline CLIP fails before dlib loads
-    analyzer = FaceAnalyzer(encoder=args.eval_encoder)
+    encoder = face_encoder(args.eval_encoder)  # a missing network file is reported first
+    clip = None if args.no_clip else ClipScorer(args.clip_model)  # an offline CLIP fails before the detector loads
+    analyzer = FaceAnalyzer(encoder=encoder)
     for p in args.identity:
         trained = Identity.load(p).metadata.get("face_encoder")
         if trained == analyzer.encoder.name:
