@@ -274,6 +274,7 @@ def test_a1111_pt_passes_a1111_safe_loader(tmp_path, sd1):
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
 def test_written_files_get_the_users_mode(tmp_path, sd1, umask, mode):
     from celebbasis.files import atomic_write
+    from celebbasis.testing import save_single_file
 
     ident, _ = random_identity(sd1)
     before = os.umask(umask)
@@ -281,7 +282,8 @@ def test_written_files_get_the_users_mode(tmp_path, sd1, umask, mode):
         paths = [ident.save(tmp_path / "ids" / "alice.safetensors"),
                  export_identity(ident, "diffusers", tmp_path / "d"),
                  export_identity(ident, "a1111", tmp_path / "p", pt=True),
-                 atomic_write(tmp_path / "notes.txt", lambda t: Path(t).write_text("x"))]
+                 atomic_write(tmp_path / "notes.txt", lambda t: Path(t).write_text("x")),
+                 save_single_file(sd1, tmp_path / "m" / "model.safetensors")]
         ident.save(tmp_path / "ids" / "alice.safetensors")  # replacing a file gives the same mode
         assert os.umask(umask) == umask  # the library left the umask as it found it
     finally:

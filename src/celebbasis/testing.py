@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
 from .resources import clip_tokenizer
 
 TINY_WIDTH = 32  # text embedding width of the tiny model
@@ -375,10 +376,8 @@ def save_single_file(pipe, path, *, open_clip: bool | None = None) -> Path:
     path = Path(path)
     sd = original_state_dict(pipe, open_clip=open_clip)
     if path.suffix == ".safetensors":
-        save_file(sd, path, metadata={"format": "pt"})
-    else:
-        torch.save({"state_dict": sd, "global_step": 0}, path)  # what SD training scripts write
-    return path
+        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    return atomic_write(path, lambda tmp: torch.save({"state_dict": sd, "global_step": 0}, tmp))  # as SD training scripts write
 
 
 def save_tiny_single_file(path, seed: int = 0, *, family: str = "sd1") -> Path:
