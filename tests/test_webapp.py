@@ -225,6 +225,18 @@ def test_launch_names_the_share_flag(app, capsys, monkeypatch):
     assert fields["create-width"].value == fields["create-height"].value == 64
 
 
+def test_a_model_that_fails_to_load_leaves_no_folders(tmp_path):
+    from celebbasis.errors import ModelLoadError
+    from celebbasis.webui import launch
+
+    def load():
+        raise ModelLoadError("no such model")
+
+    with pytest.raises(ModelLoadError):
+        launch(WebApp(load, tmp_path / "ids"), block=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- several photos of one person ---------------------------------------------------------------------
 
 def test_several_photos_of_one_person(app, astronaut_path, mirrored_path, hopper_path):

@@ -444,8 +444,9 @@ def cmd_evaluate(args) -> int:
     report = evaluate(images, refs, analyzer=analyzer, clip=clip, prompts=prompts, show_progress=not args.quiet)
     write_report(report, out)
     s = report.summary()
+    shown = {k: "–" if s[k] is None else f"{s[k]:.3f}" for k in ("id_similarity_mean", "clip_score_mean")}
     logger.info("%d images: face detection rate %.3f, ID similarity %s, CLIP score %s. Report in %s",
-                s["n_images"], s["face_detection_rate"], s["id_similarity_mean"], s["clip_score_mean"], out)
+                s["n_images"], s["face_detection_rate"], shown["id_similarity_mean"], shown["clip_score_mean"], out)
     return 0
 
 

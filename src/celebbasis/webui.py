@@ -101,12 +101,9 @@ class WebApp:
         self._pipe = None
         self._analyzer = analyzer
         self.lock = threading.Lock()  # one job on the pipeline at a time
-        self.dir = Path(identities_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(identities_dir)  # created by ``launch`` once the model loaded, or by the first file written
         self.outputs = self.dir / "outputs"
-        self.outputs.mkdir(exist_ok=True)
         self.exports = self.dir / "exports"
-        self.exports.mkdir(exist_ok=True)
         self.train_config = train_config or TrainConfig()
         self.generate_config = generate_config or GenerateConfig()
         self.model_label = model_title(model_label)
@@ -207,7 +204,7 @@ class WebApp:
         if fmt == "celebbasis":
             return path
         folder = self.exports / fmt
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         return export_identity(path, fmt, folder / f"{check_name(name)}.safetensors", overwrite=True)
 
     # -- learn -------------------------------------------------------------------------------
@@ -759,7 +756,8 @@ def launch(app: WebApp, host: str = "127.0.0.1", port: int = 7860, share: bool =
 
     Returns the running Gradio app (``.close()`` stops it) once it stops, or at once with ``block=False``.
     """
-    demo = build_ui(app)
+    demo = build_ui(app)  # loads the model: a bad --model fails here, before any folder is made
+    app.dir.mkdir(parents=True, exist_ok=True)
     if share:
         logger.warning("--share makes this app reachable by anyone with the link, including your GPU and photos.")
     # quiet: Gradio's own lines talk about launch(share=True); ours name the command-line flag
