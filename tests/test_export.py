@@ -297,7 +297,7 @@ def readme_section(title):
     return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_readme_export_commands_run_in_order(tmp_path, sd1, monkeypatch):
+def test_readme_export_commands_run_in_order(tmp_path, sd1, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     section = readme_section("Use an identity in other tools")
@@ -325,6 +325,9 @@ def test_readme_export_commands_run_in_order(tmp_path, sd1, monkeypatch):
                 assert "string_to_param" in torch.load(p, weights_only=True)
             else:
                 assert list(load_file(p)) == ["emb_params"]
+    assert main(commands[0][1:] + ["-q"]) == 2  # run again: the file is there
+    assert "already exists. Pass --overwrite" in capsys.readouterr().err
+    assert main(commands[0][1:] + ["--overwrite", "-q"]) == 0
 
 
 def load_file_keys(path):

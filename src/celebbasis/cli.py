@@ -538,12 +538,17 @@ def cmd_export(args) -> int:
 
     identity = Identity.load(args.identity)
     target = export_path(identity, args.output, args.pt)  # the file it will be, checked before anything is written
+    if target.exists() and not args.overwrite:
+        raise InputError(f"{target} already exists. Pass --overwrite to replace it, or another -o.")
     _check_output_dir(target.parent)
     path = export_identity(identity, args.format, args.output, pt=args.pt, overwrite=args.overwrite)
+    in_place = path.parent.name == "embeddings"  # written straight into the tool's folder
     use = {
         "diffusers": f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts',
-        "a1111": f'copy it into stable-diffusion-webui/embeddings/, then "{path.stem} person ..." in prompts',
-        "comfyui": f'copy it into ComfyUI/models/embeddings/, then "embedding:{path.stem} person ..." in prompts',
+        "a1111": f'{"use" if in_place else "copy it into stable-diffusion-webui/embeddings/, then"} '
+                 f'"{path.stem} person ..." in prompts',
+        "comfyui": f'{"use" if in_place else "copy it into ComfyUI/models/embeddings/, then"} '
+                   f'"embedding:{path.stem} person ..." in prompts',
     }[args.format]
     logger.info("Wrote %s: %s", path, use)
     return 0
