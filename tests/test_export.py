@@ -328,6 +328,10 @@ def test_readme_export_commands_run_in_order(tmp_path, sd1, monkeypatch, capsys)
     assert main(commands[0][1:] + ["-q"]) == 2  # run again: the file is there
     assert "already exists. Pass --overwrite" in capsys.readouterr().err
     assert main(commands[0][1:] + ["--overwrite", "-q"]) == 0
+    before = Path("identities/alice.safetensors").read_bytes()  # never written over its own input
+    assert main(["export", "identities/alice.safetensors", "--format", "a1111", "-o", "identities/", "--overwrite", "-q"]) == 2
+    assert "is the identity being exported" in capsys.readouterr().err
+    assert Path("identities/alice.safetensors").read_bytes() == before
 
 
 def load_file_keys(path):

@@ -54,6 +54,31 @@ def test_identity_load_refuses_a_basis(tmp_path, tiny_pipe):
         Identity.load(path)
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"token": "<../../escaped>"}, "is not <name>"), ({"token": "</tmp/abs>"}, "is not <name>"),
+    ({"token": "hello world"}, "is not <name>"), ({"nan": True}, "not finite"), ({"rows": 0}, "no vectors"),
+])
+def test_identity_files_that_could_do_harm_are_refused(tmp_path, tiny_pipe, change, match):
+    """The token names every file made from an identity (exports): it is never a path; values are finite."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    path = Identity.from_coefficients("<alice>", torch.nn.functional.normalize(torch.randn(2, 32), dim=-1),
+                                      basis).save(tmp_path / "alice.safetensors")
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    meta.update({k: v for k, v in change.items() if k == "token"})
+    if change.get("nan"):
+        tensors["embeddings"][0, 0] = float("nan")
+    if "rows" in change:
+        tensors = {k: v[:0] for k, v in tensors.items()}
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(FileFormatError, match=match):
+        Identity.load(path)
+
+
 @pytest.mark.parametrize("good", ["alice", "Bob_2", "<carol>", "x-y"])
 def test_good_names(good):
     assert check_name(good) == good.strip("<>")

@@ -538,6 +538,8 @@ def cmd_export(args) -> int:
 
     identity = Identity.load(args.identity)
     target = export_path(identity, args.output, args.pt)  # the file it will be, checked before anything is written
+    if target.exists() and target.resolve() == Path(args.identity).resolve():
+        raise InputError(f"{target} is the identity being exported. Pass another -o (e.g. exports/).")
     if target.exists() and not args.overwrite:
         raise InputError(f"{target} already exists. Pass --overwrite to replace it, or another -o.")
     _check_output_dir(target.parent)

@@ -182,7 +182,12 @@ class Identity:
                 raise FileFormatError(
                     f"{path}: inconsistent shapes coefficients {tuple(coeffs.shape)}, embeddings {tuple(emb.shape)}. Re-create the identity."
                 )
-        token = meta.pop("token", None) or f"<{Path(path).stem}>"
+        token = meta.pop("token", None) or f"<{name_from_filename(Path(path).stem)}>"
+        if not (token.startswith("<") and token.endswith(">") and _NAME_RE.match(token[1:-1])):
+            raise FileFormatError(f"{path}: its token {token!r} is not <name> (1-64 letters, digits, '_' or '-'). "
+                                  "Re-create the identity.")  # the name becomes file names: never a path
+        if parts[0][1].shape[0] == 0 or not all(bool(torch.isfinite(t).all()) for pair in parts for t in pair):
+            raise FileFormatError(f"{path}: no vectors, or values that are not finite (NaN/inf). Re-create the identity.")
         meta.pop("format", None)
         for key in ("steps", "seed", "source_photos"):
             if key in meta:
