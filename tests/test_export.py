@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from celebbasis.basis import build_basis
 from celebbasis.cli import main
+from celebbasis.errors import InputError
 from celebbasis.export import export_identity, import_embedding
 from celebbasis.identity import Identity
 from celebbasis.insert import load_identity, text_encoders
@@ -137,6 +138,9 @@ def test_mix_weights_and_renormalises(sd1):
     with_name = mix([(alice, 0.7), ("Anne Hathaway", 0.3)], "alianne", bases, sd1)
     anne = F.normalize(celebrity_coefficients("Anne Hathaway", sd1.tokenizer, sd1.text_encoder, bases[0]), dim=-1)
     assert torch.allclose(with_name.coefficients, F.normalize(0.7 * alice.coefficients + 0.3 * anne, dim=-1), atol=1e-6)
+    for bad in (float("nan"), float("inf"), 1e308):  # never a NaN identity
+        with pytest.raises(InputError, match="finite numbers"):
+            mix([(alice, bad), (bob, 0.5)], "bad", bases)
     # a name's coefficients reproduce its token embeddings when the basis spans the width
     ids = sd1.tokenizer("Anne Hathaway", add_special_tokens=False).input_ids
     table = sd1.text_encoder.get_input_embeddings().weight.detach()

@@ -9,14 +9,28 @@ Errors name the field, not a command-line flag: the library does not know who ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InputError
 
 
+MAX_SEED = 2**32 - 1  # what every seeder involved (Python, numpy, torch) takes
+
+
 def _help(text: str, **extra) -> dict:
     return {"help": text, **extra}
+
+
+def _check_numbers(config) -> None:
+    """Every float setting is finite (NaN or inf would train or draw garbage), every seed in [0, MAX_SEED]."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{f.name} must be a finite number, got {value}.")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise InputError(f"seed must be in [0, {MAX_SEED}], got {config.seed}.")
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ class TrainConfig:
     low_memory: bool = field(default=False, metadata=_help("gradient checkpointing in the UNet: less memory, about 30% slower"))
 
     def __post_init__(self):
+        _check_numbers(self)
         if self.steps is not None and self.steps < 1:
             raise InputError(f"steps must be >= 1, got {self.steps}.")
         if self.batch_size < 1:
@@ -124,6 +139,7 @@ class GenerateConfig:
     scheduler: str = field(default="ddim", metadata=_help("sampler", choices=tuple(SCHEDULERS)))
 
     def __post_init__(self):
+        _check_numbers(self)
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):

@@ -6,6 +6,8 @@ token embeddings (first token onto slot 0, second onto slot 1, ...).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +50,8 @@ def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=
     bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
     if not ingredients:
         raise InputError("Nothing to mix. Pass at least one identity or celebrity name.")
+    if not all(math.isfinite(w) and abs(w) <= 1e6 for _, w in ingredients):
+        raise InputError(f"Mixing weights must be finite numbers of at most 1e6 in size, got {[w for _, w in ingredients]}.")
     if all(abs(w) < 1e-12 for _, w in ingredients):
         raise InputError("All mixing weights are zero. Give at least one ingredient a weight.")
     total = [torch.zeros(b.n_tokens, b.n_components) for b in bases]
