@@ -126,3 +126,13 @@ def test_a_lifted_dlib_vector_learns_as_fast_as_a_512d_one(astronaut):
     plain = sum(first_step_movement(dlib, None, s) for s in seeds)
     assert abs(lifted / ref - 1) < 0.1  # the paper's learning speed
     assert plain / ref < 0.65  # without the lift: about half (||f||_1 of 9 instead of 18)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="POSIX pipes")
+def test_a_pipe_is_refused_not_waited_on(tmp_path):
+    import os
+
+    fifo = tmp_path / "alice.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        Identity.load(fifo)  # without the check this blocks forever

@@ -95,6 +95,8 @@ def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise InputError(f"{path}: no such file. Check the path.")
     if path.is_dir():
         raise InputError(f"{path} is a folder, not a file. Pass the .safetensors file inside it.")
+    if not path.is_file():  # a pipe or a device would block the read forever
+        raise InputError(f"{path} is not a regular file. Pass a .safetensors file.")
     with open(path, "rb") as fh:
         head = fh.read(9)
     looks_safetensors = len(head) == 9 and head[8:9] == b"{"  # u64 header length, then the JSON header
