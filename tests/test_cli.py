@@ -201,6 +201,8 @@ def test_config_defaults_live_in_the_dataclasses(capsys):
     help_text = capsys.readouterr().out
     assert f"(default: {TrainConfig.learning_rate})" in help_text.replace("\n", " ").replace("  ", " ") or "0.01" in help_text
     assert "--weight-decay" in help_text and "--aspect-jitter" in help_text  # every TrainConfig field is a flag
+    flat = " ".join(help_text.split())
+    assert "--views VIEWS" in flat and "initial weights (default: 0)" in flat  # metavar from the flag; a zero default shown
 
 
 def test_toml_quiet_and_lists_replace(tmp_path, astronaut_path, capsys):
