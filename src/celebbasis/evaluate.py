@@ -248,7 +248,6 @@ class ClipScorer:
         return 100.0 * max(cos, 0.0)
 
 
-
 def best_assignment(sim: np.ndarray) -> list[tuple[int, int]]:
     """Pairs (reference, face) maximising the total similarity (Hungarian method).
 

@@ -314,7 +314,6 @@ def _quiet_hub():
             lg.setLevel(level)
 
 
-
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of a single-file checkpoint; pickles are read with ``weights_only=True`` or refused."""
     if path.suffix.lower() == ".safetensors":
