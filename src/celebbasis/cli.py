@@ -270,8 +270,6 @@ def _check_output_dir(path: Path) -> None:
         )
 
 
-
-
 def _people(photos: list[str], names: list[str]) -> list[list[Path]]:
     """Each person's photos: one argument (photo or folder) per --name, or every argument for a single --name."""
     from .face import photos_in

@@ -23,7 +23,6 @@ from .train import personalize
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Person:
     """One person to learn: a name and one or more photos."""
