@@ -7,7 +7,8 @@
 #   bash scripts/reproduce-paper.sh MODEL REF_DIR [OUT] [EXTRA FLAGS...]
 #
 # MODEL    hub id, diffusers folder or single-file checkpoint of SD 1.x/2.x; `tiny` = the tiny random
-#          model (--tiny; images are noise, for trying the script).
+#          model (--tiny; images are noise, for trying the script); `toy` = the packaged toy world of
+#          cartoon people (--toy; 64 px, its own face network trains and evaluates: REF_DIR holds renders).
 # REF_DIR  one photo per person (the file name is the name: `Ann Lee.jpg` -> <Ann_Lee>), or one
 #          subfolder of photos per person.
 # OUT      results folder (default reproduce-paper/): identities/, prompts.txt, images/, report/,
@@ -30,7 +31,7 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: bash scripts/reproduce-paper.sh MODEL REF_DIR [OUT] [EXTRA FLAGS...]   (MODEL: hub id, folder, .safetensors or 'tiny')" >&2
+  echo "usage: bash scripts/reproduce-paper.sh MODEL REF_DIR [OUT] [EXTRA FLAGS...]   (MODEL: hub id, folder, .safetensors, 'toy' or 'tiny')" >&2
   exit 2
 }
 [ $# -ge 2 ] || usage
@@ -56,10 +57,20 @@ else
 fi
 cb() { "$PY" -m celebbasis.cli "$@"; }
 
-if [ "$MODEL" = tiny ]; then MODEL_FLAGS=(--tiny); else MODEL_FLAGS=(--model "$MODEL"); fi
+MODEL_GEN=()
+if [ "$MODEL" = tiny ]; then
+  MODEL_FLAGS=(--tiny)
+elif [ "$MODEL" = toy ]; then  # the world's own size, and its face network (nothing else reads cartoon faces)
+  MODEL_FLAGS=(--toy)
+  MODEL_GEN=(--height 64 --width 64)
+  EVAL_ENCODER=${EVAL_ENCODER:-toy}
+else
+  MODEL_FLAGS=(--model "$MODEL")
+fi
 read -r -a COMMON <<< "${CELEBBASIS_FLAGS:-}"
 read -r -a ADD <<< "${ADD_FLAGS:-}"
 read -r -a GEN <<< "${GENERATE_FLAGS:-}"
+GEN=(${MODEL_GEN[@]+"${MODEL_GEN[@]}"} ${GEN[@]+"${GEN[@]}"})
 read -r -a EVAL <<< "${EVAL_FLAGS:-}"
 COMMON+=("$@")
 mkdir -p "$OUT"

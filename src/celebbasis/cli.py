@@ -41,6 +41,8 @@ def _common(p: Parser, model: bool = True) -> None:
              help="SDXL: default model stabilityai/stable-diffusion-xl-base-1.0 (and a tiny SDXL with --tiny)")
         flag(p, g, "--tiny", default=False, action="store_true",
              help="use a tiny random model built in-process (for trying things out; images are noise)")
+        flag(p, g, "--toy", default=False, action="store_true",
+             help="use the packaged toy world: a small model of cartoon people, 64 px, where learning can be seen on a CPU")
         flag(p, g, "--revision", help="hub revision (branch, tag or commit) of --model")
         flag(p, g, "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
         flag(p, g, "--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: auto)")
@@ -52,8 +54,9 @@ def _common(p: Parser, model: bool = True) -> None:
 def _train_flags(p: Parser) -> None:
     g = p.add_argument_group("training")
     config_flags(p, g, TrainConfig)
-    flag(p, g, "--face-encoder", default="dlib", metavar="SPEC",
-         help="identity network: dlib (default), arcface:/path/backbone.pth (the paper's) or onnx:/path/model.onnx")
+    flag(p, g, "--face-encoder", metavar="SPEC",
+         help="identity network: dlib (default), toy (the toy world's; default with --toy), arcface:/path/backbone.pth "
+              "(the paper's) or onnx:/path/model.onnx")
     flag(p, g, "--face-index", type=int, help="which face to use in photos with several (0 = largest; default: largest)")
     flag(p, g, "--basis", action="append", help="basis file from build-basis; twice for SDXL (default: built from the model and cached)")
 
@@ -189,19 +192,26 @@ def _load(args, device: str | None = None):
 
     logger.info("Loading %s ...", "the tiny random model" if args.tiny else _model_label(args))
     return load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
-                         revision=args.revision, tiny=args.tiny, sdxl=args.sdxl)
+                         revision=args.revision, tiny=args.tiny, sdxl=args.sdxl, toy=args.toy)
 
 
 def _model_label(args) -> str:
     from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL
 
+    if args.toy:
+        return "the toy world"
     return "tiny random model" if args.tiny else args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
+
+
+def _face_spec(args) -> str:
+    """The --face-encoder given, else the toy world's with --toy, else dlib."""
+    return getattr(args, "face_encoder", None) or ("toy" if getattr(args, "toy", False) else "dlib")
 
 
 def _model_flags(args) -> str:
     """The model flags of this run, to repeat in the hints it prints."""
     out = []
-    for name in ("tiny", "sdxl"):
+    for name in ("tiny", "sdxl", "toy"):
         if getattr(args, name, False):
             out.append(f"--{name}")
     for name in ("model", "model_config", "revision"):
@@ -300,7 +310,7 @@ def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, over
     _warn_cpu(pipe)
     result = personalize(pipe, [p[0] if isinstance(p, list) and len(p) == 1 else p for p in people], names,
                          config=_train_config(args), basis=_basis(args), face_index=args.face_index,
-                         face_analyzer=analyzer or FaceAnalyzer(encoder=args.face_encoder), show_progress=not args.quiet)
+                         face_analyzer=analyzer or FaceAnalyzer(encoder=_face_spec(args)), show_progress=not args.quiet)
     for p in result.save(out_dir, overwrite=overwrite):
         logger.info("Wrote %s", p)
     return result
@@ -348,7 +358,7 @@ def cmd_add(args) -> int:
     for n in names:
         if (out / f"{n}.safetensors").exists() and not args.overwrite:
             raise InputError(f"{out / (n + '.safetensors')} already exists. Pass --overwrite to replace it, or choose another --name.")
-    analyzer = FaceAnalyzer(encoder=args.face_encoder)
+    analyzer = FaceAnalyzer(encoder=_face_spec(args))
     analyses = [[analyzer(p, face_index=args.face_index) for p in photos] for photos in people]  # before the model loads
     pipe = _load(args)
     _personalize(args, pipe, analyses, names, out, args.overwrite, analyzer)
@@ -372,7 +382,7 @@ def cmd_add_many(args) -> int:
     with logging_redirect_tqdm(loggers=[logger]):  # log lines go above the progress bar, not through it
         result = add_many(lambda device: _load(args, device), args.faces, out, config=config, bases=_basis(args),
                           group_size=args.group_size, overwrite=args.overwrite,
-                          analyzer=FaceAnalyzer(encoder=args.face_encoder), face_index=args.face_index,
+                          analyzer=FaceAnalyzer(encoder=_face_spec(args)), face_index=args.face_index,
                           show_progress=not args.quiet)
     for p in result.written:
         logger.info("Wrote %s", p)
@@ -470,47 +480,69 @@ def cmd_webui(args) -> int:
 
     out = Path(args.output)
     _check_output_dir(out)
-    launch(WebApp(lambda: _load(args), out, model_label=_model_label(args)), host=args.host, port=args.port, share=args.share)
+    _check_port(args.host, args.port)  # before the model loads
+    launch(WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args)), host=args.host, port=args.port, share=args.share)
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port {port} is not a port number. Pass --port N with N in 1-65535 (default 7860).")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise InputError(f"Cannot listen on {host}:{port} ({e.strerror or e}): another program (an earlier webui?) "
+                         f"may be using it. Pass --port N with a free port, or stop the other one.") from None
 
 
 def cmd_demo(args) -> int:
     from .errors import ModelLoadError
-    from .generate import generate, save_images
+    from .face import load_image
+    from .files import atomic_write
+    from .generate import contact_sheet, generate, save_images
     from .resources import example_face, example_prompts
+    from .toy import TOY_PROMPTS, toy_photo
 
     out = Path(args.output)
     config = _train_config(args)
     _check_output_dir(out)
-    photos = args.photo or [str(example_face())]
-    if len(photos) > 2:
+    if args.photo and len(args.photo) > 2:
         raise InputError("The demo takes at most two --photo; use `celebbasis add` for more people.")
-    if not args.tiny:
+    if not (args.tiny or args.toy):
         try:
             pipe = _load(args)
         except ModelLoadError as e:
-            print(f"\n{BANNER}\n  NO MODEL: {e}\n  Running the same pipeline on a TINY RANDOM model instead.\n"
-                  f"  Its images are noise by design; pass --model PATH for real pictures.\n{BANNER}\n", file=sys.stderr)
-            args.tiny = True
-    if args.tiny:
+            print(f"\n{BANNER}\n  NO MODEL: {e}\n  Running the same pipeline in the TOY WORLD instead: a small model of cartoon\n"
+                  f"  people that ships with celebbasis (64 px). Pass --model PATH for real pictures.\n{BANNER}\n",
+                  file=sys.stderr)
+            args.toy = True
+    if args.tiny or args.toy:
         pipe = _load(args)
-        if config.steps is None:
-            args.steps = 100 * len(photos)
+    if args.tiny and config.steps is None:
+        args.steps = 100 * len(args.photo or [None])
+    photos = args.photo or [str(toy_photo(0) if args.toy else example_face())]
+    all_prompts = TOY_PROMPTS if args.toy else example_prompts()
     names = ["id1", "id2"][: len(photos)]
     ids = out / "identities"
     replaced = [n for n in names if (ids / f"{n}.safetensors").exists()]
     if replaced:
         logger.warning("Replacing the earlier demo's %s in %s.", ", ".join(f"{n}.safetensors" for n in replaced), ids)
     result = _personalize(args, pipe, photos, names, ids, overwrite=True)
-    prompts = [p for p in example_prompts() if "<id2>" not in p or len(photos) > 1]
-    skipped = len(example_prompts()) - len(prompts)
+    prompts = [p for p in all_prompts if "<id2>" not in p or len(photos) > 1]
+    skipped = len(all_prompts) - len(prompts)
     if skipped:
         logger.info("Skipping %d two-person prompt(s); pass a second --photo to draw them.", skipped)
     steps = args.sample_steps or (20 if args.tiny else 50)
     results = generate(pipe, prompts, num_images=args.num_images, steps=steps, seed=config.seed, show_progress=not args.quiet)
     save_images(results, out / "images")
-    logger.info("Demo done: %d identity file(s) in %s, %d image(s) in %s (grid.png shows them all).",
-                len(result.identities), ids, len(results), out / "images")
+    sheet = contact_sheet([load_image(p).resize(results[0].image.size) for p in photos] + [r.image for r in results],
+                          columns=len(photos) + len(results))
+    atomic_write(out / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG"))
+    logger.info("Demo done: %d identity file(s) in %s, %d image(s) in %s; contact_sheet.png shows the photo(s), then "
+                "every image.", len(result.identities), ids, len(results), out / "images")
     return 0
 
 
@@ -557,10 +589,13 @@ def cmd_export(args) -> int:
 def _follow_recorded_model(args, recorded: str | None) -> None:
     """With no model flag given, use the model an input file records (``base_model``)."""
     from .models import TINY_MODEL
+    from .toy import TOY_MODEL
 
-    if args.model or args.tiny or args.sdxl or not recorded:
+    if args.model or args.tiny or args.sdxl or args.toy or not recorded:
         return
-    if recorded.startswith(TINY_MODEL):  # "tiny" or "tiny-sdxl"
+    if recorded == TOY_MODEL:
+        args.toy = True
+    elif recorded.startswith(TINY_MODEL):  # "tiny" or "tiny-sdxl"
         args.tiny, args.sdxl = True, recorded.endswith("sdxl")
     else:
         args.model = recorded
@@ -658,8 +693,12 @@ class _LoggingSetup:
         return False
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping the command as Ctrl-C does (exit 143 instead of 130)."""
+
+
 def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -669,7 +708,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
+    """Run one command; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted, 143 terminated)."""
     import signal
     import warnings
 
@@ -701,9 +740,10 @@ def _run(args) -> int:
             raise
         print(f"celebbasis: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("celebbasis: interrupted; nothing was written for the unfinished work.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"celebbasis: {stopped}; nothing was written for the unfinished work.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # -v shows the traceback; otherwise one line
         if args.verbose:
             raise

@@ -35,6 +35,23 @@ class Parser(argparse.ArgumentParser):
         self.subparsers: dict[str, Parser] = {}
         self.flag_required: dict[str, str] = {}  # dest -> flag name, for flags the command line or TOML must give
 
+    def _required_shown(self, fmt):
+        """Usage and help show flags that the command line or ``--config`` must give as required (no brackets)."""
+        actions = [a for a in self._actions if a.dest in self.flag_required]
+        for a in actions:
+            a.required = True
+        try:
+            return fmt()
+        finally:
+            for a in actions:
+                a.required = False
+
+    def format_usage(self) -> str:
+        return self._required_shown(super().format_usage)
+
+    def format_help(self) -> str:
+        return self._required_shown(super().format_help)
+
 
 def flag(parser: Parser, group, *names: str, default: Any = None, kind: Any = None, required: bool = False,
          **kwargs) -> argparse.Action:
@@ -42,6 +59,8 @@ def flag(parser: Parser, group, *names: str, default: Any = None, kind: Any = No
 
     A ``required`` flag may come from the command line or the ``--config`` file; ``merged`` checks it.
     """
+    if required:
+        kwargs["help"] = kwargs.get("help", "") + " (required; may come from --config)"
     action = group.add_argument(*names, default=argparse.SUPPRESS, **kwargs)
     if required:
         parser.flag_required[action.dest] = max(action.option_strings, key=len)
@@ -106,7 +125,9 @@ def parse(parser: Parser, argv: list[str] | None) -> argparse.Namespace:
             name = word.split("=", 1)[0]
             if name.startswith("-") and not _is_number(name) and name not in sub.option_strings:
                 close = difflib.get_close_matches(name, sub.option_strings, n=1, cutoff=0.6)
-                sub.error(f"unknown {name}" + (f"; did you mean {close[0]}?" if close else f". See `celebbasis {command} --help`."))
+                hint = f"; did you mean {close[0]}?" if close else f". See `celebbasis {command} --help`."
+                print(f"{sub.prog}: error: unknown {name}{hint}", file=sys.stderr)  # one line, no usage block
+                sys.exit(2)
     return parser.parse_args(argv)
 
 

@@ -40,6 +40,7 @@ ARCFACE_TEMPLATE = np.array(
 
 DLIB5 = "dlib5"  # two corners of each eye, base of the nose
 FIVE_POINT = "five-point"  # eye centres, nose tip, mouth corners (MTCNN; the ArcFace layout)
+WHOLE = "whole"  # the whole image is the face (the toy world): no detection, no landmarks
 
 
 @dataclass
@@ -151,6 +152,14 @@ class DlibFaceDetector:
             pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
             faces.append(Face((rect.left(), rect.top(), rect.right(), rect.bottom()), pts, float(d.confidence)))
         return sorted(faces, key=lambda f: f.area, reverse=True)
+
+
+class WholeImageDetector:
+    """The whole image as the one face, for encoders whose ``landmarks`` is ``WHOLE`` (the toy world)."""
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        h, w = image.shape[:2]
+        return [Face((0.0, 0.0, float(w), float(h)), np.zeros((5, 2)), 1.0, WHOLE)]
 
 
 class DlibFaceEncoder:
@@ -389,19 +398,26 @@ def unlike_photos(vectors, encoder) -> list[tuple[int, float]]:
 
 
 def face_encoder(spec: str = "dlib") -> FaceEncoder:
-    """An identity network from a spec: ``dlib``, ``arcface:/path/backbone.pth`` or ``onnx:/path/model.onnx``."""
+    """An identity network from a spec: ``dlib``, ``toy`` (the toy world's), ``arcface:/path/backbone.pth``
+    or ``onnx:/path/model.onnx``."""
     kind, _, arg = spec.partition(":")
     if kind == "dlib" and not arg:
         return DlibFaceEncoder()
+    if kind == "toy" and not arg:
+        from .toy import ToyFaceEncoder
+
+        return ToyFaceEncoder()
     if kind == "arcface" and arg:
         return ArcFaceEncoder(arg)
     if kind == "onnx" and arg:
         return OnnxFaceEncoder(arg)
-    raise InputError(f"Unknown face encoder {spec!r}. Use dlib, arcface:/path/backbone.pth or onnx:/path/model.onnx.")
+    raise InputError(f"Unknown face encoder {spec!r}. Use dlib, toy, arcface:/path/backbone.pth or onnx:/path/model.onnx.")
 
 
 def detector_for(encoder: FaceEncoder):
-    """The detector whose landmarks the encoder aligns with: dlib's for dlib, MTCNN otherwise."""
+    """The detector whose landmarks the encoder aligns with: dlib's for dlib, none for the toy world, MTCNN otherwise."""
+    if getattr(encoder, "landmarks", DLIB5) == WHOLE:
+        return WholeImageDetector()
     return MTCNNDetector() if getattr(encoder, "landmarks", DLIB5) == FIVE_POINT else DlibFaceDetector()
 
 
@@ -496,7 +512,14 @@ def warp_affine(image: Image.Image, m: np.ndarray, size: int) -> Image.Image:
 
 
 def crop_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
-    """The training view: the face rotated upright and framed like FFHQ, ``size``² pixels."""
+    """The training view: the face rotated upright and framed like FFHQ, ``size``² pixels.
+
+    A ``WHOLE`` face (the toy world) is the whole image in the world's framing: scaled to ``size``
+    high and centred on a square."""
+    if face.layout == WHOLE:
+        from .toy.world import frame
+
+        return frame(image, size=size)
     template = CROP_TEMPLATE_NOSE_TIP if face.layout == FIVE_POINT else CROP_TEMPLATE
     m = similarity_transform(face.key_points(), template * size)
     return warp_affine(image, m, size)

@@ -79,7 +79,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                  revision: str | None = None, tiny: bool = False, sdxl: bool = False, config: str | None = None):
+                  revision: str | None = None, tiny: bool = False, sdxl: bool = False, config: str | None = None,
+                  toy: bool = False):
     """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id, a diffusers folder or a single file.
 
     Args:
@@ -91,6 +92,7 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         revision: hub revision (branch, tag or commit) of ``model``, or of ``config`` for a single file.
         tiny: ignore ``model`` and build the seeded tiny random model in-process.
         sdxl: the default model and the tiny model are SDXL.
+        toy: ignore ``model`` and load the packaged toy world (cartoon people, 64 px; ``celebbasis.toy``).
         config: for a single file only: a diffusers folder or hub id of the same architecture, whose
             configuration (layers, scheduler, tokenizer) the file's weights are loaded into. ``None``
             uses the family's ``FAMILY_CONFIGS`` entry, from the local Hugging Face cache or the Hub.
@@ -109,6 +111,10 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
     model = model or (DEFAULT_SDXL_MODEL if sdxl else DEFAULT_MODEL)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    if toy:
+        from .toy import load_toy_pipeline
+
+        return load_toy_pipeline(dev, dt)
     if tiny:
         from .testing import tiny_pipeline
 
@@ -174,7 +180,9 @@ def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype
         if not local and (cache_only or "cached" in first or "connect" in first.lower() or "offline" in first.lower()):
             raise ModelLoadError(
                 f"Cannot load {model!r}: it is not in the local Hugging Face cache and the Hub cannot be reached (offline?). "
-                f"Download it where there is network (hf download {model}) or pass a local diffusers folder with --model PATH."
+                f"Download it where there is network (hf download {model}) or pass a local diffusers folder with --model PATH; "
+                "to try everything without a download, pass --toy (a small model of cartoon people that ships with "
+                "celebbasis) or --tiny (a random model)."
             ) from None
         raise ModelLoadError(f"Cannot load model {model!r}: {first}") from None
     except (ValueError, TypeError, KeyError) as e:

@@ -92,14 +92,17 @@ class WebApp:
         train_config: training settings; the Learn tab's steps per person start at its default.
         generate_config: sampling settings the Create tab starts with (size: the model's own by default).
         model_label: what the page says the model is (a single-file checkpoint shows its file name).
-        analyzer: the ``FaceAnalyzer`` (dlib's, made on first use, when ``None``).
+        analyzer: the ``FaceAnalyzer`` (made on first use with ``face_encoder`` when ``None``).
+        face_encoder: the identity network's spec for that analyzer: ``dlib``, ``toy`` (the toy world's), ...
     """
 
     def __init__(self, load, identities_dir, *, train_config: TrainConfig | None = None,
-                 generate_config: GenerateConfig | None = None, model_label: str = "", analyzer=None):
+                 generate_config: GenerateConfig | None = None, model_label: str = "", analyzer=None,
+                 face_encoder: str = "dlib"):
         self._load = load
         self._pipe = None
         self._analyzer = analyzer
+        self._face_encoder = face_encoder
         self.lock = threading.Lock()  # one job on the pipeline at a time
         self.dir = Path(identities_dir)  # created by ``launch`` once the model loaded, or by the first file written
         self.outputs = self.dir / "outputs"
@@ -123,7 +126,7 @@ class WebApp:
     @property
     def analyzer(self):
         if self._analyzer is None:
-            self._analyzer = FaceAnalyzer()
+            self._analyzer = FaceAnalyzer(encoder=self._face_encoder)
         return self._analyzer
 
     @property
@@ -764,6 +767,10 @@ def launch(app: WebApp, host: str = "127.0.0.1", port: int = 7860, share: bool =
     demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, allowed_paths=[str(app.dir)],
                 prevent_thread_lock=True, show_error=True, quiet=True)
     print(f"Running on http://{host}:{demo.server_port}" + ("" if share else " (pass --share for a public link)"), flush=True)
-    if block:
-        demo.block_thread()
+    if block:  # our own wait: Ctrl-C and SIGTERM reach the command's handler without Gradio's notice
+        try:
+            while True:
+                time.sleep(0.5)
+        finally:
+            demo.close()
     return demo

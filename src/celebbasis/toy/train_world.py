@@ -1,0 +1,499 @@
+"""Train the toy world from scratch: ``python -m celebbasis.toy.train_world`` (``scripts/train-toy-world.sh``).
+
+Stages, each resumable from its last checkpoint in ``--work`` (a finished stage is skipped):
+  1. render   the images: celebrities, anonymous people, and the face/scorer people (disjoint sets);
+  2. scorer   the attribute classifier (held-out accuracy printed per attribute);
+  3. facenet  the CosFace face encoder;
+  4. vae      a 4x-downsampling ``AutoencoderKL`` (L1 + small KL);
+  5. latents  every diffusion image encoded once;
+  6. diffusion  ``CLIPTextModel`` + ``UNet2DConditionModel`` trained jointly on captions (EMA weights kept).
+Each stage writes its weights into ``--out`` (the package's ``data/toy``) as it checkpoints, so the
+world can be used before it is finished. Deterministic from ``--seed`` for a given thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import world
+from .nets import ToyFaceNet, ToyScorer, to_tensor
+
+logger = logging.getLogger("celebbasis.toy.train")
+
+TEXT_WIDTH = 64
+LATENT_SCALE = 4  # pixels per latent cell
+
+
+# ---------------------------------------------------------------- rendering
+def _render_chunk(items):
+    return np.stack([np.asarray(world.render(world.Person(*p), world.Picture(*q))) for p, q in items])
+
+
+def _render_all(items, workers):
+    chunks = [items[i:i + 500] for i in range(0, len(items), 500)]
+    with ProcessPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(_render_chunk, chunks)))
+
+
+def _as_tuple(x):
+    return tuple(x.__dict__.values())
+
+
+def stage_render(work: Path, args) -> None:
+    out = work / "data.npz"
+    if out.exists():
+        return
+    from ..resources import celeb_names
+
+    rng = np.random.default_rng(args.seed)
+    names = celeb_names()
+    celebs = world.celebrities(names)
+    held_out = world.held_out_people(names)
+    never = set(celebs.values()) | set(held_out)
+    anon = world.random_people(args.anon_people, args.seed + 1, never)
+    face = world.new_people(args.face_people, args.seed + 2, never)
+    scorer = world.random_people(args.scorer_people, args.seed + 3, never)
+    scorer += [held_out[i % len(held_out)] for i in range(args.scorer_test)]  # the last ones: held-out test renders
+    records = []  # (group, person index or -1, Person, Picture)
+    for i, name in enumerate(names):
+        for _ in range(args.images_per_celebrity):
+            records.append(("celeb", i, celebs[name], world.Picture.random(rng)))
+    for i, p in enumerate(anon):
+        records.append(("anon", -1, p, world.Picture.random(rng)))
+    for i, p in enumerate(face):
+        for _ in range(args.images_per_face_person):
+            records.append(("face", i, p, world.Picture.random(rng)))
+    for i, p in enumerate(scorer):
+        records.append(("scorer", i, p, world.Picture.random(rng)))
+    t = time.time()
+    images = _render_all([(_as_tuple(p), _as_tuple(q)) for _, _, p, q in records], args.workers)
+    logger.info("rendered %d images in %.0f s", len(images), time.time() - t)
+    group = np.array([g for g, *_ in records])
+    np.savez(out.with_suffix(".tmp.npz"), images=images, group=group, index=np.array([r[1] for r in records]),
+             person=np.array([_as_tuple(r[2]) for r in records]), picture=np.array([_as_tuple(r[3]) for r in records]))
+    os.replace(out.with_suffix(".tmp.npz"), out)
+
+
+def stage_photos(out: Path, args) -> None:
+    """Photos of new people for the demo and the tests: held-out people on white (as a transparent render is)."""
+    from ..resources import celeb_names
+    from . import N_TOY_PHOTOS
+
+    rng = np.random.default_rng(args.seed + 5)
+    people = world.held_out_people(celeb_names())[:N_TOY_PHOTOS]
+    (out / "people").mkdir(parents=True, exist_ok=True)
+    white = world.PICTURE["background"].index("white")
+    for i, person in enumerate(people):
+        im = world.render(person, world.Picture.random(rng, background=white, smiling=0))
+        im.save(out / "people" / f"person-{i}.png")
+    (out / "people" / "people.json").write_text(json.dumps(
+        {f"person-{i}.png": person.labels() for i, person in enumerate(people)}, indent=1) + "\n")
+
+
+def _load(work: Path):
+    d = np.load(work / "data.npz")
+    return {k: d[k] for k in d.files}
+
+
+# ---------------------------------------------------------------- small training loop helpers
+def _checkpointed(work: Path, name: str, modules: dict, total: int, step_fn, every: int, on_save=None, rngs=()):
+    """Run ``step_fn(step)`` from the last checkpoint to ``total`` steps, saving every ``every``.
+
+    ``rngs`` (torch and numpy generators) are saved and restored too, so a resumed run draws what an
+    uninterrupted one would."""
+    ckpt = work / f"{name}.pt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        torch.set_rng_state(state["torch_rng"])
+        for r, saved in zip(rngs, state.get("rngs", [])):
+            if isinstance(r, torch.Generator):
+                r.set_state(saved)
+            else:
+                r.bit_generator.state = json.loads(saved)
+        start = state["step"]
+        logger.info("%s: resuming at step %d", name, start)
+    if start >= total:
+        return
+    t, losses = time.time(), []
+    for step in range(start, total):
+        losses.append(step_fn(step))
+        if (step + 1) % every == 0 or step + 1 == total:
+            state = {k: m.state_dict() for k, m in modules.items()}
+            state.update(step=step + 1, torch_rng=torch.get_rng_state(),
+                         rngs=[r.get_state() if isinstance(r, torch.Generator) else json.dumps(r.bit_generator.state)
+                               for r in rngs])
+            torch.save(state, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+            logger.info("%s step %d/%d loss %.4f (%.2f s/step)", name, step + 1, total, float(np.mean(losses)),
+                        (time.time() - t) / len(losses))
+            with open(work / f"{name}.curve.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": float(np.mean(losses))}) + "\n")
+            t, losses = time.time(), []
+            if on_save:
+                on_save(step + 1)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, blur: bool) -> torch.Tensor:
+    """Flip (identity-preserving in this world, as the face network's input in training is) and jitter."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    scale = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=g) * 2 - 1)
+    x = ((x + 1) * scale - 1).clamp(-1, 1)
+    if blur:  # generated images are softer than renders
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None]) / 16
+        soft = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3).contiguous(), groups=3)
+        which = torch.rand(n, generator=g) < 0.5
+        x = torch.where(which[:, None, None, None], soft, x)
+        x = x + 0.03 * torch.randn(x.shape, generator=g) * (torch.rand(n, 1, 1, 1, generator=g) < 0.5)
+    return x
+
+
+def _labels(d, idx):
+    person, picture = d["person"][idx], d["picture"][idx]
+    lab = {k: torch.from_numpy(person[:, i]) for i, k in enumerate(world.IDENTITY)}
+    lab.update(background=torch.from_numpy(picture[:, 0]), shirt=torch.from_numpy(picture[:, 1]),
+               smiling=torch.from_numpy(picture[:, 2]))
+    return lab
+
+
+# ---------------------------------------------------------------- scorer and face network
+def stage_scorer(work: Path, out: Path, args, d) -> None:
+    idx = np.flatnonzero(d["group"] == "scorer")
+    train_idx, test_idx = idx[:-args.scorer_test], idx[-args.scorer_test:]  # test: held-out people
+    train_idx = np.concatenate([train_idx, np.flatnonzero(d["group"] == "anon")])
+    torch.manual_seed(args.seed + 10)
+    net = ToyScorer()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(args.seed + 11)
+    images = d["images"]
+
+    def step(s):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * s / args.scorer_steps))
+        b = train_idx[torch.randint(len(train_idx), (128,), generator=g).numpy()]
+        x = _augment(to_tensor(images[b]), g, blur=True)
+        logits = net(x)
+        lab = _labels(d, b)
+        loss = sum(F.cross_entropy(logits[k], lab[k]) for k in logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    net.train()
+    _checkpointed(work, "scorer", {"net": net, "opt": opt}, args.scorer_steps, step, 250, rngs=(g,))
+    net.eval()
+    with torch.no_grad():
+        logits = {k: torch.cat(v) for k, v in _batched(net, to_tensor(images[test_idx])).items()}
+    lab = _labels(d, test_idx)
+    acc = {k: float((logits[k].argmax(-1) == lab[k]).float().mean()) for k in logits}
+    logger.info("scorer held-out accuracy (%d renders of new people): %s", len(test_idx),
+                ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    _save_net(net, out / "scorer.safetensors", {"held_out_accuracy": json.dumps(acc), "held_out_renders": str(len(test_idx))})
+
+
+def _batched(net, x, n=256):
+    out = {}
+    for i in range(0, len(x), n):
+        for k, v in net(x[i:i + n]).items():
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def stage_facenet(work: Path, out: Path, args, d) -> None:
+    idx = np.flatnonzero(d["group"] == "face")
+    who = torch.from_numpy(d["index"][idx])
+    n_people = int(who.max()) + 1
+    torch.manual_seed(args.seed + 20)
+    net = ToyFaceNet()
+    proxies = torch.nn.Parameter(F.normalize(torch.randn(n_people, 512), dim=-1))
+    opt = torch.optim.AdamW([*net.parameters(), proxies], lr=2e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(args.seed + 21)
+    images = d["images"]
+    holder = torch.nn.ParameterDict({"proxies": proxies})
+
+    def step(s):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * s / args.facenet_steps))
+        j = torch.randint(len(idx), (128,), generator=g)
+        x = _augment(to_tensor(images[idx[j.numpy()]]), g, blur=True)
+        cos = net(x) @ F.normalize(proxies, dim=-1).T
+        y = who[j]
+        margin = F.one_hot(y, n_people) * 0.35  # CosFace
+        loss = F.cross_entropy(30 * (cos - margin), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    net.train()
+    _checkpointed(work, "facenet", {"net": net, "opt": opt, "proxies": holder}, args.facenet_steps, step, 250, rngs=(g,))
+    net.eval()
+    # Same vs different person on the scorer's held-out people (never seen by this network).
+    test = np.flatnonzero(d["group"] == "scorer")[-args.scorer_test:]
+    with torch.no_grad():
+        v = torch.cat([net(to_tensor(d["images"][test[i:i + 256]])) for i in range(0, len(test), 256)])
+    person = [tuple(p) for p in d["person"][test]]
+    same = torch.tensor([[a == b for b in person] for a in person])
+    cos = v @ v.T
+    off = ~torch.eye(len(test), dtype=torch.bool)
+    stats = {"same_person_cosine": float(cos[same & off].mean()) if (same & off).any() else float("nan"),
+             "different_people_cosine": float(cos[~same].mean())}
+    logger.info("face network on new people: %s", stats)
+    _save_net(net, out / "facenet.safetensors", {k: f"{v:.4f}" for k, v in stats.items()})
+
+
+def _save_net(net, path: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, str(path) + ".tmp", metadata={"format": "celebbasis.toy", **meta})
+    os.replace(str(path) + ".tmp", path)
+
+
+# ---------------------------------------------------------------- VAE
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
+                         layers_per_block=1, sample_size=world.RESOLUTION)
+
+
+def stage_vae(work: Path, args, d) -> "AutoencoderKL":
+    torch.manual_seed(args.seed + 30)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 31)
+    idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
+    images = d["images"]
+
+    def step(s):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.vae_steps)))
+        x = to_tensor(images[idx[torch.randint(len(idx), (32,), generator=g).numpy()]])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    vae.train()
+    _checkpointed(work, "vae", {"vae": vae, "opt": opt}, args.vae_steps, step, 200, rngs=(g,))
+    return vae.eval()
+
+
+def stage_latents(work: Path, vae, d) -> np.ndarray:
+    path = work / "latents.npy"
+    if path.exists():
+        return np.load(path)
+    idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(idx), 256):
+            out.append(vae.encode(to_tensor(d["images"][idx[i:i + 256]])).latent_dist.mean.numpy())
+    lat = np.concatenate(out).astype(np.float32)
+    np.save(path.with_suffix(".tmp.npy"), lat)
+    os.replace(path.with_suffix(".tmp.npy"), path)
+    return lat
+
+
+# ---------------------------------------------------------------- text encoder + UNet
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
+                            num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, projection_dim=TEXT_WIDTH)
+    te = CLIPTextModel(config)
+    # Token vectors about unit length, like the celeb basis's unit-norm coefficient rows expect of the spread.
+    torch.nn.init.normal_(te.get_input_embeddings().weight, std=TEXT_WIDTH ** -0.5)
+    return te
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=world.RESOLUTION // LATENT_SCALE, in_channels=4, out_channels=4, block_out_channels=(64, 96, 128),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8, norm_num_groups=16)
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def stage_diffusion(work: Path, out: Path, args, d, vae, latents) -> None:
+    from diffusers import DDPMScheduler
+
+    from ..resources import celeb_names, clip_tokenizer
+    from ..train import TEMPLATES
+
+    tokenizer = clip_tokenizer()
+    names = celeb_names()
+    torch.manual_seed(args.seed + 40)
+    te, unet = make_text_encoder(tokenizer), make_unet()
+    ema_te, ema_unet = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    emb = te.get_input_embeddings().weight
+    decay, no_decay = [p for p in [*te.parameters(), *unet.parameters()] if p is not emb and p.ndim > 1], \
+        [p for p in [*te.parameters(), *unet.parameters()] if p is emb or p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-2}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr)
+    noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    lat = torch.from_numpy(latents) * scale
+    idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
+    group, who, picture = d["group"][idx], d["index"][idx], d["picture"][idx]
+    rng = np.random.default_rng(args.seed + 41)
+    g = torch.Generator().manual_seed(args.seed + 42)
+    te.train(), unet.train()
+
+    def captions(b):
+        out = []
+        for j in b:
+            pic = world.Picture(*picture[j])
+            if rng.random() < 0.1:
+                out.append("")
+            elif group[j] == "anon":
+                out.append(_anon_caption(pic, rng, TEMPLATES))
+            else:
+                out.append(world.caption(names[who[j]], pic, rng, TEMPLATES))
+        return out
+
+    def step(s):
+        for group_ in opt.param_groups:
+            group_["lr"] = args.lr * min(1.0, (s + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.diffusion_steps)))
+        b = rng.integers(len(idx), size=args.batch)
+        ids = tokenizer(captions(b), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        x0 = lat[b]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (len(b),), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        cond = te(ids)[0]
+        loss = F.mse_loss(unet(xt, t, cond).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*te.parameters(), *unet.parameters()], 1.0)
+        opt.step()
+        k = min(args.ema, (1 + s) / (10 + s))
+        with torch.no_grad():
+            for model, ema in ((te, ema_te), (unet, ema_unet)):
+                for p, q in zip(model.parameters(), ema.parameters()):
+                    q.lerp_(p, 1 - k)
+        return loss.item()
+
+    def export(s):
+        save_pipeline(out / "pipeline", vae, ema_te, ema_unet, tokenizer, {"diffusion_steps": s, "seed": args.seed})
+
+    _checkpointed(work, "diffusion", {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet, "opt": opt},
+                  args.diffusion_steps, step, args.save_every, on_save=export, rngs=(g, rng))
+    if not (out / "pipeline" / "model_index.json").exists():
+        export(args.diffusion_steps)
+
+
+def _anon_caption(pic, rng, templates):
+    text = world.caption("X", pic, rng, templates)
+    return text.replace("face of X person", "face of a person").replace("X person", "person")
+
+
+def save_pipeline(path: Path, vae, te, unet, tokenizer, meta: dict) -> None:
+    """The world as a diffusers folder (fp16 weights), written beside and then renamed into place."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(te), tokenizer=tokenizer,
+                                   unet=copy.deepcopy(unet), scheduler=make_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False).to(torch.float16)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp / "tokenizer", ignore_errors=True)  # the package's own CLIP tokenizer is used
+    (tmp / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("toy-world-work"), help="checkpoints and rendered data")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "toy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="rendering processes")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    p.add_argument("--images-per-celebrity", type=int, default=40)
+    p.add_argument("--anon-people", type=int, default=6000)
+    p.add_argument("--face-people", type=int, default=2000)
+    p.add_argument("--images-per-face-person", type=int, default=5)
+    p.add_argument("--scorer-people", type=int, default=10000)
+    p.add_argument("--scorer-test", type=int, default=2000)
+    p.add_argument("--scorer-steps", type=int, default=1200)
+    p.add_argument("--facenet-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--diffusion-steps", type=int, default=2400)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--stages", default="render,scorer,facenet,vae,latents,diffusion")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(args.work / "train.log")])
+    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    stages = args.stages.split(",")
+    t0 = time.time()
+    if "render" in stages:
+        stage_render(args.work, args)
+        stage_photos(args.out, args)
+    d = _load(args.work)
+    if "scorer" in stages:
+        stage_scorer(args.work, args.out, args, d)
+    if "facenet" in stages:
+        stage_facenet(args.work, args.out, args, d)
+    if "vae" in stages or "diffusion" in stages:
+        vae = stage_vae(args.work, args, d)
+        latents = stage_latents(args.work, vae, d)
+        if "diffusion" in stages:
+            stage_diffusion(args.work, args.out, args, d, vae, latents)
+    logger.info("done in %.0f min", (time.time() - t0) / 60)
+
+
+if __name__ == "__main__":
+    main()
