@@ -53,6 +53,8 @@ def server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+    said = (ids.parent / "server.log").read_text()
+    assert proc.returncode == 143 and "Keyboard interruption" not in said, said[-500:]  # SIGTERM: our exit, no Gradio notice
 
 
 @pytest.fixture(scope="module")

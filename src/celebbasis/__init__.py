@@ -24,6 +24,7 @@ from .mix import mix
 from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, cached_basis, load_pipeline
 from .config import BasisConfig, GenerateConfig, TrainConfig
 from .train import PersonalizeResult, personalize
+from . import toy  # noqa: E402  the toy world (cb.toy.score, cb.toy.world, ...)
 
 __all__ = [
     "__version__",
@@ -55,4 +56,5 @@ __all__ = [
     "load_pipeline",
     "personalize",
     "save_images",
+    "toy",
 ]

@@ -295,7 +295,7 @@ def _people(photos: list[str], names: list[str]) -> list[list[Path]]:
             if p.is_dir():
                 found = photos_in(p)
                 if not found:
-                    raise InputError(f"{p} is a folder without JPEG/PNG/WebP photos. Pass photos of the person, or a folder of them.")
+                    raise InputError(f"{p} is a folder without images. Pass photos of the person, or a folder of them.")
                 expanded += found
             else:
                 expanded.append(p)

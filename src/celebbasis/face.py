@@ -19,7 +19,7 @@ from .errors import CelebBasisError, InputError, MissingDependencyError, NoFaceF
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # photos in folders: what add, add-many and evaluate look at
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # the images evaluate reads from a folder of generated images
 MAX_PIXELS = 64_000_000  # refuse larger images: decompression bombs, and no face needs more
 DETECT_MAX_SIDE = 1024  # images are shrunk to this longest side for detection only
 MIN_FACE_PX = 64  # faces narrower than this are upscaled noise for the identity network
@@ -422,8 +422,30 @@ def detector_for(encoder: FaceEncoder):
 
 
 def photos_in(folder) -> list[Path]:
-    """The photos (``IMAGE_SUFFIXES``) directly inside ``folder``, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images directly inside ``folder`` — any file Pillow opens, as for a single photo — sorted by name.
+
+    Hidden files are ignored; other files that are not images are skipped with a note naming them.
+    """
+    photos, skipped = [], []
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        (photos if _is_image(p) else skipped).append(p)
+    if skipped:
+        logger.info("Skipping %d file(s) in %s that are not images: %s.", len(skipped), folder,
+                    ", ".join(p.name for p in skipped[:5]) + (" …" if len(skipped) > 5 else ""))
+    return photos
+
+
+def _is_image(path: Path) -> bool:
+    """Whether Pillow recognises the file (reads its header only)."""
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True  # an image; ``load_image`` refuses it with its own message
+    except (OSError, ValueError, SyntaxError):
+        return False
 
 
 def load_image(path) -> Image.Image:

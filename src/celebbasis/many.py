@@ -55,7 +55,7 @@ def people_in(folder) -> list[Person]:
     entries = [(p.stem, [p]) for p in photos_in(folder)]
     entries += [(d.name, photos_in(d)) for d in sorted(folder.iterdir()) if d.is_dir() and photos_in(d)]
     if not entries:
-        raise InputError(f"{folder} holds no JPEG/PNG/WebP photos (nor subfolders of them).")
+        raise InputError(f"{folder} holds no images (nor subfolders of them). Pass a folder with one photo or subfolder per person.")
     people, seen = [], set()
     for stem, photos in sorted(entries, key=lambda e: e[0]):
         base = name = name_from_filename(stem)

@@ -1,0 +1,53 @@
+"""What a new user trips on: busy ports, usage lines, typos, folders of photos in any format."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from PIL import Image
+
+from celebbasis.cli import main
+from celebbasis.face import photos_in
+
+
+def test_webui_on_a_busy_port_fails_before_loading(tmp_path, capsys, monkeypatch):
+    import celebbasis.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["webui", "--tiny", "-o", str(tmp_path / "ids"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "--port N" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ids").exists()
+    assert main(["webui", "--tiny", "-o", str(tmp_path / "ids"), "--port", "99999"]) == 2
+    assert "--port 99999 is not a port number" in capsys.readouterr().err
+
+
+def test_required_flags_show_as_required(capsys):
+    for command, shown in (("add", "--name NAME"), ("build-basis", "-o OUTPUT"), ("import-embedding", "--name NAME")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]
+        assert shown in usage and f"[{shown}]" not in usage, usage
+
+
+def test_a_typo_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["add", "x.png", "--name", "x", "--stepz", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["celebbasis add: error: unknown --stepz; did you mean --steps?"]
+
+
+def test_a_folder_takes_any_image_pillow_opens(tmp_path, caplog):
+    for name, fmt in (("a.bmp", "BMP"), ("b.tif", "TIFF"), ("c.jpg", "JPEG"), ("d", "PNG")):
+        Image.new("RGB", (40, 40), "red").save(tmp_path / name, format=fmt)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\1")
+    with caplog.at_level("INFO", logger="celebbasis"):
+        assert [p.name for p in photos_in(tmp_path)] == ["a.bmp", "b.tif", "c.jpg", "d"]
+    assert "notes.txt" in caplog.text and "DS_Store" not in caplog.text
