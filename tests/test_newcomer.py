@@ -51,3 +51,25 @@ def test_a_folder_takes_any_image_pillow_opens(tmp_path, caplog):
     with caplog.at_level("INFO", logger="celebbasis"):
         assert [p.name for p in photos_in(tmp_path)] == ["a.bmp", "b.tif", "c.jpg", "d"]
     assert "notes.txt" in caplog.text and "DS_Store" not in caplog.text
+
+
+def test_settings_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, tiny_pipe):
+    import celebbasis.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["mix", "--celebrity", "Anne Hathaway", "--celebrity", "Tom Hanks", "--weights", "nan", "1",
+                 "--name", "m", "--tiny", "-o", str(tmp_path)]) == 2
+    assert "finite" in capsys.readouterr().err
+    assert main(["demo", "--tiny", "-o", str(tmp_path / "d"), "--num-images", "0"]) == 2
+    assert "num_images must be >= 1" in capsys.readouterr().err
+
+
+def test_mixing_a_name_outside_the_basis_warns(tiny_pipe, caplog):
+    from celebbasis.mix import mix
+    from celebbasis.models import pipeline_bases
+
+    bases = pipeline_bases(tiny_pipe)
+    with caplog.at_level("WARNING", logger="celebbasis"):
+        mix([("Anne Hathaway", 0.5), ("Zzyzx Qwerty", 0.5)], "m", bases, tiny_pipe)
+    assert "'Zzyzx Qwerty' is not one of the 646 names the basis was built from" in caplog.text
+    assert "Anne Hathaway" not in caplog.text

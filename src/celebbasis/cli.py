@@ -508,6 +508,8 @@ def cmd_demo(args) -> int:
 
     out = Path(args.output)
     config = _train_config(args)
+    sampling = GenerateConfig(num_images=args.num_images, steps=args.sample_steps or (20 if args.tiny else 50),
+                              seed=config.seed)  # checked before anything loads
     _check_output_dir(out)
     if args.photo and len(args.photo) > 2:
         raise InputError("The demo takes at most two --photo; use `celebbasis add` for more people.")
@@ -535,8 +537,7 @@ def cmd_demo(args) -> int:
     skipped = len(all_prompts) - len(prompts)
     if skipped:
         logger.info("Skipping %d two-person prompt(s); pass a second --photo to draw them.", skipped)
-    steps = args.sample_steps or (20 if args.tiny else 50)
-    results = generate(pipe, prompts, num_images=args.num_images, steps=steps, seed=config.seed, show_progress=not args.quiet)
+    results = generate(pipe, prompts, config=sampling, show_progress=not args.quiet)
     save_images(results, out / "images")
     sheet = contact_sheet([load_image(p).resize(results[0].image.size) for p in photos] + [r.image for r in results],
                           columns=len(photos) + len(results))
@@ -622,7 +623,7 @@ def cmd_import_embedding(args) -> int:
 
 def cmd_mix(args) -> int:
     from .identity import Identity, check_name
-    from .mix import mix
+    from .mix import check_ingredients, mix
 
     name = check_name(args.name)
     target = _identity_target(args, name)
@@ -633,6 +634,7 @@ def cmd_mix(args) -> int:
     weights = args.weights or [1.0 / len(items)] * len(items)
     if len(weights) != len(items):
         raise InputError(f"{len(items)} ingredient(s) but {len(weights)} --weights. Pass one weight per identity, then per celebrity.")
+    check_ingredients(list(zip(items, weights)))  # before the model loads
     _follow_recorded_model(args, next((i.metadata.get("base_model") for i in identities), None))
     pipe = _load(args)
     identity = mix(list(zip(items, weights)), name, _bases(args, pipe), pipe)

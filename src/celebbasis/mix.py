@@ -6,6 +6,7 @@ token embeddings (first token onto slot 0, second onto slot 1, ...).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from .errors import InputError
 from .identity import Identity, check_name
 from .models import model_metadata, text_encoders
+from .resources import celeb_names, names_sha256
+
+logger = logging.getLogger(__name__)
 
 
 def celebrity_coefficients(name: str, tokenizer, text_encoder, basis) -> torch.Tensor:
@@ -27,6 +31,27 @@ def celebrity_coefficients(name: str, tokenizer, text_encoder, basis) -> torch.T
     coeffs = torch.zeros(basis.n_tokens, basis.n_components)
     coeffs[: len(ids)] = basis.project(rows)
     return coeffs
+
+
+def check_ingredients(ingredients: list[tuple[Identity | str, float]]) -> None:
+    """What ``mix`` checks before any work: something to mix, weights finite, not all zero (no model needed)."""
+    if not ingredients:
+        raise InputError("Nothing to mix. Pass at least one identity or celebrity name.")
+    if not all(isinstance(w, (int, float)) and math.isfinite(w) and abs(w) <= 1e6 for _, w in ingredients):
+        raise InputError(f"Mixing weights must be finite numbers of at most 1e6 in size, got {[w for _, w in ingredients]}.")
+    if all(abs(w) < 1e-12 for _, w in ingredients):
+        raise InputError("All mixing weights are zero. Give at least one ingredient a weight.")
+
+
+def _warn_unknown_names(names: list[str], basis) -> None:
+    """A name outside the basis's list may still be known to the model; say that it is not one of the basis's."""
+    known = celeb_names()
+    if not names or basis.metadata.get("names_sha256") != names_sha256(known):
+        return  # a basis built from another list: its names are not at hand
+    for n in names:
+        if n.strip() not in known:
+            logger.warning("%r is not one of the %d names the basis was built from; it is mixed in as the model "
+                           "knows it (check the spelling).", n, len(known))
 
 
 def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=None) -> Identity:
@@ -48,12 +73,8 @@ def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=
     """
     name = check_name(name)
     bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
-    if not ingredients:
-        raise InputError("Nothing to mix. Pass at least one identity or celebrity name.")
-    if not all(math.isfinite(w) and abs(w) <= 1e6 for _, w in ingredients):
-        raise InputError(f"Mixing weights must be finite numbers of at most 1e6 in size, got {[w for _, w in ingredients]}.")
-    if all(abs(w) < 1e-12 for _, w in ingredients):
-        raise InputError("All mixing weights are zero. Give at least one ingredient a weight.")
+    check_ingredients(ingredients)
+    _warn_unknown_names([i for i, _ in ingredients if isinstance(i, str)], bases[0])
     total = [torch.zeros(b.n_tokens, b.n_components) for b in bases]
     sources = []
     for item, weight in ingredients:
