@@ -73,3 +73,18 @@ def test_mixing_a_name_outside_the_basis_warns(tiny_pipe, caplog):
         mix([("Anne Hathaway", 0.5), ("Zzyzx Qwerty", 0.5)], "m", bases, tiny_pipe)
     assert "'Zzyzx Qwerty' is not one of the 646 names the basis was built from" in caplog.text
     assert "Anne Hathaway" not in caplog.text
+
+
+def test_generate_never_overwrites_and_keeps_the_grid_true(tmp_path):
+    from celebbasis.generate import GeneratedImage, save_images
+
+    def run(n, colour):
+        return [GeneratedImage(Image.new("RGB", (8, 8), colour), "a photo", 0, {"prompt": "a photo"}) for _ in range(n)]
+
+    first = save_images(run(2, "red"), tmp_path)
+    assert (tmp_path / "grid.png").exists()
+    second = save_images(run(1, "blue"), tmp_path)
+    assert [p.name[:3] for p in first if p.name != "grid.png"] == ["000", "001"]
+    assert [p.name[:3] for p in second] == ["002"]
+    assert Image.open(first[0]).getpixel((0, 0)) == (255, 0, 0)  # the first run's images are still there
+    assert not (tmp_path / "grid.png").exists()  # no grid of an older run beside a one-image run

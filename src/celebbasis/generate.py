@@ -179,11 +179,24 @@ def _slug(text: str, limit: int = 40) -> str:
     return "-".join(filter(None, keep.split("-")))[:limit].strip("-") or "image"
 
 
+def _next_number(out_dir: Path) -> int:
+    """One past the highest ``NNN-`` number of the PNGs already in ``out_dir`` (0 when none)."""
+    numbers = [int(p.name[:3]) for p in out_dir.glob("[0-9][0-9][0-9]-*.png")] if out_dir.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
 def save_images(results: list[GeneratedImage], out_dir, grid: bool = True) -> list[Path]:
-    """Write each image as a PNG with its metadata, plus ``grid.png`` when there are several."""
+    """Write each image as a PNG with its metadata, plus ``grid.png`` of this call's images when there are several.
+
+    Nothing is overwritten: images are numbered on from the highest number already in ``out_dir``.
+    ``grid.png`` always shows the latest call's images (a call with one image removes an older grid).
+    """
     out_dir = Path(out_dir)
     paths = []
-    for n, r in enumerate(results):
+    first = _next_number(out_dir)
+    if grid and len(results) < 2:
+        (out_dir / "grid.png").unlink(missing_ok=True)
+    for n, r in enumerate(results, start=first):
         path = out_dir / f"{n:03d}-{_slug(r.prompt)}-s{r.seed}.png"
         info = png_info(r.metadata)
         paths.append(atomic_write(path, lambda tmp, r=r, info=info: r.image.save(tmp, format="PNG", pnginfo=info)))
