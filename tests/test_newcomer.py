@@ -79,7 +79,8 @@ def test_generate_never_overwrites_and_keeps_the_grid_true(tmp_path):
     from celebbasis.generate import GeneratedImage, save_images
 
     def run(n, colour):
-        return [GeneratedImage(Image.new("RGB", (8, 8), colour), "a photo", 0, {"prompt": "a photo"}) for _ in range(n)]
+        meta = {"prompt": "a photo", "steps": 1, "scheduler": "ddim", "guidance": 7.5, "seed": 0, "size": "8x8", "model": "m"}
+        return [GeneratedImage(Image.new("RGB", (8, 8), colour), "a photo", 0, meta) for _ in range(n)]
 
     first = save_images(run(2, "red"), tmp_path)
     assert (tmp_path / "grid.png").exists()
