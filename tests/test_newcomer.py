@@ -89,3 +89,26 @@ def test_generate_never_overwrites_and_keeps_the_grid_true(tmp_path):
     assert [p.name[:3] for p in second] == ["002"]
     assert Image.open(first[0]).getpixel((0, 0)) == (255, 0, 0)  # the first run's images are still there
     assert not (tmp_path / "grid.png").exists()  # no grid of an older run beside a one-image run
+
+
+def test_cli_names_face_index_for_several_faces(tmp_path, astronaut_path, hopper_path, capsys, tiny_model_dir):
+    from conftest import side_by_side
+
+    path = tmp_path / "two.jpg"
+    side_by_side(Image.open(astronaut_path), Image.open(hopper_path).resize((256, 300))).save(path, quality=95)
+    assert main(["add", str(path), "--name", "two", "--model", str(tiny_model_dir), "-o", str(tmp_path / "ids"),
+                 "--steps", "1", "--resolution", "64", "-q"]) == 0
+    assert "Pick another with --face-index N (0 = largest)" in capsys.readouterr().err
+
+
+def test_webui_errors_name_the_upload_not_the_server_path(tmp_path, tiny_pipe, face_analyzer):
+    from celebbasis.errors import CelebBasisError
+    from celebbasis.webui import WebApp
+
+    upload = tmp_path / "gradio" / "3f9a2c1e" / "holiday.png"  # Gradio's upload cache: a hash folder per file
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"not an image at all")
+    app = WebApp(lambda: tiny_pipe, tmp_path / "ids", analyzer=face_analyzer)
+    with pytest.raises(CelebBasisError) as e:
+        app._photo(upload)
+    assert "holiday.png" in str(e.value) and str(upload.parent) not in str(e.value)

@@ -91,7 +91,7 @@ def test_two_faces_largest_with_warning_or_face_index(tmp_path, face_analyzer, a
     side_by_side(Image.open(astronaut_path), Image.open(hopper_path).resize((256, 300))).save(path, quality=95)
     with caplog.at_level(logging.WARNING, logger="celebbasis"):
         largest = face_analyzer(path)
-    assert largest.n_faces == 2 and "2 faces found; using the largest" in caplog.text
+    assert largest.n_faces == 2 and "2 faces found; using the largest. Pick another with face_index=N" in caplog.text
     other = face_analyzer(path, face_index=1)
     assert float(largest.embedding @ astronaut.embedding) > float(largest.embedding @ hopper.embedding)
     assert float(other.embedding @ hopper.embedding) > float(other.embedding @ astronaut.embedding)

@@ -310,7 +310,7 @@ def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, over
     _warn_cpu(pipe)
     result = personalize(pipe, [p[0] if isinstance(p, list) and len(p) == 1 else p for p in people], names,
                          config=_train_config(args), basis=_basis(args), face_index=args.face_index,
-                         face_analyzer=analyzer or FaceAnalyzer(encoder=_face_spec(args)), show_progress=not args.quiet)
+                         face_analyzer=analyzer or FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)"), show_progress=not args.quiet)
     for p in result.save(out_dir, overwrite=overwrite):
         logger.info("Wrote %s", p)
     return result
@@ -358,7 +358,7 @@ def cmd_add(args) -> int:
     for n in names:
         if (out / f"{n}.safetensors").exists() and not args.overwrite:
             raise InputError(f"{out / (n + '.safetensors')} already exists. Pass --overwrite to replace it, or choose another --name.")
-    analyzer = FaceAnalyzer(encoder=_face_spec(args))
+    analyzer = FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)")
     analyses = [[analyzer(p, face_index=args.face_index) for p in photos] for photos in people]  # before the model loads
     pipe = _load(args)
     _personalize(args, pipe, analyses, names, out, args.overwrite, analyzer)
@@ -382,7 +382,7 @@ def cmd_add_many(args) -> int:
     with logging_redirect_tqdm(loggers=[logger]):  # log lines go above the progress bar, not through it
         result = add_many(lambda device: _load(args, device), args.faces, out, config=config, bases=_basis(args),
                           group_size=args.group_size, overwrite=args.overwrite,
-                          analyzer=FaceAnalyzer(encoder=_face_spec(args)), face_index=args.face_index,
+                          analyzer=FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)"), face_index=args.face_index,
                           show_progress=not args.quiet)
     for p in result.written:
         logger.info("Wrote %s", p)

@@ -580,9 +580,11 @@ class FaceAnalysis:
 class FaceAnalyzer:
     """Detector + identity network, loaded once and reused for every photo."""
 
-    def __init__(self, detector=None, encoder: FaceEncoder | str | None = None):
+    def __init__(self, detector=None, encoder: FaceEncoder | str | None = None,
+                 face_index_hint: str = "face_index=N (0 = largest)"):
         self.encoder = face_encoder(encoder) if isinstance(encoder, str) else encoder or DlibFaceEncoder()
         self.detector = detector or detector_for(self.encoder)
+        self.face_index_hint = face_index_hint  # how the caller picks another face, named in the several-faces warning
 
     def detect(self, image: np.ndarray, path="the photo") -> list[Face]:
         """Faces in an RGB photo, largest first, with every failure as one line naming ``path``.
@@ -664,7 +666,8 @@ class FaceAnalyzer:
         if face_index is None:
             index = 0
             if len(faces) > 1:
-                logger.warning("%s: %d faces found; using the largest. Pick another by its face index (0 = largest).", path, len(faces))
+                logger.warning("%s: %d faces found; using the largest. Pick another with %s.", path, len(faces),
+                               self.face_index_hint)
         else:
             if not 0 <= face_index < len(faces):
                 raise NoFaceFoundError(

@@ -229,7 +229,10 @@ class WebApp:
             w = h = 0
         if w * h > MAX_UPLOAD_PIXELS:
             raise InputError(f"{path.name} is {w}x{h}; the web UI takes up to {MAX_UPLOAD_PIXELS // 1_000_000} MP.")
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except CelebBasisError as e:  # name the file as uploaded, never the server's upload folder
+            raise type(e)(str(e).replace(str(path), path.name)) from None
         pixels = np.asarray(image)
         faces = self.analyzer.detect(pixels, path.name)  # the face stack's own checks and one-line errors
         if not faces:
