@@ -112,3 +112,12 @@ def test_webui_errors_name_the_upload_not_the_server_path(tmp_path, tiny_pipe, f
     with pytest.raises(CelebBasisError) as e:
         app._photo(upload)
     assert "holiday.png" in str(e.value) and str(upload.parent) not in str(e.value)
+
+
+def test_one_batch_shows_one_labelled_bar(tiny_pipe, capsys):
+    import celebbasis as cb
+
+    cb.generate(tiny_pipe, "a photo", steps=3)
+    err = capsys.readouterr().err
+    bars = {line.split(":")[0].strip() for line in err.replace("\r", "\n").splitlines() if "%|" in line}
+    assert bars == {"generate"}, err

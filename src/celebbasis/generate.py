@@ -108,7 +108,8 @@ def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateC
     bars = dict(getattr(pipe, "_progress_bar_config", {}))  # the caller's progress-bar settings, put back below
     with scheduler_swapped(pipe, cfg.scheduler):
         try:
-            pipe.set_progress_bar_config(disable=not show_progress or len(batches) > 1)
+            # one labelled bar: the denoising steps of a single batch, else the batches
+            pipe.set_progress_bar_config(disable=not show_progress or len(batches) > 1, desc="generate", unit="step")
             for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
                 results += _draw(pipe, [prompts[i] for i in batch], [negatives[i] for i in batch], cfg)
         finally:
