@@ -118,7 +118,19 @@ if [ -n "${PROMPTS_PER_CATEGORY:-}" ]; then
   echo "PROMPTS_PER_CATEGORY=$PROMPTS_PER_CATEGORY: kept $(wc -l < "$OUT/prompts.txt") prompts" >&2
 fi
 
-say "3/4 drawing them with the paper's settings (--preset paper: DDIM, 50 steps, guidance 10, 512 px, 8 images) -> $OUT/images/"
+# What will run: the preset with GENERATE_FLAGS (and the toy world's size) on top, read through the CLI's own parser.
+SAMPLING=$("$PY" - ${COMMON[@]+"${COMMON[@]}"} ${GEN[@]+"${GEN[@]}"} <<'EOF'
+import sys
+from celebbasis.cli import _generate_config, build_parser
+from celebbasis.cli_flags import merged
+parser = build_parser()
+args, _ = parser.parse_known_args(["generate", "x", "--preset", "paper", *sys.argv[1:]])
+c = _generate_config(merged(parser, args))
+size = f"{c.width}x{c.height} px" if c.height else "the model's size"
+print(f"{c.scheduler.upper()}, {c.steps} steps, guidance {c.guidance:g}, {size}, seed {c.seed}, {c.num_images} image(s) per prompt")
+EOF
+) || SAMPLING="--preset paper with GENERATE_FLAGS on top"
+say "3/4 drawing them ($SAMPLING) -> $OUT/images/"
 rm -rf "$OUT/images"
 cb generate --prompts-file "$OUT/prompts.txt" --preset paper "${IDENTITIES[@]}" -o "$OUT/images" "${MODEL_FLAGS[@]}" \
   ${COMMON[@]+"${COMMON[@]}"} ${GEN[@]+"${GEN[@]}"}
