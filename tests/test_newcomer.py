@@ -121,3 +121,13 @@ def test_one_batch_shows_one_labelled_bar(tiny_pipe, capsys):
     err = capsys.readouterr().err
     bars = {line.split(":")[0].strip() for line in err.replace("\r", "\n").splitlines() if "%|" in line}
     assert bars == {"generate"}, err
+
+
+def test_basis_width_capped_quietly_unless_asked(tiny_pipe, caplog):
+    from celebbasis.basis import build_basis
+
+    with caplog.at_level("DEBUG", logger="celebbasis"):
+        build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    assert not [r for r in caplog.records if r.levelname != "DEBUG"]
+    build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder, n_components=100)
+    assert "n_components 100 is larger than the embedding width 32" in caplog.text

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .config import DEFAULT_N_COMPONENTS
 from .errors import FileFormatError, InputError
 from .files import decode_json, load_artifact, save_artifact
 from .resources import celeb_names, names_sha256, normalize_names
@@ -210,7 +211,7 @@ def build_basis(
     text_encoder,
     names: list[str] | None = None,
     *,
-    n_components: int = 512,
+    n_components: int = DEFAULT_N_COMPONENTS,
     n_tokens: int = 2,
     dedupe: bool = False,
     source: str = "",
@@ -247,8 +248,9 @@ def build_basis(
     weight = text_encoder.get_input_embeddings().weight.detach()  # (V, d), any device and dtype
     signature = signature or format_signature(table_signature(tokenizer, text_encoder))
     d = weight.shape[1]
-    if n_components > d:
-        logger.info("n_components %d is larger than the embedding width %d; using %d.", n_components, d, d)
+    if n_components > d:  # the default (the paper's 512) is capped quietly; a width asked for is worth a warning
+        level = logging.DEBUG if n_components == DEFAULT_N_COMPONENTS else logging.WARNING
+        logger.log(level, "n_components %d is larger than the embedding width %d; using %d.", n_components, d, d)
         n_components = d
     columns = token_columns(name_token_ids(tokenizer, names), n_tokens, dedupe)
     means, comps, ranks = [], [], []

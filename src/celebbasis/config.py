@@ -17,6 +17,7 @@ from .errors import InputError
 
 
 MAX_SEED = 2**32 - 1  # what every seeder involved (Python, numpy, torch) takes
+DEFAULT_N_COMPONENTS = 512  # the paper's basis size; capped quietly at a narrower text encoder's width
 
 
 def _help(text: str, **extra) -> dict:
@@ -37,7 +38,7 @@ def _check_numbers(config) -> None:
 class BasisConfig:
     """How the celeb basis is built from a text encoder's name embeddings (METHOD §1)."""
 
-    n_components: int = field(default=512, metadata=_help("directions per token slot, n (capped at the model's width)"))
+    n_components: int = field(default=DEFAULT_N_COMPONENTS, metadata=_help("directions per token slot, n (capped at the model's width)"))
     n_tokens: int = field(default=2, metadata=_help("token vectors per identity, K"))
     dedupe: bool = field(default=False, metadata=_help(
         "count each distinct name token once per slot (default: every occurrence, as the paper's code)"))
