@@ -112,7 +112,7 @@ def test_duplicate_and_unsorted_names_change_nothing(tokenizer, tiny_pipe):
 
 def test_n_components_capped_at_width_with_log(tokenizer, tiny_pipe, caplog):
     with caplog.at_level(logging.INFO, logger="celebbasis"):
-        basis = build_basis(tokenizer, tiny_pipe.text_encoder, n_components=512)
+        basis = build_basis(tokenizer, tiny_pipe.text_encoder, n_components=600)
     assert basis.components.shape == (2, 32, 32)
     assert "larger than the embedding width 32" in caplog.text
 
