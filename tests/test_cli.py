@@ -114,6 +114,7 @@ def test_uncached_hub_model_offline_says_so(tmp_path, alice):
                 "-o", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "not in the local Hugging Face cache" in r.stderr and "--model PATH" in r.stderr
+    assert "--toy" in r.stderr and "--tiny" in r.stderr  # a way to try everything without a download
     assert "[transformers]" not in r.stderr  # the libraries' chatter (here: their import-time notices) is not for CLI users
 
 
