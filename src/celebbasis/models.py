@@ -112,9 +112,7 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     if toy:
-        from .toy import load_toy_pipeline
-
-        return load_toy_pipeline(dev, dt)
+        return _load_toy(dev, dt)
     if tiny:
         from .testing import tiny_pipeline
 
@@ -131,6 +129,20 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
     if looks_local:
         _check_folder(path)
     return _load_pretrained(str(path) if looks_local else model, looks_local, dev, dt, revision)
+
+
+def _load_toy(device: torch.device, dtype: torch.dtype):
+    """The packaged toy world (``celebbasis.toy``) as a ``StableDiffusionPipeline`` with the package's CLIP tokenizer."""
+    from diffusers import StableDiffusionPipeline
+
+    from .resources import clip_tokenizer
+    from .toy import TOY_MODEL, require, toy_dir
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(require(toy_dir() / "pipeline")), tokenizer=clip_tokenizer(),
+                                                   safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, torch_dtype=dtype, local_files_only=True)
+    pipe.register_to_config(_name_or_path=TOY_MODEL)
+    return pipe.to(device)
 
 
 def _check_folder(path: Path) -> None:

@@ -1,7 +1,7 @@
 """The toy world: a small SD-1-shaped model of cartoon people, trained here and shipped in the package.
 
-``load_toy_pipeline()`` gives a ``StableDiffusionPipeline`` that draws the world's people by name
-(``"Tom Hanks person on a green background"``); ``ToyFaceEncoder`` is its face network
+``celebbasis.load_pipeline(toy=True)`` gives a ``StableDiffusionPipeline`` that draws the world's
+people by name (``"Tom Hanks person on a green background"``); ``ToyFaceEncoder`` is its face network
 (``--face-encoder toy``) and ``ToyScorer`` reads a picture's attributes back, for likeness and prompt
 fidelity. ``world`` defines the people and renders them (the ``toy`` extra). docs/TOY_WORLD.md is the
 dataset card; ``celebbasis.toy.train_world`` trains everything from its seed.
@@ -38,7 +38,7 @@ def toy_dir() -> Path:
     return data_path("toy")
 
 
-def _require(path: Path) -> Path:
+def require(path: Path) -> Path:
     if not path.exists():
         raise ModelLoadError(f"The toy world's {path.name} is missing from {path.parent}. Reinstall celebbasis, or "
                              "train it with: bash scripts/train-toy-world.sh")
@@ -47,33 +47,18 @@ def _require(path: Path) -> Path:
 
 def toy_photo(i: int = 0) -> Path:
     """A packaged photo of a new person of the toy world (``0 <= i < N_TOY_PHOTOS``), for the demo and tests."""
-    return _require(toy_dir() / "people" / f"person-{i}.png")
+    return require(toy_dir() / "people" / f"person-{i}.png")
 
 
 def world_info() -> dict:
     """How the packaged world was trained (``pipeline/world.json``)."""
-    return json.loads(_require(toy_dir() / "pipeline" / "world.json").read_text(encoding="utf-8"))
-
-
-def load_toy_pipeline(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """The toy world as a ``diffusers.StableDiffusionPipeline`` with the package's CLIP tokenizer."""
-    from diffusers import StableDiffusionPipeline
-
-    from ..resources import clip_tokenizer
-
-    folder = _require(toy_dir() / "pipeline")
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), tokenizer=clip_tokenizer(), safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False,
-                                                   torch_dtype=dtype, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.register_to_config(_name_or_path=TOY_MODEL)
-    return pipe.to(device)
+    return json.loads(require(toy_dir() / "pipeline" / "world.json").read_text(encoding="utf-8"))
 
 
 def _load_net(net: torch.nn.Module, name: str) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    state = {k: v.float() for k, v in load_file(str(_require(toy_dir() / name))).items()}
+    state = {k: v.float() for k, v in load_file(str(require(toy_dir() / name))).items()}
     net.load_state_dict(state, strict=False)  # BatchNorm's step counters are not stored
     return net.eval().requires_grad_(False)
 
