@@ -28,12 +28,52 @@ MIN_IMAGE_SIDE = 32  # images narrower than this hold no usable face; refused be
 # spent only on images this small: a 640x480 photo without a face now costs one pass, not five.
 UPSAMPLE_MAX_SIDE = 512
 
-# Where the eye centres and the base of the nose land in the square training crop: an FFHQ-like
-# framing (eyes a quarter of the width apart, slightly above the middle), head and some shoulders.
+# dlib's layout: where the eye centres and the base of the nose land in the square training crop, an
+# FFHQ-like framing (eyes a quarter of the width apart, slightly above the middle).
 CROP_TEMPLATE = np.array([[0.375, 0.47], [0.625, 0.47], [0.5, 0.625]])
-CROP_TEMPLATE_NOSE_TIP = np.array([[0.375, 0.47], [0.625, 0.47], [0.5, 0.58]])
 
-# The standard 112x112 ArcFace template (insightface): left eye, right eye, nose tip, mouth corners.
+# The five-point layout follows the official code (CelebBasis 557531b). Its photos are aligned by
+# evaluation/face_align/PIPNet/alignment/alignment.py, mode "ffhq": a least-squares similarity from
+# the five landmarks (eye centres, nose tip, mouth corners) onto this template, in pixels of a 512
+# crop (pixel centres at integers, as cv2.warpAffine).
+FFHQ_TEMPLATE_512 = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]]
+)
+# The training crop, as fractions of its side: the official photos are cropped at 256 (the template
+# halved) and upsampled to 512, which moves each point half a pixel right and down at 512.
+CROP_TEMPLATE_FIVE_POINT = (FFHQ_TEMPLATE_512 / 2 + 0.5) / 256
+# Its face network then turns that 512 crop into its 112x112 input with a fixed warp
+# (ldm/modules/id_embedding/meta_net.py ``trans_matrix``, the same in evaluation/clip_eval.py):
+# ``F.affine_grid(theta, align_corners=True)`` + ``F.grid_sample``, then ``F.interpolate(size=112,
+# align_corners=True)``. theta maps output to input in [-1, 1] coordinates: a 7.7 % zoom out,
+# a 1.93-degree turn and a shift of under a pixel.
+OFFICIAL_ENCODER_THETA = np.array(
+    [[1.07695457, -0.03625215, -1.56352194 / 512], [0.03625215, 1.07695457, -5.32134629 / 512]]
+)
+
+
+def official_encoder_map(size: int = 112) -> np.ndarray:
+    """(2, 3) pixel map from the official 512 crop to the official face network's ``size``² input.
+
+    Pixel centres at integers in both. ``size`` other than 112 scales the output as the official
+    resize would to that size (``align_corners=True``: pixel 0 and the last pixel stay put).
+    """
+    a, t = OFFICIAL_ENCODER_THETA[:, :2], OFFICIAL_ENCODER_THETA[:, 2]
+    a_inv = np.linalg.inv(a)
+    half = (size - 1) / 2.0
+    m = np.zeros((2, 3))
+    m[:, :2] = half * (2.0 / 511.0) * a_inv  # p -> 2p/511 - 1 -> A^-1 (n - t) -> (n' + 1) (size - 1) / 2
+    m[:, 2] = half * (1.0 - a_inv @ (1.0 + t))
+    return m
+
+
+# Where the five landmarks land in the official face network's 112x112 input: the FFHQ template
+# through that warp. The face is smaller than in insightface's standard layout (eyes 25.4 px apart,
+# not 35.2) and a little higher.
+PAPER_ENCODER_TEMPLATE = FFHQ_TEMPLATE_512 @ official_encoder_map(112)[:, :2].T + official_encoder_map(112)[:, 2]
+
+# insightface's standard 112x112 ArcFace template (left eye, right eye, nose tip, mouth corners), for
+# reference: the ArcFace/ONNX encoders here align as the official code does (PAPER_ENCODER_TEMPLATE).
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
 )
@@ -213,13 +253,36 @@ class MTCNNDetector:
 
 
 def arcface_align(image: np.ndarray, face: Face, size: int = 112) -> np.ndarray:
-    """Warp the face onto the standard ArcFace five-point template: (size, size, 3) uint8."""
+    """The official face network's input: (size, size, 3) uint8.
+
+    The official code's two steps as one warp from the photo: the similarity that fits the five
+    landmarks onto the FFHQ template of a 512 crop, then its fixed warp to 112 (``official_encoder_map``);
+    the landmarks land on ``PAPER_ENCODER_TEMPLATE``. One bicubic resampling instead of the official
+    bilinear crop and bilinear shrink without antialiasing; black outside the photo, as there.
+    """
     if face.layout != FIVE_POINT:
         raise InputError(
             "ArcFace alignment needs five landmarks (eye centres, nose tip, mouth corners); use the MTCNN detector."
         )
-    m = similarity_transform(face.landmarks, ARCFACE_TEMPLATE * (size / 112.0))
-    return np.asarray(warp_affine(Image.fromarray(image), m, size))
+    to_crop = similarity_transform(face.landmarks, FFHQ_TEMPLATE_512)
+    m = _compose(official_encoder_map(size), to_crop)
+    return np.asarray(warp_affine(Image.fromarray(image), _pixel_centres(m), size))
+
+
+def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The (2, 3) map ``outer`` after ``inner``."""
+    m = np.zeros((2, 3))
+    m[:, :2] = outer[:, :2] @ inner[:, :2]
+    m[:, 2] = outer[:, :2] @ inner[:, 2] + outer[:, 2]
+    return m
+
+
+def _pixel_centres(m: np.ndarray) -> np.ndarray:
+    """A map between pixel coordinates with pixel centres at integers (landmarks, cv2, torch) as
+    ``warp_affine`` (Pillow: centres at i + 0.5) needs it, so a point lands where ``m`` sends it."""
+    out = m.copy()
+    out[:, 2] += 0.5 - m[:, :2] @ np.array([0.5, 0.5])
+    return out
 
 
 def _file_tag(path: Path) -> str:
@@ -536,14 +599,19 @@ def warp_affine(image: Image.Image, m: np.ndarray, size: int) -> Image.Image:
 def crop_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
     """The training view: the face rotated upright and framed like FFHQ, ``size``² pixels.
 
+    Five landmarks (MTCNN's layout) are fitted onto the official FFHQ template (``FFHQ_TEMPLATE_512``
+    scaled to ``size``); dlib's landmarks onto ``CROP_TEMPLATE`` (eye centres, base of the nose).
+
     A ``WHOLE`` face (the toy world) is the whole image in the world's framing: scaled to ``size``
     high and centred on a square."""
     if face.layout == WHOLE:
         from .toy.world import frame
 
         return frame(image, size=size)
-    template = CROP_TEMPLATE_NOSE_TIP if face.layout == FIVE_POINT else CROP_TEMPLATE
-    m = similarity_transform(face.key_points(), template * size)
+    if face.layout == FIVE_POINT:  # the official FFHQ crop: all five landmarks onto its template
+        m = similarity_transform(face.landmarks, CROP_TEMPLATE_FIVE_POINT * size - 0.5)
+        return warp_affine(image, _pixel_centres(m), size)
+    m = similarity_transform(face.key_points(), CROP_TEMPLATE * size)
     return warp_affine(image, m, size)
 
 

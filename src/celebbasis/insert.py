@@ -3,6 +3,9 @@
 An identity's K token vectors become K new words, named the way diffusers names multi-vector
 textual inversions: ``<alice>``, ``<alice>_1``, ... Any diffusers SD pipeline then expands
 ``<alice>`` in a prompt to ``<alice> <alice>_1`` by itself, so the model runs unchanged.
+
+One thing does change, for SDXL: its pooled prompt vector is read at the prompt's end-of-text
+token, as ComfyUI and A1111/Forge read it, also when the prompt holds new words (``eos_pooling``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -65,8 +69,10 @@ def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int, resize: 
 def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
     """Make a diffusers pipeline understand an identity's token in prompts.
 
-    After this, ``pipe("<alice> person at the beach")`` draws the person, exactly as if the same
-    vectors had been loaded with ``pipe.load_textual_inversion`` (into both text encoders for SDXL).
+    After this, ``pipe("<alice> person at the beach")`` draws the person, as if the same vectors
+    had been loaded with ``pipe.load_textual_inversion`` (into both text encoders for SDXL), except
+    that SDXL's pooled prompt vector is read at the end-of-text token, as in training, ComfyUI and
+    A1111/Forge (see ``eos_pooling``; prompts without new words are not affected).
 
     Args:
         pipe: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline.
@@ -109,6 +115,7 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
         weight = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             weight[ids] = embeddings.to(weight.device, weight.dtype)
+    use_eos_pooling(pipe)
     return token
 
 
@@ -203,3 +210,131 @@ def borrowed_tokenizers(pipe):
     finally:
         for n, tok in originals.items():
             setattr(pipe, n, tok)
+
+
+# --- SDXL's pooled prompt vector -----------------------------------------------------------------
+# transformers' CLIP text model reads its pooled output at ``input_ids.argmax()`` when its config has
+# the legacy ``eos_token_id`` 2, as both of SDXL's text encoder configs do. That is the end-of-text
+# token only while it is the largest id in the prompt: the ids of added words lie above it, so in
+# diffusers a prompt with ``<alice>`` is pooled at ``<alice>_1``. ComfyUI (``comfy/sd1_clip.py`` and
+# ``clip_model.py``: at the end token, counted by the attention mask, or the id remapped to be the
+# largest) and A1111/Forge (argmax over the prompt's ids, embedding slots written as id 0) read it at
+# the end token, which is also what the model was trained with. A forward hook on SDXL's second
+# text encoder gives diffusers the same: for prompts with ids above the end-of-text id (and only
+# those), ``text_embeds`` (``pooler_output`` for a ``CLIPTextModel``) is recomputed from the last hidden
+# state at the first end-of-text token. Training (``train.pipeline_conditioning``) and generation
+# (``load_identity``) both use it, so an identity meets the same pooled vector everywhere.
+
+
+class _EosPooling:
+    """The forward hook: pooled output at the first ``eos_id`` of every prompt that holds a new word.
+
+    ``persistent``: installed by ``load_identity`` (until ``remove_eos_pooling``, or until the
+    identities are unloaded from the text encoder); ``scopes``: ``eos_pooling`` blocks using it.
+    """
+
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+        self.persistent = False
+        self.scopes = 0
+
+    def __call__(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not torch.is_tensor(ids) or ids.ndim != 2:
+            return None
+        at_eos = ids == self.eos_id
+        rows = (ids > self.eos_id).any(-1) & at_eos.any(-1)  # prompts with new words (and an end token)
+        if not bool(rows.any()):
+            if self.persistent and not self.scopes and module.get_input_embeddings().num_embeddings <= self.eos_id + 1:
+                _drop_eos_pooling(module)  # the identities were unloaded (the table shrank back): nothing left to do
+            return None
+        projected = hasattr(module, "text_projection")  # CLIPTextModelWithProjection: text_embeds, else pooler_output
+        as_tuple = isinstance(output, tuple)  # return_dict=False
+        hidden = output[1 if projected else 0] if as_tuple else output.last_hidden_state
+        pos = at_eos.int().argmax(-1).to(hidden.device)  # first end-of-text token of each prompt
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+        if projected:
+            pooled = module.text_projection(pooled)
+        index, key = (0, "text_embeds") if projected else (1, "pooler_output")
+        old = output[index] if as_tuple else output[key]
+        new = torch.where(rows.to(old.device)[:, None], pooled.to(old.dtype), old)  # other prompts: the model's own
+        if as_tuple:
+            return output[:index] + (new,) + output[index + 1:]
+        output[key] = new
+        return output
+
+
+def _pooling_encoder(pipe):
+    """SDXL's second text encoder, when transformers would not pool it at the end token by itself, else ``None``."""
+    te, tok = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
+    if te is None or tok is None or tok.eos_token_id is None:
+        return None
+    if getattr(te.config, "eos_token_id", None) == tok.eos_token_id:  # newer configs: already the first end token
+        return None
+    return te
+
+
+def _eos_pooling_hook(module) -> _EosPooling | None:
+    return next((h for h in module._forward_hooks.values() if isinstance(h, _EosPooling)), None)
+
+
+def _drop_eos_pooling(module) -> None:
+    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, _EosPooling)]:
+        for hooks in (module._forward_hooks, getattr(module, "_forward_hooks_with_kwargs", {}),
+                      getattr(module, "_forward_hooks_always_called", {})):
+            hooks.pop(key, None)
+
+
+def _add_eos_pooling(pipe):
+    """(text encoder, its hook), the hook added if it was not there yet; ``None`` where nothing is needed."""
+    te = _pooling_encoder(pipe)
+    if te is None:
+        return None
+    hook = _eos_pooling_hook(te)
+    if hook is None:
+        hook = _EosPooling(int(pipe.tokenizer_2.eos_token_id))
+        te.register_forward_hook(hook, with_kwargs=True)
+    return te, hook
+
+
+def use_eos_pooling(pipe) -> bool:
+    """Read SDXL's pooled prompt vector at the end-of-text token from now on, also for prompts with new words.
+
+    ``load_identity`` calls this. Prompts without new words give exactly what they gave before. Undone
+    by ``remove_eos_pooling``, and by itself once the new words are gone from the second text encoder
+    (``pipe.unload_textual_inversion``). Returns whether the pipeline needed it (SDXL with a legacy config).
+    """
+    found = _add_eos_pooling(pipe)
+    if found is not None:
+        found[1].persistent = True
+    return found is not None
+
+
+def remove_eos_pooling(pipe) -> None:
+    """Undo ``use_eos_pooling``: the text encoder pools as transformers does (after any ``eos_pooling`` block)."""
+    te = _pooling_encoder(pipe)
+    hook = _eos_pooling_hook(te) if te is not None else None
+    if hook is not None:
+        hook.persistent = False
+        if not hook.scopes:
+            _drop_eos_pooling(te)
+
+
+@contextmanager
+def eos_pooling(pipe) -> Iterator:
+    """Inside the block, SDXL's pooled prompt vector is read at the end-of-text token (see ``use_eos_pooling``).
+
+    Training conditions on this; on leaving, the pipeline pools as it did before the block.
+    """
+    found = _add_eos_pooling(pipe)
+    if found is None:
+        yield pipe
+        return
+    te, hook = found
+    hook.scopes += 1
+    try:
+        yield pipe
+    finally:
+        hook.scopes -= 1
+        if not hook.scopes and not hook.persistent:
+            _drop_eos_pooling(te)

@@ -140,9 +140,9 @@ def _load_toy(device: torch.device, dtype: torch.dtype):
 
     pipe = StableDiffusionPipeline.from_pretrained(str(require(toy_dir() / "pipeline")), tokenizer=clip_tokenizer(),
                                                    safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, torch_dtype=dtype, local_files_only=True)
+                                                   requires_safety_checker=False, local_files_only=True)
     pipe.register_to_config(_name_or_path=TOY_MODEL)
-    return pipe.to(device)
+    return pipe.to(device=device, dtype=dtype)  # stored in float16, loaded as float32, cast as asked
 
 
 def _check_folder(path: Path) -> None:
