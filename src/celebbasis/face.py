@@ -68,8 +68,8 @@ def official_encoder_map(size: int = 112) -> np.ndarray:
 
 
 # Where the five landmarks land in the official face network's 112x112 input: the FFHQ template
-# through that warp. The face is smaller than in insightface's standard layout (eyes 25.4 px apart,
-# not 35.2) and a little higher.
+# through that warp: a face about 28 % smaller than in insightface's standard layout (eyes 25.4 px
+# apart, not 35.2), turned by 1.9 degrees.
 PAPER_ENCODER_TEMPLATE = FFHQ_TEMPLATE_512 @ official_encoder_map(112)[:, :2].T + official_encoder_map(112)[:, 2]
 
 # insightface's standard 112x112 ArcFace template (left eye, right eye, nose tip, mouth corners), for

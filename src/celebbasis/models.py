@@ -142,7 +142,8 @@ def _load_toy(device: torch.device, dtype: torch.dtype):
                                                    safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.register_to_config(_name_or_path=TOY_MODEL)
-    return pipe.to(device=device, dtype=dtype)  # stored in float16, loaded as float32, cast as asked
+    pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # stored in float16, loads as float32
 
 
 def _check_folder(path: Path) -> None:

@@ -113,7 +113,8 @@ def _tiny_vae():
     )
 
 
-def _tiny_text_encoder(tokenizer, width: int, with_projection: bool = False):
+def _tiny_text_encoder(tokenizer, width: int, with_projection: bool = False, eos_token_id: int | None = None):
+    """A 2-layer CLIP text model; ``eos_token_id`` overrides the config's (default: the tokenizer's)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -124,7 +125,7 @@ def _tiny_text_encoder(tokenizer, width: int, with_projection: bool = False):
         num_hidden_layers=2,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=width,
     )
@@ -132,11 +133,16 @@ def _tiny_text_encoder(tokenizer, width: int, with_projection: bool = False):
 
 
 TINY_WIDTH_2 = 64  # the tiny SDXL's second text encoder (OpenCLIP-G is 1280 wide)
+SDXL_EOS_TOKEN_ID = 2  # the legacy eos_token_id of both SDXL text encoder configs: transformers then pools at argmax(ids)
 
 
 @_own_rng
 def tiny_sdxl_pipeline(seed: int = 0):
-    """A tiny random ``StableDiffusionXLPipeline``: CLIP-L-like (32 wide) + OpenCLIP-G-like (64 wide, pad "!")."""
+    """A tiny random ``StableDiffusionXLPipeline``: CLIP-L-like (32 wide) + OpenCLIP-G-like (64 wide, pad "!").
+
+    Both text encoder configs carry ``eos_token_id`` 2, as the real SDXL's do, so the pooled vector is
+    chosen the way transformers chooses it for the real model (``input_ids.argmax()``).
+    """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
@@ -156,9 +162,9 @@ def tiny_sdxl_pipeline(seed: int = 0):
     vae = _tiny_vae()
     vae.register_to_config(scaling_factor=0.13025)
     torch.manual_seed(seed + 2)
-    text_encoder = _tiny_text_encoder(tokenizer, TINY_WIDTH)
+    text_encoder = _tiny_text_encoder(tokenizer, TINY_WIDTH, eos_token_id=SDXL_EOS_TOKEN_ID)
     torch.manual_seed(seed + 3)
-    text_encoder_2 = _tiny_text_encoder(tokenizer_2, TINY_WIDTH_2, with_projection=True)
+    text_encoder_2 = _tiny_text_encoder(tokenizer_2, TINY_WIDTH_2, with_projection=True, eos_token_id=SDXL_EOS_TOKEN_ID)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -37,7 +37,7 @@ from .config import BasisConfig, TrainConfig
 from .errors import InputError
 from .face import DlibFaceEncoder, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, borrowed_tokenizers, load_identity, token_override
+from .insert import add_placeholder, borrowed_tokenizers, eos_pooling, load_identity, token_override
 from .models import built_from_other_table, encoders_signature, model_name, pipeline_bases, text_encoders
 
 logger = logging.getLogger(__name__)
@@ -358,6 +358,8 @@ def pipeline_conditioning(pipe, captions: list[str], size: int) -> tuple[torch.T
 
     Calls ``pipe.encode_prompt`` (no classifier-free guidance; it has no ``no_grad``, so gradients
     reach the word embeddings) and, for SDXL, ``pipe._get_add_time_ids`` as ``pipe.__call__`` does.
+    SDXL's pooled vector is read at the end-of-text token (``insert.eos_pooling``), as generation
+    after ``load_identity``, ComfyUI and A1111/Forge read it.
 
     Returns:
         (B, T, D) hidden states (SDXL: both encoders' penultimate layers concatenated) and the
@@ -367,8 +369,9 @@ def pipeline_conditioning(pipe, captions: list[str], size: int) -> tuple[torch.T
     if getattr(pipe, "text_encoder_2", None) is None:
         embeds, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return embeds, {}
-    embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
+    with eos_pooling(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
     time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
     return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).repeat(len(captions), 1)}
