@@ -142,8 +142,9 @@ def _load_toy(device: torch.device, dtype: torch.dtype):
                                                    safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.register_to_config(_name_or_path=TOY_MODEL)
-    pipe.to(device)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # stored in float16, loads as float32
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # stored in float16; each part as asked
+        module.to(device=device, dtype=dtype)
+    return pipe
 
 
 def _check_folder(path: Path) -> None:
