@@ -143,7 +143,9 @@ def _load_toy(device: torch.device, dtype: torch.dtype):
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.register_to_config(_name_or_path=TOY_MODEL)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # stored in float16; each part as asked
-        module.to(device=device, dtype=dtype)
+        module.to(device)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
     return pipe
 
 
