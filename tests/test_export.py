@@ -24,7 +24,7 @@ from celebbasis.cli import main
 from celebbasis.errors import InputError
 from celebbasis.export import export_identity, import_embedding
 from celebbasis.identity import Identity
-from celebbasis.insert import load_identity, text_encoders
+from celebbasis.insert import eos_pooling, load_identity, text_encoders
 from celebbasis.mix import celebrity_coefficients, mix
 from celebbasis.testing import save_tiny_pipeline, tiny_pipeline
 
@@ -100,7 +100,8 @@ def test_sdxl_export_loads_per_encoder(tmp_path, sdxl, fmt):
     assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (2, 32) and state["clip_g"].shape == (2, 64)
     theirs.load_textual_inversion(state["clip_l"], token="<alice>", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
     theirs.load_textual_inversion(state["clip_g"], token="<alice>", text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2)
-    (a, pa), (b, pb) = embeds(ours, PROMPT), embeds(theirs, PROMPT)
+    with eos_pooling(theirs):  # as ComfyUI and A1111/Forge pool SDXL prompts (diffusers alone pools at argmax)
+        (a, pa), (b, pb) = embeds(ours, PROMPT), embeds(theirs, PROMPT)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(pa, pb, atol=1e-5)
     plain, _ = embeds(copy.deepcopy(sdxl), "a photo of person and Barack Obama")
     assert not torch.allclose(a[:, :6], plain[:, :6], atol=1e-3)

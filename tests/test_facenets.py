@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 
 from celebbasis.errors import InputError
 from celebbasis.face import (
-    ARCFACE_TEMPLATE, FIVE_POINT, ArcFaceEncoder, Face, FaceAnalyzer, MTCNNDetector, OnnxFaceEncoder, arcface_align,
-    similarity_transform,
+    ARCFACE_TEMPLATE, FIVE_POINT, PAPER_ENCODER_TEMPLATE, ArcFaceEncoder, Face, FaceAnalyzer, MTCNNDetector,
+    OnnxFaceEncoder, arcface_align, similarity_transform,
 )
 from celebbasis.facenets import IRESNET_LAYERS, IResNet
 
@@ -40,10 +40,10 @@ def test_alignment_maps_landmarks_onto_the_template():
     rng = np.random.default_rng(0)
     angle, scale, shift = 0.25, 2.3, np.array([140.0, 90.0])
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    points = ARCFACE_TEMPLATE @ (scale * rot).T + shift  # a face somewhere in a photo
-    m = similarity_transform(points, ARCFACE_TEMPLATE)
-    np.testing.assert_allclose(points @ m[:, :2].T + m[:, 2], ARCFACE_TEMPLATE, atol=1e-6)
-    # draw a dot at each landmark and warp: the dots must land on the template within 1 px
+    points = PAPER_ENCODER_TEMPLATE @ (scale * rot).T + shift  # a face somewhere in a photo
+    m = similarity_transform(points, PAPER_ENCODER_TEMPLATE)
+    np.testing.assert_allclose(points @ m[:, :2].T + m[:, 2], PAPER_ENCODER_TEMPLATE, atol=1e-6)
+    # draw a dot at each landmark and warp: the dots must land on the official template within 1 px
     img = Image.new("RGB", (512, 512))
     draw = ImageDraw.Draw(img)
     for i, (x, y) in enumerate(points):
@@ -52,7 +52,7 @@ def test_alignment_maps_landmarks_onto_the_template():
     crop = arcface_align(np.asarray(img), face)
     assert crop.shape == (112, 112, 3)
     red = crop[..., 0].astype(float)
-    for i, (tx, ty) in enumerate(ARCFACE_TEMPLATE):
+    for i, (tx, ty) in enumerate(PAPER_ENCODER_TEMPLATE):
         ys, xs = np.mgrid[int(ty) - 6 : int(ty) + 7, int(tx) - 6 : int(tx) + 7]
         w = red[ys, xs]
         cx, cy = (w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()

@@ -7,8 +7,9 @@
   Images without a face are counted in the detection rate and left out of the mean.
 - Prompt fidelity: CLIP score, ``100 * max(cos(image, text), 0)``, the text being the prompt with
   each identity word replaced by "person".
-- Protocol prompts: the paper's four categories, each with the official evaluation's negative
-  prompt (CelebBasis ``evaluation/prompt_templates.py``).
+- Protocol prompts: the paper's four categories, with the official evaluation's prompts (CelebBasis
+  ``infer_images/exp_*.txt``, shipped in ``data/paper_prompts/``) and negative prompts
+  (``evaluation/prompt_templates.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from .files import atomic_write
 from .generate import contact_sheet
 from .insert import PLACEHOLDER_RE
 from .models import load_clip
-from .resources import celeb_names
+from .resources import celeb_names, data_path
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,45 @@ def clip_text(prompt: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+# The official evaluation's prompt file per category (CelebBasis 557531b infer_images/, shipped
+# verbatim in data/paper_prompts/): "sks" is the first person, "ks" the second. The style prompts
+# are all of two people.
+PAPER_PROMPT_FILES = {
+    "style": "exp_two_style.txt",
+    "single action": "exp_action_single.txt",
+    "with a celebrity": "exp_action_celeb.txt",
+    "two identities": "exp_action_two.txt",
+}
+_OFFICIAL_PLACEHOLDER = re.compile(r"\b(sks|ks)\b")
+
+
+@lru_cache(maxsize=None)
+def paper_prompts(category: str) -> tuple[str, ...]:
+    """The official evaluation's prompts for one of ``CATEGORIES``, as written there (``sks``, ``ks``)."""
+    try:
+        name = PAPER_PROMPT_FILES[category]
+    except KeyError:
+        raise InputError(f"Unknown prompt category {category!r}. Use one of: {', '.join(CATEGORIES)}.") from None
+    lines = data_path(f"paper_prompts/{name}").read_text(encoding="utf-8").splitlines()
+    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def _fill(prompt: str, first: str, second: str | None = None) -> str:
+    """An official prompt with ``sks`` -> ``first`` and ``ks`` -> ``second``: ``sks person`` -> ``<alice> person``."""
+    return _OFFICIAL_PLACEHOLDER.sub(lambda m: first if m.group(1) == "sks" else second, prompt)
+
+
+@lru_cache(maxsize=1)
+def _paper_categories() -> dict[str, str]:
+    """Every official prompt, its people as ``<>``, -> its category."""
+    return {_fill(p, "<>", "<>"): c for c in CATEGORIES for p in paper_prompts(c)}
+
+
 def categorize(prompt: str, n_identities: int) -> str:
-    """One of the paper's four prompt categories, guessed from the prompt."""
+    """One of the paper's four prompt categories: an official evaluation prompt's own, else guessed."""
+    official = _paper_categories().get(re.sub(r"<[^<>\s]+>", "<>", prompt.strip()))
+    if official is not None:
+        return official
     if n_identities >= 2:
         return "two identities"
     low = prompt.lower()
@@ -155,32 +194,35 @@ def prompt_file_text(lines: list[PromptLine]) -> str:
 
 
 def benchmark_prompts(names: list[str]) -> list[tuple[str, str]]:
-    """The paper's protocol prompts for the given identities: (category, prompt) pairs.
+    """The official evaluation's prompts for the given identities: (category, prompt) pairs.
 
+    Category by category (``CATEGORIES``' order), the official prompt files with ``sks`` -> the
+    identity and ``ks`` -> the second one: ``a sks person on the beach`` -> ``a <alice> person on
+    the beach``. Prompts of one person are written for every name, prompts of two (all of "style"
+    and "two identities") for every pair of names, first name first; person by person, then in the
+    official files' order. With one name there are no two-person prompts (a warning says so).
     ``negative_prompt_for(category)`` gives each one's negative prompt; ``benchmark_prompt_lines``
     gives both together.
     """
     if not names:
         raise InputError("Pass at least one identity name for the benchmark prompts.")
-    style = ["an oil painting of {} person", "a pencil sketch of {} person", "{} person in the style of Van Gogh",
-             "an anime drawing of {} person", "a watercolor painting of {} person"]
-    action = ["{} person is playing the guitar", "{} person eats bread in front of the Eiffel Tower",
-              "{} person is reading a book in a library", "{} person rides a bicycle in the park",
-              "{} person wearing a spacesuit on the moon"]
-    celeb = ["{} person and Barack Obama cooking together in a kitchen", "{} person and Anne Hathaway are baking a cake",
-             "{} person shakes hands with Taylor Swift", "{} person and Leonardo DiCaprio on a red carpet",
-             "{} person and Emma Watson having coffee"]
-    two = ["{} person and {} person enjoy a candlelight dinner", "{} person shakes hands with {} person on a stage",
-           "{} person and {} person dancing", "{} person and {} person playing chess", "{} person and {} person hiking"]
+    tokens = [f"<{n.strip('<>')}>" for n in names]
+    pairs = list(itertools.combinations(tokens, 2))
+    if not pairs:
+        logger.warning("The official style and two-identity prompts each show two people: pass two or more names "
+                       "to get them. Writing the single-action and celebrity prompts only.")
     out = []
-    for n in names:
-        tok = f"<{n.strip('<>')}>"
-        out += [("style", p.format(tok)) for p in style]
-        out += [("single action", p.format(tok)) for p in action]
-        out += [("with a celebrity", p.format(tok)) for p in celeb]
-    for a, b in itertools.combinations([f"<{n.strip('<>')}>" for n in names], 2):
-        out += [("two identities", p.format(a, b)) for p in two]
+    for category in CATEGORIES:
+        prompts = paper_prompts(category)
+        for two, groups in ((False, [(t,) for t in tokens]), (True, pairs)):
+            for people in groups:
+                out += [(category, _fill(p, *people)) for p in prompts if _needs_two(p) == two]
     return out
+
+
+def _needs_two(prompt: str) -> bool:
+    """Whether an official prompt shows a second person (``ks``)."""
+    return any(m.group(1) == "ks" for m in _OFFICIAL_PLACEHOLDER.finditer(prompt))
 
 
 def read_prompt_file(path) -> list[PromptLine]:

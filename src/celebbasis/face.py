@@ -269,6 +269,17 @@ def arcface_align(image: np.ndarray, face: Face, size: int = 112) -> np.ndarray:
     return np.asarray(warp_affine(Image.fromarray(image), _pixel_centres(m), size))
 
 
+def insightface_align(image: np.ndarray, face: Face, size: int = 112) -> np.ndarray:
+    """insightface's standard five-point layout (``ARCFACE_TEMPLATE``), (size, size, 3) uint8: the input its
+    recognition models (``onnx:``) were trained on. The paper's own network (``arcface:``) uses ``arcface_align``."""
+    if face.layout != FIVE_POINT:
+        raise InputError(
+            "ArcFace alignment needs five landmarks (eye centres, nose tip, mouth corners); use the MTCNN detector."
+        )
+    m = similarity_transform(face.landmarks, ARCFACE_TEMPLATE * (size / 112))
+    return np.asarray(warp_affine(Image.fromarray(image), _pixel_centres(m), size))
+
+
 def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The (2, 3) map ``outer`` after ``inner``."""
     m = np.zeros((2, 3))
@@ -419,7 +430,7 @@ class OnnxFaceEncoder:
         return 127.5, 127.5
 
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
-        return arcface_align(image, face, self.size)
+        return insightface_align(image, face, self.size)  # what insightface's models (w600k, ...) were trained on
 
     def embed(self, aligned: np.ndarray) -> np.ndarray:
         x = (np.asarray(aligned, dtype=np.float32) - self.mean) / self.std
@@ -599,8 +610,9 @@ def warp_affine(image: Image.Image, m: np.ndarray, size: int) -> Image.Image:
 def crop_face(image: Image.Image, face: Face, size: int = 512) -> Image.Image:
     """The training view: the face rotated upright and framed like FFHQ, ``size``² pixels.
 
-    Five landmarks (MTCNN's layout) are fitted onto the official FFHQ template (``FFHQ_TEMPLATE_512``
-    scaled to ``size``); dlib's landmarks onto ``CROP_TEMPLATE`` (eye centres, base of the nose).
+    Five landmarks (MTCNN's layout) are fitted onto the official training crop's template
+    (``CROP_TEMPLATE_FIVE_POINT``), as the official alignment does; dlib's onto ``CROP_TEMPLATE``
+    (eye centres, base of the nose).
 
     A ``WHOLE`` face (the toy world) is the whole image in the world's framing: scaled to ``size``
     high and centred on a square."""

@@ -25,7 +25,7 @@ from .config import SCHEDULERS, GenerateConfig
 from .errors import InputError
 from .files import atomic_write
 from .models import model_name
-from .insert import PLACEHOLDER_RE, check_prompt_tokens, expand_prompt, load_identity
+from .insert import PLACEHOLDER_RE, check_prompt_tokens, eos_pooling, expand_prompt, load_identity
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateC
     batches = [list(range(i, min(len(prompts), i + per_call))) for i in range(0, len(prompts), per_call)]
     results = []
     bars = dict(getattr(pipe, "_progress_bar_config", {}))  # the caller's progress-bar settings, put back below
-    with scheduler_swapped(pipe, cfg.scheduler):
+    with scheduler_swapped(pipe, cfg.scheduler), eos_pooling(pipe):  # SDXL: pooled at the end token, as everywhere
         try:
             # one labelled bar: the denoising steps of a single batch, else the batches
             pipe.set_progress_bar_config(disable=not show_progress or len(batches) > 1, desc="generate", unit="step")
