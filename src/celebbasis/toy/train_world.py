@@ -6,7 +6,9 @@ Stages, each resumable from its last checkpoint in ``--work`` (a finished stage 
   3. facenet  the CosFace face encoder;
   4. vae      a 4x-downsampling ``AutoencoderKL`` (L1 + small KL);
   5. latents  every diffusion image encoded once;
-  6. diffusion  ``CLIPTextModel`` + ``UNet2DConditionModel`` trained jointly on captions (EMA weights kept).
+  6. diffusion  ``CLIPTextModel`` + ``UNet2DConditionModel`` trained jointly on captions (EMA weights kept);
+  7. decoder  the VAE's decoder trained on, its encoder frozen: the latents the diffusion model learned
+              stay the same, the pictures get sharper.
 Each stage writes its weights into ``--out`` (the package's ``data/toy``) as it checkpoints, so the
 world can be used before it is finished. Deterministic from ``--seed`` for a given thread count.
 """
@@ -448,6 +450,45 @@ def save_pipeline(path: Path, vae, te, unet, tokenizer, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- decoder
+def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
+    """More decoder training on the encoder's (now fixed) latents, then the pipeline written with it."""
+    from ..resources import clip_tokenizer
+
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 50)
+    idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))  # the rows of ``latents``
+    images, lat = d["images"], torch.from_numpy(latents)
+
+    def step(s):
+        for group in opt.param_groups:
+            group["lr"] = 5e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.decoder_steps)))
+        j = torch.randint(len(idx), (32,), generator=g)
+        x = to_tensor(images[idx[j.numpy()]])
+        loss = (vae.decode(lat[j]).sample - x).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    vae.decoder.train()
+    _checkpointed(work, "decoder", {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv, "opt": opt},
+                  args.decoder_steps, step, 200, rngs=(g,))
+    vae.eval()
+    tokenizer = clip_tokenizer()  # the pipeline again: the diffusion stage's EMA weights with the new decoder
+    te, unet = make_text_encoder(tokenizer), make_unet()
+    state = torch.load(work / "diffusion.pt", weights_only=True)
+    te.load_state_dict(state["ema_te"])
+    unet.load_state_dict(state["ema_unet"])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    save_pipeline(out / "pipeline", vae, te, unet, tokenizer,
+                  {"diffusion_steps": int(state["step"]), "decoder_steps": args.decoder_steps, "seed": args.seed})
+
+
 # ---------------------------------------------------------------- main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -466,11 +507,12 @@ def main(argv=None) -> None:
     p.add_argument("--facenet-steps", type=int, default=1200)
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--diffusion-steps", type=int, default=2400)
+    p.add_argument("--decoder-steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--stages", default="render,scorer,facenet,vae,latents,diffusion")
+    p.add_argument("--stages", default="render,scorer,facenet,vae,latents,diffusion,decoder")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -487,11 +529,13 @@ def main(argv=None) -> None:
         stage_scorer(args.work, args.out, args, d)
     if "facenet" in stages:
         stage_facenet(args.work, args.out, args, d)
-    if "vae" in stages or "diffusion" in stages:
+    if "vae" in stages or "diffusion" in stages or "decoder" in stages:
         vae = stage_vae(args.work, args, d)
         latents = stage_latents(args.work, vae, d)
         if "diffusion" in stages:
             stage_diffusion(args.work, args.out, args, d, vae, latents)
+        if "decoder" in stages:
+            stage_decoder(args.work, args.out, args, d, vae, latents)
     logger.info("done in %.0f min", (time.time() - t0) / 60)
 
 
