@@ -6,8 +6,9 @@ Stages, each resumable from its last checkpoint in ``--work`` (a finished stage 
   3. facenet  the CosFace face encoder;
   4. vae      a 4x-downsampling ``AutoencoderKL`` (L1 + small KL);
   5. latents  every diffusion image encoded once;
-  6. diffusion  ``CLIPTextModel`` + ``UNet2DConditionModel`` trained jointly on captions (EMA weights kept);
-  7. decoder  the VAE's decoder trained on, its encoder frozen: the latents the diffusion model learned
+  6. text     the ``CLIPTextModel`` pretrained to read attributes and colour words from captions;
+  7. diffusion  it and a ``UNet2DConditionModel`` trained jointly on captions (EMA weights kept);
+  8. decoder  the VAE's decoder trained on, its encoder frozen: the latents the diffusion model learned
               stay the same, the pictures get sharper.
 Each stage writes its weights into ``--out`` (the package's ``data/toy``) as it checkpoints, so the
 world can be used before it is finished. Deterministic from ``--seed`` for a given thread count.
@@ -353,7 +354,66 @@ def make_scheduler():
                          set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def stage_diffusion(work: Path, out: Path, args, d, vae, latents) -> None:
+def _caption_batch(b, d, idx, names, rng, templates):
+    """Captions of rows ``b`` (of ``idx``) as the diffusion stage draws them, 10 % empty."""
+    group, who, picture = d["group"][idx], d["index"][idx], d["picture"][idx]
+    out = []
+    for j in b:
+        pic = world.Picture(*picture[j])
+        if rng.random() < 0.1:
+            out.append("")
+        elif group[j] == "anon":
+            out.append(_anon_caption(pic, rng, templates))
+        else:
+            out.append(world.caption(names[who[j]], pic, rng, templates))
+    return out
+
+
+def stage_text(work: Path, args, d) -> "CLIPTextModel":
+    """Pretrain the text encoder to tell, from a caption, what the picture shows: each identity attribute of a
+    named person, the background and shirt colours and the smile when the caption says them. Stable Diffusion's
+    text encoder comes pretrained; this gives ours informative features before the UNet learns to read them."""
+    from ..resources import celeb_names, clip_tokenizer
+    from ..train import TEMPLATES
+
+    tokenizer, names = clip_tokenizer(), celeb_names()
+    torch.manual_seed(args.seed + 60)
+    te = make_text_encoder(tokenizer)
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(TEXT_WIDTH, len(v)) for k, v in world.SCORED.items()})
+    opt = torch.optim.AdamW([*te.parameters(), *heads.parameters()], lr=1e-3, weight_decay=0.0)
+    idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
+    rng = np.random.default_rng(args.seed + 61)
+    named = d["group"][idx] == "celeb"
+
+    def step(s):
+        b = rng.integers(len(idx), size=256)
+        caps = _caption_batch(b, d, idx, names, rng, TEMPLATES)
+        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        h = te(ids)[0]  # (B, 77, d)
+        feat = h.mean(1)
+        lab = _labels(d, idx[b])
+        said = [world.colour_words(c) for c in caps]
+        loss = 0.0
+        for k, head in heads.items():
+            if k in world.IDENTITY:
+                keep = torch.from_numpy(named[b] & np.array([c != "" for c in caps]))
+                target = lab[k]
+            else:
+                keep = torch.tensor([k in w for w in said])
+                target = torch.tensor([w.get(k, 0) for w in said])
+            if keep.any():
+                loss = loss + F.cross_entropy(head(feat[keep]), target[keep])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    _checkpointed(work, "text", {"te": te, "heads": heads, "opt": opt}, args.text_steps, step, 100, rngs=(rng,))
+    return te
+
+
+def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> None:
     from diffusers import DDPMScheduler
 
     from ..resources import celeb_names, clip_tokenizer
@@ -362,13 +422,15 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents) -> None:
     tokenizer = clip_tokenizer()
     names = celeb_names()
     torch.manual_seed(args.seed + 40)
-    te, unet = make_text_encoder(tokenizer), make_unet()
+    te, unet = te if te is not None else make_text_encoder(tokenizer), make_unet()
     ema_te, ema_unet = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
     emb = te.get_input_embeddings().weight
     decay, no_decay = [p for p in [*te.parameters(), *unet.parameters()] if p is not emb and p.ndim > 1], \
         [p for p in [*te.parameters(), *unet.parameters()] if p is emb or p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-2}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr)
+    text = {id(p) for p in te.parameters()}
+    groups = [{"params": [p for p in ps if (id(p) in text) == is_text], "weight_decay": wd, "scale": scale}
+              for ps, wd in ((decay, 1e-2), (no_decay, 0.0)) for is_text, scale in ((True, args.text_lr_scale), (False, 1.0))]
+    opt = torch.optim.AdamW([g_ for g_ in groups if g_["params"]], lr=args.lr)
     noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
@@ -380,20 +442,12 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents) -> None:
     te.train(), unet.train()
 
     def captions(b):
-        out = []
-        for j in b:
-            pic = world.Picture(*picture[j])
-            if rng.random() < 0.1:
-                out.append("")
-            elif group[j] == "anon":
-                out.append(_anon_caption(pic, rng, TEMPLATES))
-            else:
-                out.append(world.caption(names[who[j]], pic, rng, TEMPLATES))
-        return out
+        return _caption_batch(b, d, idx, names, rng, TEMPLATES)
 
     def step(s):
         for group_ in opt.param_groups:
-            group_["lr"] = args.lr * min(1.0, (s + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.diffusion_steps)))
+            group_["lr"] = group_["scale"] * args.lr * min(1.0, (s + 1) / 100) * (
+                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.diffusion_steps)))
         b = rng.integers(len(idx), size=args.batch)
         ids = tokenizer(captions(b), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
@@ -508,11 +562,14 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--diffusion-steps", type=int, default=2400)
     p.add_argument("--decoder-steps", type=int, default=800)
+    p.add_argument("--text-steps", type=int, default=600, help="text encoder pretraining steps (batch 256)")
+    p.add_argument("--text-lr-scale", type=float, default=0.2, help="the text encoder's learning rate in the diffusion "
+                                                                      "stage, relative to --lr")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--stages", default="render,scorer,facenet,vae,latents,diffusion,decoder")
+    p.add_argument("--stages", default="render,scorer,facenet,vae,latents,text,diffusion,decoder")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -529,11 +586,12 @@ def main(argv=None) -> None:
         stage_scorer(args.work, args.out, args, d)
     if "facenet" in stages:
         stage_facenet(args.work, args.out, args, d)
-    if "vae" in stages or "diffusion" in stages or "decoder" in stages:
+    if {"vae", "latents", "text", "diffusion", "decoder"} & set(stages):
         vae = stage_vae(args.work, args, d)
         latents = stage_latents(args.work, vae, d)
+        te = stage_text(args.work, args, d) if "text" in stages else None
         if "diffusion" in stages:
-            stage_diffusion(args.work, args.out, args, d, vae, latents)
+            stage_diffusion(args.work, args.out, args, d, vae, latents, te)
         if "decoder" in stages:
             stage_decoder(args.work, args.out, args, d, vae, latents)
     logger.info("done in %.0f min", (time.time() - t0) / 60)
