@@ -561,7 +561,7 @@ def main(argv=None) -> None:
     p.add_argument("--facenet-steps", type=int, default=1200)
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--diffusion-steps", type=int, default=2400)
-    p.add_argument("--decoder-steps", type=int, default=800)
+    p.add_argument("--decoder-steps", type=int, default=400)
     p.add_argument("--text-steps", type=int, default=600, help="text encoder pretraining steps (batch 256)")
     p.add_argument("--text-lr-scale", type=float, default=0.2, help="the text encoder's learning rate in the diffusion "
                                                                       "stage, relative to --lr")
