@@ -208,6 +208,13 @@ def _face_spec(args) -> str:
     return getattr(args, "face_encoder", None) or ("toy" if getattr(args, "toy", False) else "dlib")
 
 
+def _analyzer(args):
+    """The run's face analyzer; its several-faces warning names our flag."""
+    from .face import FaceAnalyzer
+
+    return FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)")
+
+
 def _model_flags(args) -> str:
     """The model flags of this run, to repeat in the hints it prints."""
     out = []
@@ -304,13 +311,12 @@ def _people(photos: list[str], names: list[str]) -> list[list[Path]]:
 
 
 def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, overwrite: bool, analyzer=None):
-    from .face import FaceAnalyzer
     from .train import personalize
 
     _warn_cpu(pipe)
     result = personalize(pipe, [p[0] if isinstance(p, list) and len(p) == 1 else p for p in people], names,
                          config=_train_config(args), basis=_basis(args), face_index=args.face_index,
-                         face_analyzer=analyzer or FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)"), show_progress=not args.quiet)
+                         face_analyzer=analyzer or _analyzer(args), show_progress=not args.quiet)
     for p in result.save(out_dir, overwrite=overwrite):
         logger.info("Wrote %s", p)
     return result
@@ -347,7 +353,6 @@ def cmd_build_basis(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from .face import FaceAnalyzer
     from .identity import check_name
 
     out = Path(args.output)
@@ -358,7 +363,7 @@ def cmd_add(args) -> int:
     for n in names:
         if (out / f"{n}.safetensors").exists() and not args.overwrite:
             raise InputError(f"{out / (n + '.safetensors')} already exists. Pass --overwrite to replace it, or choose another --name.")
-    analyzer = FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)")
+    analyzer = _analyzer(args)
     analyses = [[analyzer(p, face_index=args.face_index) for p in photos] for photos in people]  # before the model loads
     pipe = _load(args)
     _personalize(args, pipe, analyses, names, out, args.overwrite, analyzer)
@@ -373,7 +378,6 @@ def cmd_add_many(args) -> int:
     """Every person in a folder becomes an identity (``celebbasis.many.add_many`` does the work)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .face import FaceAnalyzer
     from .many import add_many
 
     out = Path(args.output)
@@ -382,7 +386,7 @@ def cmd_add_many(args) -> int:
     with logging_redirect_tqdm(loggers=[logger]):  # log lines go above the progress bar, not through it
         result = add_many(lambda device: _load(args, device), args.faces, out, config=config, bases=_basis(args),
                           group_size=args.group_size, overwrite=args.overwrite,
-                          analyzer=FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)"), face_index=args.face_index,
+                          analyzer=_analyzer(args), face_index=args.face_index,
                           show_progress=not args.quiet)
     for p in result.written:
         logger.info("Wrote %s", p)
@@ -481,7 +485,8 @@ def cmd_webui(args) -> int:
     out = Path(args.output)
     _check_output_dir(out)
     _check_port(args.host, args.port)  # before the model loads
-    launch(WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args)), host=args.host, port=args.port, share=args.share)
+    app = WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args))
+    launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 
 

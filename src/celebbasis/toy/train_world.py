@@ -282,7 +282,7 @@ def make_vae():
                          layers_per_block=1, sample_size=world.RESOLUTION)
 
 
-def stage_vae(work: Path, args, d) -> "AutoencoderKL":
+def stage_vae(work: Path, args, d):
     torch.manual_seed(args.seed + 30)
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -369,7 +369,7 @@ def _caption_batch(b, d, idx, names, rng, templates):
     return out
 
 
-def stage_text(work: Path, args, d) -> "CLIPTextModel":
+def stage_text(work: Path, args, d):
     """Pretrain the text encoder to tell, from a caption, what the picture shows: each identity attribute of a
     named person, the background and shirt colours and the smile when the caption says them. Stable Diffusion's
     text encoder comes pretrained; this gives ours informative features before the UNet learns to read them."""
@@ -436,7 +436,6 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> No
     vae.register_to_config(scaling_factor=scale)
     lat = torch.from_numpy(latents) * scale
     idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
-    group, who, picture = d["group"][idx], d["index"][idx], d["picture"][idx]
     rng = np.random.default_rng(args.seed + 41)
     g = torch.Generator().manual_seed(args.seed + 42)
     te.train(), unet.train()
