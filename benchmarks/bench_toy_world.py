@@ -56,7 +56,7 @@ def new_person_runs(toy: Toy, people, seeds: int, steps: int | None, figure_rows
         photo = photos_of(person, 1, 1000 + i, toy.tmp)
         name = f"p{i}"
         t = time.time()
-        ident = toy.learn([photo], [name], cb.TrainConfig(steps=steps, seed=i))[0]
+        ident = toy.learn([photo], [name], cb.TrainConfig.preset("toy", steps=steps, seed=i))[0]
         times.append(time.time() - t)
         prompts = prompts_for(f"<{name}> person", rng)
         for s in range(seeds):

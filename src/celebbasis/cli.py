@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, flag, merged, parse
-from .config import DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, BasisConfig, GenerateConfig, TrainConfig
+from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, BasisConfig,
+                     GenerateConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
 
 logger = logging.getLogger("celebbasis")
@@ -238,7 +239,10 @@ def _quote(text) -> str:
 
 
 def _train_config(args) -> TrainConfig:
-    """The run's TrainConfig, checked before any model loads."""
+    """The run's TrainConfig, checked before any model loads (with --toy, the toy preset under the flags)."""
+    if getattr(args, "toy", False):
+        given = {k: v for k, v in vars(args).items() if v is not None}
+        return config_from(TrainConfig, {**TRAIN_PRESETS["toy"], **given})
     return config_from(TrainConfig, vars(args))
 
 
@@ -485,7 +489,8 @@ def cmd_webui(args) -> int:
     out = Path(args.output)
     _check_output_dir(out)
     _check_port(args.host, args.port)  # before the model loads
-    app = WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args))
+    app = WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args),
+                 train_config=TrainConfig.preset("toy") if args.toy else None)
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 

@@ -109,8 +109,23 @@ class TrainConfig:
         if not 0 <= self.hue <= 0.5:
             raise InputError(f"hue must be in [0, 0.5], got {self.hue}.")
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        """A named preset with ``overrides`` on top (``toy``: the toy world's full-frame views)."""
+        if name not in TRAIN_PRESETS:
+            raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(TRAIN_PRESETS)}.")
+        return cls(**{**TRAIN_PRESETS[name], **overrides})
+
     def total_steps(self, n_identities: int) -> int:
         return self.steps if self.steps is not None else 400 * n_identities
+
+
+# The toy world draws people only full-frame, never small on a black canvas, so its training views are
+# the whole photo (measured: person-1, 100 steps, likeness 0.58 full-frame vs 0.23 with the official
+# shrink to 10-100 %; no identity 0.27). Everything else is the official recipe.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "toy": dict(min_scale=1.0, max_scale=1.0, aspect_jitter=0.0),
+}
 
 
 SCHEDULERS = {
