@@ -98,7 +98,7 @@ def markdown(res: dict) -> str:
     lines = ["| what | likeness (identity attributes read right) | prompt fidelity (colours and smile read right) | n |",
              "|---|---|---|---|"]
     for key, label in (("celebrities", "celebrities (the ceiling)"), ("no_identity", "no identity: `a person` (the floor)"),
-                       ("new_people", f"new people, default recipe ({res['steps']} steps), one photo each")):
+                       ("new_people", f"new people, the recipe (toy preset, {res['steps']} steps), one photo each")):
         r = res[key]
         lines.append(f"| {label} | {r['likeness']:.3f} ± {r['likeness_sd']:.3f} | {r['fidelity']:.3f} ± {r['fidelity_sd']:.3f} | {r['n']} |")
     attrs = list(res["celebrities"]["per_attribute"])
