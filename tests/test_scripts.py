@@ -107,7 +107,7 @@ def test_reproduce_paper_end_to_end_on_the_tiny_model(tmp_path, astronaut_path):
     clip_cos = ours.split("|")[3].strip()
     assert clip_cos == f"{report['clip_score_mean'] / 100:.3f}"  # report.json's 100*cos, shown as the cosine
     assert "WARNING: no EVAL_ENCODER given" in proc.stderr
-    assert "3/4 drawing them (DDIM, 50 steps, guidance 10, 64x64 px, seed 42, 1 image(s) per prompt)" in proc.stderr
+    assert "3/4 drawing them (DDIM, 1 steps, guidance 10, 64x64 px, seed 42, 1 image(s) per prompt)" in proc.stderr
 
 
 # Each API the code relies on, the release of its package that introduced it, and text that shows it is
