@@ -2,7 +2,7 @@
 
 ``celebbasis.load_pipeline(toy=True)`` gives a ``StableDiffusionPipeline`` that draws the world's
 people by name (``"Tom Hanks person on a green background"``); ``ToyFaceEncoder`` is its face network
-(``--face-encoder toy``) and ``ToyScorer`` reads a picture's attributes back, for likeness and prompt
+(``--face-encoder toy``) and ``read_attributes`` / ``score`` read a picture's attributes back, for likeness and prompt
 fidelity. ``world`` defines the people and renders them (the ``toy`` extra). docs/TOY_WORLD.md is the
 dataset card; ``celebbasis.toy.train_world`` trains everything from its seed.
 """
