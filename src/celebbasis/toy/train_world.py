@@ -151,6 +151,14 @@ def _checkpointed(work: Path, name: str, modules: dict, total: int, step_fn, eve
                 on_save(step + 1)
 
 
+def _update(opt, loss) -> float:
+    """One optimiser step on ``loss``; returns its value."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
 def _augment(x: torch.Tensor, g: torch.Generator, blur: bool) -> torch.Tensor:
     """Flip (identity-preserving in this world, as the face network's input in training is) and jitter."""
     n = x.shape[0]
@@ -195,10 +203,7 @@ def stage_scorer(work: Path, out: Path, args, d) -> None:
         logits = net(x)
         lab = _labels(d, b)
         loss = sum(F.cross_entropy(logits[k], lab[k]) for k in logits)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return _update(opt, loss)
 
     net.train()
     _checkpointed(work, "scorer", {"net": net, "opt": opt}, args.scorer_steps, step, 250, rngs=(g,))
@@ -241,10 +246,7 @@ def stage_facenet(work: Path, out: Path, args, d) -> None:
         y = who[j]
         margin = F.one_hot(y, n_people) * 0.35  # CosFace
         loss = F.cross_entropy(30 * (cos - margin), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return _update(opt, loss)
 
     net.train()
     _checkpointed(work, "facenet", {"net": net, "opt": opt, "proxies": holder}, args.facenet_steps, step, 250, rngs=(g,))
@@ -298,10 +300,7 @@ def stage_vae(work: Path, args, d):
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return _update(opt, loss)
 
     vae.train()
     _checkpointed(work, "vae", {"vae": vae, "opt": opt}, args.vae_steps, step, 200, rngs=(g,))
@@ -404,10 +403,7 @@ def stage_text(work: Path, args, d):
                 target = torch.tensor([w.get(k, 0) for w in said])
             if keep.any():
                 loss = loss + F.cross_entropy(head(feat[keep]), target[keep])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return float(loss)
+        return _update(opt, loss)
 
     _checkpointed(work, "text", {"te": te, "heads": heads, "opt": opt}, args.text_steps, step, 100, rngs=(rng,))
     return te
@@ -523,10 +519,7 @@ def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
         j = torch.randint(len(idx), (32,), generator=g)
         x = to_tensor(images[idx[j.numpy()]])
         loss = (vae.decode(lat[j]).sample - x).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return _update(opt, loss)
 
     vae.decoder.train()
     _checkpointed(work, "decoder", {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv, "opt": opt},

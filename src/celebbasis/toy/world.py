@@ -117,13 +117,7 @@ def celebrities(names: list[str]) -> dict[str, Person]:
 
 def new_people(n: int, seed: int, exclude) -> list[Person]:
     """``n`` distinct people that are none of ``exclude`` (e.g. the celebrities): truly new faces."""
-    rng, taken, out = np.random.default_rng(seed), set(exclude), []
-    while len(out) < n:
-        p = Person.random(rng)
-        if p not in taken:
-            taken.add(p)
-            out.append(p)
-    return out
+    return random_people(n, seed, exclude, distinct=True)
 
 
 HELD_OUT_SEED = 20231121  # the held-out people: never drawn in any training set of the world
@@ -134,12 +128,14 @@ def held_out_people(names: list[str], n: int = 200) -> list[Person]:
     return new_people(n, HELD_OUT_SEED, celebrities(names).values())
 
 
-def random_people(n: int, seed: int, exclude) -> list[Person]:
-    """``n`` random people (repeats allowed) that are none of ``exclude``."""
+def random_people(n: int, seed: int, exclude, distinct: bool = False) -> list[Person]:
+    """``n`` random people that are none of ``exclude``; repeats allowed unless ``distinct``."""
     rng, taken, out = np.random.default_rng(seed), set(exclude), []
     while len(out) < n:
         p = Person.random(rng)
         if p not in taken:
+            if distinct:
+                taken.add(p)
             out.append(p)
     return out
 
