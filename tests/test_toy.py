@@ -3,7 +3,7 @@
 The learning test is the one place in the suite where an identity is seen being learned: from one
 photo of a new person (never in the world's training), the default recipe must make the model draw
 that person's attributes far more often than chance. ``test_learning_breaks_when_training_does``
-breaks training three ways and shows the same check then fails.
+breaks training two ways and shows the same check then fails.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from celebbasis.face import FaceAnalyzer
 from celebbasis.toy import world
 
 STEPS = 60  # a few dozen steps of the recipe (the toy preset: full-frame views)
-# Measured on person-1 (one thread): 0.58 after 60 steps; no identity 0.27; training broken three ways
-# (gradients cut, captions naming another word, a basis of random words): 0.375 each.
+# Measured on person-1 (one thread): 0.58 after 60 steps; no identity 0.27; training broken (gradients
+# cut, or captions naming another word): 0.375.
 LIKENESS_GATE = 0.5
 PROMPTS = ["a photo of <p> person on a green background", "<p> person wearing a red shirt",
            "<p> person smiling on a blue background", "an illustration of <p> person on a yellow background"]
@@ -42,8 +42,8 @@ def _truth(i: int) -> world.Person:
     return world.Person(**labels)
 
 
-def _likeness(pipe, analyzer, photo, person, basis=None) -> float:
-    result = cb.personalize(pipe, [str(photo)], ["p"], config=cb.TrainConfig.preset("toy", steps=STEPS), basis=basis,
+def _likeness(pipe, analyzer, photo, person) -> float:
+    result = cb.personalize(pipe, [str(photo)], ["p"], config=cb.TrainConfig.preset("toy", steps=STEPS),
                             face_analyzer=analyzer, show_progress=False)
     images = [r.image for r in cb.generate(pipe, PROMPTS, identities=result.identities, num_images=2, show_progress=False)]
     return toy.score(images, person, [p for p in PROMPTS for _ in range(2)])["likeness"]
@@ -91,22 +91,18 @@ def test_a_new_person_is_learned(toy_pipe, analyzer):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("breakage", ["gradients cut", "wrong token", "basis from random words"])
+# A basis of 646 random word pairs is no breakage here: the text encoder is 64 wide, so any basis spans
+# the whole embedding space (n = d) and learning still works (0.58 in CI's run, 0.375 in another).
+@pytest.mark.parametrize("breakage", ["gradients cut", "wrong token"])
 def test_learning_breaks_when_training_does(toy_pipe, analyzer, breakage, monkeypatch):
     """Each way of breaking training takes likeness below the gate that the learning test asserts."""
     from celebbasis import train
-    from celebbasis.basis import build_basis
 
-    person, photo, config = _truth(1), toy.toy_photo(1), {}
+    person, photo = _truth(1), toy.toy_photo(1)
     if breakage == "gradients cut":  # the loss no longer reaches the identity network
         loss = train.Personalizer.loss
         monkeypatch.setattr(train.Personalizer, "loss", lambda self, batch, coeffs=None: loss(
             self, batch, [c.detach() for c in coeffs]) + 0 * sum(c.sum() for c in coeffs))
-    elif breakage == "wrong token":  # the captions never name the word the network writes
+    else:  # the captions never name the word the network writes
         monkeypatch.setattr(train, "TEMPLATES", [t.replace("{}", "face of a person") for t in train.TEMPLATES])
-    else:  # a basis of 646 random words instead of the celebrities' names
-        rng = np.random.default_rng(0)
-        vocab = [w.replace("</w>", "") for w in toy_pipe.tokenizer.get_vocab() if w.endswith("</w>") and w[:-4].isalpha()]
-        words = [f"{a} {b}" for a, b in zip(rng.choice(vocab, 646), rng.choice(vocab, 646))]
-        config["basis"] = build_basis(toy_pipe.tokenizer, toy_pipe.text_encoder, words)
-    assert _likeness(toy_pipe, analyzer, photo, person, **config) < LIKENESS_GATE
+    assert _likeness(toy_pipe, analyzer, photo, person) < LIKENESS_GATE
