@@ -53,8 +53,8 @@ def photos_of(person: world.Person, n: int, seed: int, folder: Path) -> list[Pat
 class Toy:
     """The toy world's pipeline and face network, loaded once."""
 
-    def __init__(self):
-        self.pipe = cb.load_pipeline(toy=True, device="cpu", dtype="float32")
+    def __init__(self, device: str = "cpu"):
+        self.pipe = cb.load_pipeline(toy=True, device=device, dtype="float32")
         self.analyzer = FaceAnalyzer(encoder="toy")
         self.tmp = Path(tempfile.mkdtemp(prefix="toybench-"))
 
