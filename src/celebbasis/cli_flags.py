@@ -30,7 +30,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.flag_defaults: dict[str, Any] = {}  # dest -> default
         self.flag_types: dict[str, Any] = {}  # dest -> what a TOML value must be
-        self.flag_names: dict[str, str] = {}  # "batch-size", "batch_size", "views" ... -> dest
+        self.flag_names: dict[str, str] = {}  # "batch-size", "batch_size" ... -> dest
         self.option_strings: list[str] = ["-h", "--help"]
         self.subparsers: dict[str, Parser] = {}
         self.flag_required: dict[str, str] = {}  # dest -> flag name, for flags the command line or TOML must give
@@ -94,7 +94,7 @@ def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None
             continue
         base = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
         typ = base[0]
-        name = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        name = "--" + f.name.replace("_", "-")  # a setting has one name: its field's
         help_text = f.metadata.get("help", "")
         if f.default is not MISSING and f.default is not None and f.default is not False:
             help_text += f" (default: {f.default})"

@@ -21,6 +21,7 @@ DEFAULT_N_COMPONENTS = 512  # the paper's basis size; capped quietly at a narrow
 
 
 def _help(text: str, **extra) -> dict:
+    """A field's metadata: its help line, and ``choices`` where only some values are valid."""
     return {"help": text, **extra}
 
 
@@ -70,9 +71,8 @@ class TrainConfig:
     jitter: float = field(default=0.2, metadata=_help(
         "brightness/contrast/saturation factors are drawn from 1 +- this (applied with the hue shift in random order)"))
     hue: float = field(default=0.01, metadata=_help("hue shift drawn from +- this (fraction of the colour circle)"))
-    views_per_identity: int = field(default=64, metadata=_help(
-        "augmented views per person (spread over their photos) encoded once up front; 0 makes new views every step",
-        flag="views"))
+    views: int = field(default=64, metadata=_help(
+        "augmented views per person (spread over their photos) encoded once up front; 0 makes new views every step"))
     face_per_photo: bool = field(default=False, metadata=_help(
         "one face vector per photo for all its views (faster); default: the face network sees every view, as the paper's code"))
     face_dim: int = field(default=512, metadata=_help(
@@ -98,8 +98,8 @@ class TrainConfig:
             raise InputError(f"need 0 < min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}.")
         if not 0 <= self.aspect_jitter < 1:
             raise InputError(f"aspect_jitter must be in [0, 1), got {self.aspect_jitter}.")
-        if self.views_per_identity < 0:
-            raise InputError(f"views_per_identity must be >= 0, got {self.views_per_identity}.")
+        if self.views < 0:
+            raise InputError(f"views must be >= 0, got {self.views}.")
         if self.face_dim < 0:
             raise InputError(f"face_dim must be >= 0, got {self.face_dim}.")
         if not 0 <= self.flip_p <= 1:
