@@ -136,3 +136,25 @@ def test_a_pipe_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(InputError, match="not a regular file"):
         Identity.load(fifo)  # without the check this blocks forever
+
+
+def test_a_trained_identity_records_its_train_config(tmp_path, tiny_pipe, astronaut):
+    from celebbasis.config import TrainConfig
+    from celebbasis.train import personalize
+
+    config = TrainConfig(steps=2, resolution=64, views=2, learning_rate=0.02, flip_p=0.0, face_per_photo=True, seed=7)
+    result = personalize(tiny_pipe, [astronaut], ["alice"], config=config, show_progress=False)
+    [path] = result.save(tmp_path)
+    ident = Identity.load(path)
+    assert ident.train_config == config.to_dict()  # as JSON in the file's metadata, read back as a dict
+    assert TrainConfig.from_dict(ident.train_config) == config
+    assert ident.metadata["train_config"] == config.to_dict()  # kept through a re-save (rename does that)
+    ident.save(tmp_path / "again.safetensors")
+    assert Identity.load(tmp_path / "again.safetensors").train_config == config.to_dict()
+
+
+def test_identities_not_made_by_training_have_no_train_config(tmp_path, tiny_pipe):
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    coeffs = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    Identity.from_coefficients("<bob>", coeffs, basis, base_model="tiny").save(tmp_path / "bob.safetensors")
+    assert Identity.load(tmp_path / "bob.safetensors").train_config is None  # a mix, an import, or a 0.1 file

@@ -111,7 +111,8 @@ class Identity:
         token: the prompt word, e.g. ``"<alice>"``.
         coefficients: (K, n) unit rows, for the (first) text encoder.
         embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
-        metadata: base model, basis hash, face encoder, steps, seed, creation date, ...
+        metadata: base model, basis hash, face encoder, steps, seed, creation date, and for a trained
+            identity ``train_config``, the ``TrainConfig.to_dict()`` of its training, ...
         coefficients_2, embeddings_2: the same for SDXL's second text encoder (OpenCLIP-G), else None.
     """
 
@@ -133,6 +134,16 @@ class Identity:
     @property
     def embedding_dim(self) -> int:
         return self.embeddings.shape[1]
+
+    @property
+    def train_config(self) -> dict | None:
+        """The settings of the training that made this identity (``TrainConfig.to_dict()``), or ``None``.
+
+        ``None`` for identities that were mixed or imported, and for files written before 0.2.
+        ``TrainConfig.from_dict(identity.train_config)`` makes the config again.
+        """
+        value = self.metadata.get("train_config")
+        return value if isinstance(value, dict) else None
 
     @property
     def is_sdxl(self) -> bool:
@@ -189,7 +200,7 @@ class Identity:
         if parts[0][1].shape[0] == 0 or not all(bool(torch.isfinite(t).all()) for pair in parts for t in pair):
             raise FileFormatError(f"{path}: no vectors, or values that are not finite (NaN/inf). Re-create the identity.")
         meta.pop("format", None)
-        for key in ("steps", "seed", "source_photos"):
+        for key in ("steps", "seed", "source_photos", "train_config"):
             if key in meta:
                 meta[key] = decode_json(meta[key], meta[key])
         second = parts[1] if len(parts) == 2 else (None, None)

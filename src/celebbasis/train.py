@@ -684,6 +684,7 @@ class Personalizer:
                 token, [F.normalize(c, dim=-1) for c in avg], self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
                 text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
+                train_config=self.cfg.to_dict(),
             ))
         return out
 
