@@ -158,3 +158,15 @@ def test_identities_not_made_by_training_have_no_train_config(tmp_path, tiny_pip
     coeffs = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
     Identity.from_coefficients("<bob>", coeffs, basis, base_model="tiny").save(tmp_path / "bob.safetensors")
     assert Identity.load(tmp_path / "bob.safetensors").train_config is None  # a mix, an import, or a 0.1 file
+
+
+def test_encoder_weights_come_from_its_seed_not_the_global_rng():
+    state = torch.get_rng_state()
+    a, b = IdentityEncoder(16, 2, 8, seed=3), IdentityEncoder(16, 2, 8, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # constructing one neither reads nor advances torch's RNG
+    assert torch.equal(a.linear.weight, b.linear.weight)  # same seed, same weights
+    assert not torch.equal(a.linear.weight, IdentityEncoder(16, 2, 8, seed=4).linear.weight)
+    torch.manual_seed(123)
+    assert torch.equal(IdentityEncoder(16, 2, 8).linear.weight, IdentityEncoder(16, 2, 8, seed=0).linear.weight)  # default seed 0
+    given = IdentityEncoder(16, 2, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(given.linear.weight, a.linear.weight)  # a generator given is used, seeded the same

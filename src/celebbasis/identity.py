@@ -54,18 +54,25 @@ class IdentityEncoder(nn.Module):
 
     Args:
         face_dim: size of the face vectors given to ``forward``.
+        generator: the ``torch.Generator`` the initial weights are drawn from (several encoders can
+            share one, as a joint SDXL run does); when ``None``, a private one seeded with ``seed``.
         lift_to: when larger than ``face_dim``, face vectors first go through ``face_lift``
             (a fixed buffer, not trained) and the linear layer takes ``lift_to`` inputs.
+        seed: seeds the initial weights when no ``generator`` is given: the same seed, the same weights.
+
+    Torch's global random state is never read or changed.
     """
 
-    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator=None,
-                 lift_to: int | None = None):
+    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator: torch.Generator | None = None,
+                 lift_to: int | None = None, *, seed: int = 0):
         super().__init__()
         self.n_tokens, self.n_components = n_tokens, n_components
         lifted = lift_to is not None and lift_to > face_dim
         self.register_buffer("lift", face_lift(face_dim, lift_to) if lifted else None)  # (lift_to, face_dim)
         in_dim = lift_to if lifted else face_dim
         self.linear = nn.Linear(in_dim, n_tokens * n_components, device="meta").to_empty(device="cpu")  # no global RNG
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(seed)
         nn.init.normal_(self.linear.weight, 0.0, 1.0, generator=generator)
         nn.init.zeros_(self.linear.bias)
 
