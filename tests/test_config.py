@@ -129,6 +129,9 @@ def test_cli_reads_settings_with_the_library(tmp_path, capsys, astronaut_path):
     cfg.write_text("views_per_identity = 5\n[train]\nseed = 3\nsteps = 4\n")  # 0.1's name at the top, settings in [train]
     args = merged(parser, parse(parser, ["add", "x.jpg", "--name", "x", "--config", str(cfg), "--steps", "2"]))
     assert (_train_config(args).views, _train_config(args).seed, _train_config(args).steps) == (5, 3, 2)  # flags win
+    cfg.write_text("views_per_identity = 5\nviews = 4\n")
+    with pytest.raises(InputError, match="views is given twice"):
+        merged(parser, parse(parser, ["add", "x.jpg", "--name", "x", "--config", str(cfg)]))
     cfg.write_text("seed = 1\n[train]\nseed = 3\n")
     with pytest.raises(InputError, match="seed is given both at the top and in \\[train\\]"):
         merged(parser, parse(parser, ["add", "x.jpg", "--name", "x", "--config", str(cfg)]))

@@ -121,7 +121,8 @@ def test_same_identity_metadata_as_the_cli(tmp_path, face_analyzer, astronaut_pa
     cli = Identity.load(tmp_path / "cli" / "alice.safetensors").metadata
     web = Identity.load(tmp_path / "web" / "alice.safetensors").metadata
     assert set(web) == set(cli)
-    for key in ("base_model", "face_encoder", "text_encoder_signature", "basis_sha256", "source_photo", "source_photos", "steps"):
+    for key in ("base_model", "face_encoder", "text_encoder_signature", "basis_sha256", "source_photo", "source_photos", "steps",
+                "train_config"):
         assert web.get(key) == cli.get(key), key
     assert web["source_photo"] == astronaut_path.name and web["base_model"] == "tiny"
 

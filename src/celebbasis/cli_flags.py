@@ -187,10 +187,13 @@ def read_toml(path: Path, sub: Parser, command: str) -> dict:
     out: dict = {}
     tables = {}
     for key, value in data.items():
+        name = RENAMED.get(key, key)
         if isinstance(value, dict):
             tables[key] = value
-        elif RENAMED.get(key, key) in fields_of:
-            out.update(settings_from(fields_of[RENAMED.get(key, key)], {key: value}, str(path)))
+        elif name in out:
+            raise InputError(f"{path}: {name} is given twice ({key} is its old name). Keep one.")
+        elif name in fields_of:
+            out.update(settings_from(fields_of[name], {key: value}, str(path)))
         else:
             out[sub.flag_names.get(key, key)] = _flag_value(path, sub, command, key, value)
     out["sections"] = _tables(path, sub, tables)
