@@ -110,7 +110,7 @@ def run_one(which: str, args) -> dict:
         extra = run_recipe(pipe, analysis, args.steps, args.batch, args.resolution, 0)
     else:
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch, resolution=args.resolution, compile=args.compile,
-                          views_per_identity=args.views)
+                          views=args.views)
         result = personalize(pipe, [analysis], ["alice"], config=cfg, show_progress=False)
         extra = {"final_loss": sum(result.losses[-10:]) / len(result.losses[-10:])}
     if device.type == "cuda":

@@ -41,7 +41,7 @@ def train_one(args, n: int) -> dict:
     pipe = load_pipeline(args.model, device=device)
     face = FaceAnalyzer()(example_face())
     people = [face] * n  # compute is what scales; the same face under n names keeps detection out of the timing
-    cfg = TrainConfig(steps=args.steps, resolution=args.resolution, views_per_identity=args.views)
+    cfg = TrainConfig(steps=args.steps, resolution=args.resolution, views=args.views)
     t0 = time.perf_counter()
     personalize(pipe, people, [f"p{i}" for i in range(n)], config=cfg, show_progress=False)
     if device.type == "cuda":
@@ -83,7 +83,7 @@ def train_photos(args, k: int) -> dict:
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device=device)
     photos = photo_variants(Path(args.cache) / "photos", k)
-    cfg = TrainConfig(steps=args.steps, resolution=args.resolution, views_per_identity=args.views)
+    cfg = TrainConfig(steps=args.steps, resolution=args.resolution, views=args.views)
     stamps = []
 
     def tick(step, total, loss):

@@ -41,7 +41,7 @@ def train(model: Path, photo: Path, args, *, views: int, seed: int) -> dict:
     from celebbasis.train import TrainConfig, personalize
 
     pipe = load_pipeline(str(model), device=args.device, dtype="float32")
-    cfg = TrainConfig(steps=args.steps, resolution=args.resolution, views_per_identity=views, seed=seed)
+    cfg = TrainConfig(steps=args.steps, resolution=args.resolution, views=views, seed=seed)
     t0 = time.perf_counter()
     result = personalize(pipe, [photo], ["alice"], config=cfg, show_progress=False)
     seconds = time.perf_counter() - t0
@@ -64,7 +64,7 @@ class HeldOut:
     def _personalizer(self, seed: int):
         from celebbasis.train import Personalizer, TrainConfig
 
-        cfg = TrainConfig(steps=1, resolution=self.args.resolution, views_per_identity=0, seed=seed)
+        cfg = TrainConfig(steps=1, resolution=self.args.resolution, views=0, seed=seed)
         return Personalizer(self.pipe, self.analyses, ["alice"], cfg, self.bases, "bench")
 
     def start(self, seed: int) -> torch.Tensor:

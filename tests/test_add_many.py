@@ -82,7 +82,7 @@ def test_one_progress_bar_over_every_step(faces, tmp_path, capsys):
         loads.append(device)
         return load_pipeline(tiny=True)
 
-    result = add_many(load, faces, tmp_path / "ids", config=TrainConfig(steps=2, resolution=64, views_per_identity=2),
+    result = add_many(load, faces, tmp_path / "ids", config=TrainConfig(steps=2, resolution=64, views=2),
                       group_size=2, process=(0, 1))
     assert loads == [None] and len(result.written) == 3 and not result.failed
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()

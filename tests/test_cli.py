@@ -169,7 +169,7 @@ def test_config_file_and_flags_that_win(tmp_path, astronaut_path):
                  "--steps", "2", "-q"]) == 0
     run = json.loads((out / "alice.run.json").read_text())
     assert run["config"]["steps"] == 2  # the flag wins
-    assert run["config"]["resolution"] == 64 and run["config"]["views_per_identity"] == 8  # from the file
+    assert run["config"]["resolution"] == 64 and run["config"]["views"] == 8  # from the file
     assert run["base_model"] == "tiny"
 
 

@@ -20,7 +20,7 @@ from celebbasis.models import text_encoders
 from celebbasis.testing import tiny_pipeline
 from celebbasis.train import TEMPLATES, Personalizer, TrainConfig
 
-CFG = TrainConfig(resolution=64, steps=1, views_per_identity=1, face_per_photo=True, seed=0)
+CFG = TrainConfig(resolution=64, steps=1, views=1, face_per_photo=True, seed=0)
 FAMILIES = ["sd1", "sd2", "sdxl"]
 
 

@@ -21,7 +21,7 @@ from celebbasis.train import Personalizer, TrainConfig, personalize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-CFG = dict(resolution=64, seed=0, views_per_identity=4)
+CFG = dict(resolution=64, seed=0, views=4)
 
 
 def cuda_pipe(family="sd1", dtype=torch.float32):

@@ -136,3 +136,37 @@ def test_a_pipe_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(InputError, match="not a regular file"):
         Identity.load(fifo)  # without the check this blocks forever
+
+
+def test_a_trained_identity_records_its_train_config(tmp_path, tiny_pipe, astronaut):
+    from celebbasis.config import TrainConfig
+    from celebbasis.train import personalize
+
+    config = TrainConfig(steps=2, resolution=64, views=2, learning_rate=0.02, flip_p=0.0, face_per_photo=True, seed=7)
+    result = personalize(tiny_pipe, [astronaut], ["alice"], config=config, show_progress=False)
+    [path] = result.save(tmp_path)
+    ident = Identity.load(path)
+    assert ident.train_config == config.to_dict()  # as JSON in the file's metadata, read back as a dict
+    assert TrainConfig.from_dict(ident.train_config) == config
+    assert ident.metadata["train_config"] == config.to_dict()  # kept through a re-save (rename does that)
+    ident.save(tmp_path / "again.safetensors")
+    assert Identity.load(tmp_path / "again.safetensors").train_config == config.to_dict()
+
+
+def test_identities_not_made_by_training_have_no_train_config(tmp_path, tiny_pipe):
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    coeffs = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    Identity.from_coefficients("<bob>", coeffs, basis, base_model="tiny").save(tmp_path / "bob.safetensors")
+    assert Identity.load(tmp_path / "bob.safetensors").train_config is None  # a mix, an import, or a 0.1 file
+
+
+def test_encoder_weights_come_from_its_seed_not_the_global_rng():
+    state = torch.get_rng_state()
+    a, b = IdentityEncoder(16, 2, 8, seed=3), IdentityEncoder(16, 2, 8, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # constructing one neither reads nor advances torch's RNG
+    assert torch.equal(a.linear.weight, b.linear.weight)  # same seed, same weights
+    assert not torch.equal(a.linear.weight, IdentityEncoder(16, 2, 8, seed=4).linear.weight)
+    torch.manual_seed(123)
+    assert torch.equal(IdentityEncoder(16, 2, 8).linear.weight, IdentityEncoder(16, 2, 8, seed=0).linear.weight)  # default seed 0
+    given = IdentityEncoder(16, 2, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(given.linear.weight, a.linear.weight)  # a generator given is used, seeded the same

@@ -116,7 +116,7 @@ def test_prompts_without_new_words_are_unchanged(sdxl, alice):
 def test_training_and_generation_condition_alike(sdxl, bases, astronaut):
     pipe, reference = copy.deepcopy(sdxl), copy.deepcopy(sdxl)
     before = forward_hooks(pipe)
-    cfg = TrainConfig(resolution=64, steps=1, views_per_identity=1, face_per_photo=True, seed=0)
+    cfg = TrainConfig(resolution=64, steps=1, views=1, face_per_photo=True, seed=0)
     coeffs = coefficients(bases, 2)
     with Personalizer(pipe, [astronaut], ["alice"], cfg, bases, "tiny") as trainer:
         with torch.no_grad():

@@ -209,7 +209,7 @@ def test_bad_paths(tmp_path, name, match):
 def test_identity_moves_between_file_and_folder(tmp_path, models, astronaut, caplog):
     """Learned on the single file, used on the diffusers folder of the same model, and the reverse: no warning."""
     m = models["sd1"]
-    cfg = TrainConfig(steps=2, resolution=64, views_per_identity=2)
+    cfg = TrainConfig(steps=2, resolution=64, views=2)
     on_file = load_pipeline(str(m["file"]), config=str(m["folder"]))
     alice = personalize(on_file, [astronaut], ["alice"], config=cfg, show_progress=False).identities[0]
     assert alice.metadata["base_model"] == "tinyVision.safetensors"

@@ -24,7 +24,7 @@ from celebbasis.train import (
 
 )
 
-CFG = dict(resolution=64, seed=0, views_per_identity=4)
+CFG = dict(resolution=64, seed=0, views=4)
 SRC = Path(__file__).parents[1] / "src" / "celebbasis"
 
 
@@ -102,7 +102,7 @@ def test_loss_on_a_fixed_batch_goes_down(tiny_pipe, astronaut):
 
 def test_weight_decay_comes_from_the_config(tiny_pipe, astronaut):
     assert TrainConfig().weight_decay == 0.01  # torch's AdamW default, as the official optimiser
-    trainer = trainer_for(tiny_pipe, [astronaut], weight_decay=0.05, face_per_photo=True, views_per_identity=1)
+    trainer = trainer_for(tiny_pipe, [astronaut], weight_decay=0.05, face_per_photo=True, views=1)
     assert trainer.opt.param_groups[0]["weight_decay"] == 0.05
 
 
@@ -212,7 +212,7 @@ def test_shrink_like_the_official_add_bg():
 
 def test_each_view_has_its_own_face_vector(tiny_pipe, astronaut, face_analyzer):
     spy = Spy(face_analyzer.encoder)
-    trainer = trainer_for(tiny_pipe, [astronaut], views_per_identity=6, steps=10, face_encoder=spy)
+    trainer = trainer_for(tiny_pipe, [astronaut], views=6, steps=10, face_encoder=spy)
     faces = trainer.pool[0].face  # (6, 128)
     assert len(spy.seen) == 6 and faces.shape == (6, 128)
     grey = astronaut.aligned.astype(np.float32).mean(-1)
@@ -236,7 +236,7 @@ def test_frozen_work_is_done_once(tiny_pipe, astronaut, face_analyzer, views, ex
     calls = []
     encode = tiny_pipe.vae.encode
     tiny_pipe.vae.encode = lambda x, *a, **k: calls.append(len(x)) or encode(x, *a, **k)
-    trainer = trainer_for(tiny_pipe, [astronaut], steps=10, views_per_identity=views, face_encoder=spy)
+    trainer = trainer_for(tiny_pipe, [astronaut], steps=10, views=views, face_encoder=spy)
     built, embedded = sum(calls), len(spy.seen)
     for _ in range(5):
         trainer.step()
@@ -372,7 +372,7 @@ def grace_photos(tmp_path_factory, face_analyzer, hopper_path, hopper):
 
 
 def test_several_photos_make_one_identity(tmp_path, tiny_pipe, face_analyzer, alice_photos, caplog):
-    result = personalize(tiny_pipe, [alice_photos], ["alice"], config=TrainConfig(steps=3, **{**CFG, "views_per_identity": 6}),
+    result = personalize(tiny_pipe, [alice_photos], ["alice"], config=TrainConfig(steps=3, **{**CFG, "views": 6}),
                          face_analyzer=face_analyzer, show_progress=False)
     assert len(result.identities) == 1
     (path,) = result.save(tmp_path)
@@ -388,9 +388,9 @@ def test_several_photos_make_one_identity(tmp_path, tiny_pipe, face_analyzer, al
 
 
 def test_views_spread_over_photos_and_cost_no_more(tiny_pipe, alice_photos, astronaut):
-    one = trainer_for(copy.deepcopy(tiny_pipe), [astronaut], views_per_identity=6, steps=10)
-    three = trainer_for(tiny_pipe, [alice_photos], views_per_identity=6, steps=10)
-    assert three.pool[0].mean.shape == one.pool[0].mean.shape == (6, 4, 8, 8)  # the pool stays views_per_identity
+    one = trainer_for(copy.deepcopy(tiny_pipe), [astronaut], views=6, steps=10)
+    three = trainer_for(tiny_pipe, [alice_photos], views=6, steps=10)
+    assert three.pool[0].mean.shape == one.pool[0].mean.shape == (6, 4, 8, 8)  # the pool stays views
     assert three.pool[0].photo.bincount().tolist() == [2, 2, 2]  # evenly over the photos
     for face, p in zip(three.pool[0].face, three.pool[0].photo):  # each view's vector from its own photo
         own = torch.from_numpy(alice_photos[p].embedding)

@@ -121,7 +121,8 @@ def test_same_identity_metadata_as_the_cli(tmp_path, face_analyzer, astronaut_pa
     cli = Identity.load(tmp_path / "cli" / "alice.safetensors").metadata
     web = Identity.load(tmp_path / "web" / "alice.safetensors").metadata
     assert set(web) == set(cli)
-    for key in ("base_model", "face_encoder", "text_encoder_signature", "basis_sha256", "source_photo", "source_photos", "steps"):
+    for key in ("base_model", "face_encoder", "text_encoder_signature", "basis_sha256", "source_photo", "source_photos", "steps",
+                "train_config"):
         assert web.get(key) == cli.get(key), key
     assert web["source_photo"] == astronaut_path.name and web["base_model"] == "tiny"
 
@@ -250,3 +251,53 @@ def test_several_photos_of_one_person(app, astronaut_path, mirrored_path, hopper
     assert pair.startswith("⚠ astronaut.png and grace_hopper.jpg do not look like the same person")
     [ident] = app.learn([[str(astronaut_path), str(mirrored_path)]], "carol", 2, threading.Event())
     assert Identity.load(app.dir / "carol.safetensors").metadata["source_photos"] == ["astronaut.png", "astronaut_mirrored.png"]
+
+
+# -- settings from a run file, formats from the config ---------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_webui_config_fills_the_learn_and_create_defaults(tmp_path, monkeypatch, capsys):
+    import celebbasis.webui as webui
+    from celebbasis.cli import main
+
+    seen = {}
+    monkeypatch.setattr(webui, "launch", lambda app, **kwargs: seen.update(app=app))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"tiny = true\nport = {_free_port()}\n[train]\nsteps = 30\nlearning_rate = 0.05\n"
+                   "[generate]\nsteps = 12\nguidance = 4.0\nseed = 5\nwidth = 64\nheight = 128\n")
+    args = ["webui", "--config", str(cfg), "-o", str(tmp_path / "ids"), "-q"]
+    assert main(args) == 0
+    app = seen.pop("app")
+    assert app.train_config == TrainConfig(steps=30, learning_rate=0.05)
+    assert app.generate_config == GenerateConfig(steps=12, guidance=4.0, seed=5, width=64, height=128)
+    d = app.defaults()  # what the page's fields start with (sizes given, so no model is loaded)
+    assert (d.steps_per_person, d.create_steps, d.guidance, d.seed, d.width, d.height) == (30, 12, 4.0, 5, 64, 128)
+
+    assert main([*args, "--toy"]) == 0  # the toy preset, the file's settings over it
+    assert seen.pop("app").train_config == TrainConfig.preset("toy", steps=30, learning_rate=0.05)
+
+    cfg.write_text("steps = 3\n")  # webui has no --steps: which one is meant must be said by the table
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "steps is not a flag of `celebbasis webui`" in err[0] and "[train] or [generate]" in err[0]
+
+
+def test_download_formats_are_the_export_formats(app, monkeypatch):
+    import celebbasis.webui as webui
+    from celebbasis.config import EXPORT_FORMATS
+
+    saved_identity(app, "ann")
+    for fmt in EXPORT_FORMATS:  # every format the library exports is one the app can hand out
+        assert app.export("ann", fmt).parent.name == fmt
+    with pytest.raises(InputError, match="Unknown format '../x'"):
+        app.export("ann", "../x")
+    pytest.importorskip("gradio")
+    monkeypatch.setattr(webui, "EXPORT_FORMATS", ("diffusers", "newtool"))  # the page follows the config's list
+    demo = webui.build_ui(app)
+    [dropdown] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "library-format"]
+    assert [value for _, value in dropdown.choices] == ["celebbasis", "diffusers", "newtool"]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
-from .cli_flags import Parser, config_flags, config_from, flag, merged, parse
+from .cli_flags import Parser, config_flags, config_from, config_values, flag, merged, parse, sections
 from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, BasisConfig,
                      GenerateConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
@@ -47,7 +47,8 @@ def _common(p: Parser, model: bool = True) -> None:
         flag(p, g, "--revision", help="hub revision (branch, tag or commit) of --model")
         flag(p, g, "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
         flag(p, g, "--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: auto)")
-    flag(p, g, "--config", metavar="TOML", help="read this command's flags from a TOML file (keys as flag names); flags given here win")
+    flag(p, g, "--config", metavar="TOML", help="read this command's flags from a TOML file (keys as flag names; settings may also go in "
+                                                        "[train], [generate] or [basis] tables); flags given here win")
     flag(p, g, "-v", "--verbose", default=False, action="store_true", help="debug logging and full tracebacks")
     flag(p, g, "-q", "--quiet", default=False, action="store_true", help="only warnings and errors, no progress bars")
 
@@ -160,6 +161,7 @@ def _tool_parsers(sub) -> None:
     _common(p, model=False)
 
     p = sub.add_parser("webui", help="the local web app: learn, library, create, mix")
+    sections(p, TrainConfig, GenerateConfig)  # its Learn and Create tabs start from --config's [train] and [generate]
     _output(p, "identities", "identities folder")
     flag(p, p, "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     flag(p, p, "--port", type=int, default=7860, help="port (default: 7860)")
@@ -239,11 +241,8 @@ def _quote(text) -> str:
 
 
 def _train_config(args) -> TrainConfig:
-    """The run's TrainConfig, checked before any model loads (with --toy, the toy preset under the flags)."""
-    if getattr(args, "toy", False):
-        given = {k: v for k, v in vars(args).items() if v is not None}
-        return config_from(TrainConfig, {**TRAIN_PRESETS["toy"], **given})
-    return config_from(TrainConfig, vars(args))
+    """The run's TrainConfig, checked before any model loads (with --toy, the toy preset under the file and flags)."""
+    return config_from(TrainConfig, vars(args), base=TRAIN_PRESETS["toy"] if getattr(args, "toy", False) else None)
 
 
 def _basis(args):
@@ -401,11 +400,11 @@ def cmd_add_many(args) -> int:
 
 
 def _generate_config(args) -> GenerateConfig:
-    """The run's GenerateConfig: the preset (if any), then the flags and TOML values that were set."""
-    if not args.preset:
+    """The run's GenerateConfig: the preset (if any), then the TOML values and flags that were set."""
+    preset = getattr(args, "preset", None)
+    if not preset:
         return config_from(GenerateConfig, vars(args))
-    set_fields = {k: v for k, v in vars(args).items() if v is not None and k in GenerateConfig.__dataclass_fields__}
-    return GenerateConfig.preset(args.preset, **set_fields)
+    return GenerateConfig.preset(preset, **config_values(GenerateConfig, vars(args)))
 
 
 def cmd_generate(args) -> int:
@@ -490,7 +489,7 @@ def cmd_webui(args) -> int:
     _check_output_dir(out)
     _check_port(args.host, args.port)  # before the model loads
     app = WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args),
-                 train_config=TrainConfig.preset("toy") if args.toy else None)
+                 train_config=_train_config(args), generate_config=_generate_config(args))
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 

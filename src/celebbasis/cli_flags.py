@@ -4,6 +4,11 @@ Every optional flag is registered with the default it has when neither the comma
 TOML file gives it; the values of a run are ``defaults <- TOML file <- command line``. Flags of
 config fields (``TrainConfig``, ``GenerateConfig``, ``BasisConfig``) have no default here: a field
 that nobody set takes the dataclass's own default, so each default lives in one place.
+
+A ``--config`` file's top-level keys are the command's flags; its tables ``[basis]``, ``[train]``
+and ``[generate]`` hold the settings of those configs (for commands that take them: ``webui``
+takes ``[train]`` and ``[generate]``), below the top-level keys and the command line. Settings are
+read by the library's own ``celebbasis.config.settings_from``, as ``TrainConfig.from_toml`` reads them.
 """
 
 from __future__ import annotations
@@ -11,12 +16,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-import tomllib
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from .config import CONFIGS, RENAMED, load_toml, settings_from
 from .errors import InputError
 
 UNSET = None  # a config field nobody set: the dataclass default applies
@@ -30,10 +35,12 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.flag_defaults: dict[str, Any] = {}  # dest -> default
         self.flag_types: dict[str, Any] = {}  # dest -> what a TOML value must be
-        self.flag_names: dict[str, str] = {}  # "batch-size", "batch_size", "views" ... -> dest
+        self.flag_names: dict[str, str] = {}  # "batch-size", "batch_size" ... -> dest
         self.option_strings: list[str] = ["-h", "--help"]
         self.subparsers: dict[str, Parser] = {}
         self.flag_required: dict[str, str] = {}  # dest -> flag name, for flags the command line or TOML must give
+        self.sections: dict[str, type] = {}  # TOML table -> the config whose settings it holds ("train": TrainConfig)
+        self.flag_configs: list[type] = []  # the configs whose fields are flags of this command
 
     def _required_shown(self, fmt):
         """Usage and help show flags that the command line or ``--config`` must give as required (no brackets)."""
@@ -87,14 +94,19 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of the config dataclass ``cls``: type, help and choices from the field."""
+    """One flag per field of the config dataclass ``cls``: type, help and choices from the field.
+
+    The command also reads ``cls``'s table (``[train]``, ...) of a ``--config`` file.
+    """
+    parser.flag_configs.append(cls)
+    sections(parser, cls)
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in skip or f.name in parser.flag_defaults:
             continue
         base = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
         typ = base[0]
-        name = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        name = "--" + f.name.replace("_", "-")  # a setting has one name: its field's
         help_text = f.metadata.get("help", "")
         if f.default is not MISSING and f.default is not None and f.default is not False:
             help_text += f" (default: {f.default})"
@@ -106,11 +118,22 @@ def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None
                  kind=typ, help=help_text, metavar=None if f.metadata.get("choices") else name[2:].split("-")[-1].upper())
 
 
-def config_from(cls, values: dict, **extra):
-    """``cls(**...)`` from the run's values: fields nobody set keep the dataclass default."""
+def sections(parser: Parser, *classes) -> None:
+    """The command reads the tables of these configs from a ``--config`` file (``[train]`` for ``TrainConfig``)."""
+    for cls in classes:
+        parser.sections[cls.section] = cls
+
+
+def config_values(cls, values: dict) -> dict:
+    """The settings of ``cls`` the run gave: its ``--config`` table, then the flags and top-level TOML keys that were set."""
     names = {f.name for f in fields(cls)}
-    kwargs = {k: v for k, v in values.items() if k in names and v is not UNSET}
-    return cls(**{**kwargs, **extra})
+    given = {k: v for k, v in values.items() if k in names and v is not UNSET}
+    return {**(values.get("sections") or {}).get(cls.section, {}), **given}
+
+
+def config_from(cls, values: dict, base: dict | None = None):
+    """``cls(**...)`` from the run's values over ``base`` (a preset): fields nobody set keep the dataclass default."""
+    return cls(**{**(base or {}), **config_values(cls, values)})
 
 
 def parse(parser: Parser, argv: list[str] | None) -> argparse.Namespace:
@@ -143,7 +166,7 @@ def merged(parser: Parser, args: argparse.Namespace) -> argparse.Namespace:
     """The run's values: the command's flag defaults, then its ``--config`` TOML file, then the command line."""
     sub = parser.subparsers[args.command]
     given = vars(args)
-    values = dict(sub.flag_defaults)
+    values = {**sub.flag_defaults, "sections": {}}
     if given.get("config"):
         values.update(read_toml(Path(given["config"]), sub, args.command))
     values.update(given)
@@ -154,28 +177,64 @@ def merged(parser: Parser, args: argparse.Namespace) -> argparse.Namespace:
 
 
 def read_toml(path: Path, sub: Parser, command: str) -> dict:
-    """A TOML file's values by flag destination; unknown keys and wrong types are one-line errors."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such config file. Pass a TOML file, e.g. configs/sd15.toml.")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid TOML ({e}). Fix the file.") from None
-    out = {}
+    """A TOML file's values by flag destination, its tables under ``sections``; unknown keys and wrong types are one-line errors.
+
+    Settings of the configs (top-level keys that are their fields, and tables) are read by
+    ``celebbasis.config.settings_from``, the reading ``TrainConfig.from_toml`` does.
+    """
+    data = load_toml(path)
+    fields_of = {f.name: cls for cls in sub.flag_configs for f in fields(cls) if f.name in sub.flag_defaults}
+    out: dict = {}
+    tables = {}
     for key, value in data.items():
-        dest = sub.flag_names.get(key)
-        if dest is None or dest == "config":
-            valid = sorted({k for k in sub.flag_names if "_" not in k} - {"config", "help"})
-            close = difflib.get_close_matches(key, valid, n=1)
-            raise InputError(f"{path}: {key} is not a flag of `celebbasis {command}`"
-                             f"{f' (did you mean {close[0]}?)' if close else ''}. Valid keys: {', '.join(valid)}.")
-        want = sub.flag_types[dest]
-        ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if want is list and isinstance(value, str):
-            value, ok = [value], True
-        if not ok:
-            raise InputError(f"{path}: {key} = {value!r} should be {getattr(want, '__name__', want)}. Fix the file.")
-        out[dest] = value
+        name = RENAMED.get(key, key)
+        if isinstance(value, dict):
+            tables[key] = value
+        elif name in out:
+            raise InputError(f"{path}: {name} is given twice ({key} is its old name). Keep one.")
+        elif name in fields_of:
+            out.update(settings_from(fields_of[name], {key: value}, str(path)))
+        else:
+            out[sub.flag_names.get(key, key)] = _flag_value(path, sub, command, key, value)
+    out["sections"] = _tables(path, sub, tables)
+    for name, cls in sub.sections.items():
+        twice = sorted(set(out["sections"].get(name, {})) & set(out)) if cls in sub.flag_configs else []
+        if twice:
+            raise InputError(f"{path}: {twice[0]} is given both at the top and in [{name}]. Keep one.")
     return out
+
+
+def _tables(path: Path, sub: Parser, tables: dict) -> dict:
+    """The file's config tables, checked; tables of configs this command does not take are checked and left aside."""
+    known = {cls.section: cls for cls in CONFIGS}
+    out = {}
+    for name, table in tables.items():
+        if name not in known:
+            raise InputError(f"{path}: [{name}] is not a table celebbasis reads. Tables: "
+                             f"{', '.join(f'[{s}]' for s in known)}.")
+        values = settings_from(known[name], table, f"{path} [{name}]")
+        if name in sub.sections:
+            out[name] = values
+    return out
+
+
+def _flag_value(path: Path, sub: Parser, command: str, key: str, value):
+    """A top-level TOML value of a flag that is not a config field, checked against the flag's type."""
+    dest = sub.flag_names.get(key)
+    if dest is None or dest == "config":
+        valid = sorted({k for k in sub.flag_names if "_" not in k} - {"config", "help"})
+        close = difflib.get_close_matches(key, valid, n=1)
+        tables = [f"[{name}]" for name, cls in sub.sections.items()
+                  if cls not in sub.flag_configs and key in {f.name for f in fields(cls)}]
+        where = f"; as a setting it goes in a table: {' or '.join(tables)}" if tables else ""
+        raise InputError(f"{path}: {key} is not a flag of `celebbasis {command}`"
+                         f"{f' (did you mean {close[0]}?)' if close else ''}{where}. Valid keys: {', '.join(valid)}.")
+    want = sub.flag_types[dest]
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if want is list and isinstance(value, str):
+        value, ok = [value], True
+    if not ok:
+        raise InputError(f"{path}: {key} = {value!r} should be {getattr(want, '__name__', want)}. Fix the file.")
+    return value

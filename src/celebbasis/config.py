@@ -5,15 +5,27 @@ the manner of peft's configs: each field has a default and ``metadata={"help": .
 ``__post_init__`` checks values before any model is loaded. The CLI builds its flags from these
 fields, TOML files fill the same fields, and the web UI reads its defaults from them.
 Errors name the field, not a command-line flag: the library does not know who called it.
+
+Each config goes to a dict (``to_dict``) and comes from one (``from_dict``) or from a TOML file
+(``from_toml``), the same reading the command line's ``--config`` uses. A TOML file holds one
+config's settings as top-level keys, or several configs in tables named after them
+(``[basis]``, ``[train]``, ``[generate]``; top-level keys are then the command line's own flags).
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
+import tomllib
+import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 MAX_SEED = 2**32 - 1  # what every seeder involved (Python, numpy, torch) takes
@@ -21,7 +33,93 @@ DEFAULT_N_COMPONENTS = 512  # the paper's basis size; capped quietly at a narrow
 
 
 def _help(text: str, **extra) -> dict:
+    """A field's metadata: its help line, and ``choices`` where only some values are valid."""
     return {"help": text, **extra}
+
+
+# Old names of settings, still read from dicts and TOML files (with a warning): old -> new.
+RENAMED = {"views_per_identity": "views"}  # renamed in 0.2, so that a setting has one name (its flag's)
+
+
+def load_toml(path) -> dict:
+    """A TOML file's contents; a missing or malformed file is a one-line ``InputError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such config file. Pass a TOML file, e.g. configs/sd15.toml.")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid TOML ({e}). Fix the file.") from None
+
+
+def settings_from(cls, data: dict, source: str) -> dict:
+    """The values in ``data`` (a dict or a TOML table) as checked keyword arguments of the config ``cls``.
+
+    Old names (``RENAMED``) are read with a warning. An unknown key or a value of the wrong type is
+    a one-line ``InputError`` naming ``source`` (the file) and the key. Rules between fields are
+    checked when the config is made, once every source of values (file, command line) is in.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = RENAMED.get(key, key)
+        if name not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise InputError(f"{source}: {key} is not a setting of {cls.__name__}{f' (did you mean {close[0]}?)' if close else ''}. "
+                             f"Valid keys: {', '.join(names)}.")
+        if name != key:
+            logger.warning("%s: %s is now called %s; rename it there (the old name will stop being read).", source, key, name)
+        if name in out:
+            raise InputError(f"{source}: {name} is given twice ({key} is its old name). Keep one.")
+        out[name] = _checked(value, hints[name], key, source)
+    return out
+
+
+def _checked(value, hint, key: str, source: str):
+    """``value`` as the type of a field annotated ``hint`` (``int``, ``float | None``, ...), or a one-line error."""
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    kind = kinds[0]
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise InputError(f"{source}: {key} = {value!r} should be {kind.__name__}. Fix the file.")
+
+
+class _Settings:
+    """``to_dict`` / ``from_dict`` / ``from_toml`` of the config dataclasses below."""
+
+    section: ClassVar[str]  # the config's table in a TOML file that holds several
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as a plain value (int, float, bool, str), ready for JSON or TOML.
+
+        Settings that are ``None`` (``steps``, ``resolution``, ... left to the model or the run) are
+        left out, as TOML has no null; each of them defaults to ``None``, so ``from_dict`` gives them back.
+        """
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "settings"):
+        """The config with ``data``'s values over the defaults; unknown keys name ``source`` in a one-line error."""
+        return cls(**settings_from(cls, data, source))
+
+    @classmethod
+    def from_toml(cls, path):
+        """The config in a TOML file: its ``[section]`` table (``[train]`` for ``TrainConfig``) when the file has
+        tables, else its top-level keys. Unknown keys and wrong types are one-line ``InputError``s naming the file.
+
+        Example:
+            >>> TrainConfig.from_toml("configs/tiny.toml").steps
+            20
+        """
+        data = load_toml(path)
+        if any(isinstance(v, dict) for v in data.values()):
+            return cls.from_dict(data.get(cls.section, {}), f"{path} [{cls.section}]")
+        return cls.from_dict(data, str(path))
 
 
 def _check_numbers(config) -> None:
@@ -35,8 +133,10 @@ def _check_numbers(config) -> None:
 
 
 @dataclass(frozen=True)
-class BasisConfig:
+class BasisConfig(_Settings):
     """How the celeb basis is built from a text encoder's name embeddings (METHOD §1)."""
+
+    section: ClassVar[str] = "basis"
 
     n_components: int = field(default=DEFAULT_N_COMPONENTS, metadata=_help("directions per token slot, n (capped at the model's width)"))
     n_tokens: int = field(default=2, metadata=_help("token vectors per identity, K"))
@@ -51,8 +151,10 @@ class BasisConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Settings):
     """Settings of one personalization run. Defaults follow the paper's official code (METHOD §4)."""
+
+    section: ClassVar[str] = "train"
 
     steps: int | None = field(default=None, metadata=_help(
         "optimisation steps (default: 400 per person, as the paper's config)"))
@@ -70,9 +172,8 @@ class TrainConfig:
     jitter: float = field(default=0.2, metadata=_help(
         "brightness/contrast/saturation factors are drawn from 1 +- this (applied with the hue shift in random order)"))
     hue: float = field(default=0.01, metadata=_help("hue shift drawn from +- this (fraction of the colour circle)"))
-    views_per_identity: int = field(default=64, metadata=_help(
-        "augmented views per person (spread over their photos) encoded once up front; 0 makes new views every step",
-        flag="views"))
+    views: int = field(default=64, metadata=_help(
+        "augmented views per person (spread over their photos) encoded once up front; 0 makes new views every step"))
     face_per_photo: bool = field(default=False, metadata=_help(
         "one face vector per photo for all its views (faster); default: the face network sees every view, as the paper's code"))
     face_dim: int = field(default=512, metadata=_help(
@@ -98,8 +199,8 @@ class TrainConfig:
             raise InputError(f"need 0 < min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}.")
         if not 0 <= self.aspect_jitter < 1:
             raise InputError(f"aspect_jitter must be in [0, 1), got {self.aspect_jitter}.")
-        if self.views_per_identity < 0:
-            raise InputError(f"views_per_identity must be >= 0, got {self.views_per_identity}.")
+        if self.views < 0:
+            raise InputError(f"views must be >= 0, got {self.views}.")
         if self.face_dim < 0:
             raise InputError(f"face_dim must be >= 0, got {self.face_dim}.")
         if not 0 <= self.flip_p <= 1:
@@ -141,8 +242,10 @@ SCHEDULERS = {
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(_Settings):
     """Sampling settings (METHOD §5). ``GenerateConfig.preset("paper")`` is the official evaluation's."""
+
+    section: ClassVar[str] = "generate"
 
     negative_prompt: str | None = field(default=None, metadata=_help("what the images should not show"))
     num_images: int = field(default=1, metadata=_help("images per prompt; image i uses seed + i"))
@@ -181,6 +284,8 @@ GENERATE_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(scheduler="ddim", steps=50, guidance=10.0, height=512, width=512, seed=42, num_images=8),
 }
 
+
+CONFIGS = (BasisConfig, TrainConfig, GenerateConfig)  # by the table each has in a TOML file: basis, train, generate
 
 GROUP_SIZE = 2  # people trained jointly by add-many, sharing one network (two, as the paper's default run)
 EXPORT_FORMATS = ("diffusers", "a1111", "comfyui")  # the tools an identity is exported for

@@ -54,18 +54,25 @@ class IdentityEncoder(nn.Module):
 
     Args:
         face_dim: size of the face vectors given to ``forward``.
+        generator: the ``torch.Generator`` the initial weights are drawn from (several encoders can
+            share one, as a joint SDXL run does); when ``None``, a private one seeded with ``seed``.
         lift_to: when larger than ``face_dim``, face vectors first go through ``face_lift``
             (a fixed buffer, not trained) and the linear layer takes ``lift_to`` inputs.
+        seed: seeds the initial weights when no ``generator`` is given: the same seed, the same weights.
+
+    Torch's global random state is never read or changed.
     """
 
-    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator=None,
-                 lift_to: int | None = None):
+    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator: torch.Generator | None = None,
+                 lift_to: int | None = None, *, seed: int = 0):
         super().__init__()
         self.n_tokens, self.n_components = n_tokens, n_components
         lifted = lift_to is not None and lift_to > face_dim
         self.register_buffer("lift", face_lift(face_dim, lift_to) if lifted else None)  # (lift_to, face_dim)
         in_dim = lift_to if lifted else face_dim
         self.linear = nn.Linear(in_dim, n_tokens * n_components, device="meta").to_empty(device="cpu")  # no global RNG
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(seed)
         nn.init.normal_(self.linear.weight, 0.0, 1.0, generator=generator)
         nn.init.zeros_(self.linear.bias)
 
@@ -111,7 +118,8 @@ class Identity:
         token: the prompt word, e.g. ``"<alice>"``.
         coefficients: (K, n) unit rows, for the (first) text encoder.
         embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
-        metadata: base model, basis hash, face encoder, steps, seed, creation date, ...
+        metadata: base model, basis hash, face encoder, steps, seed, creation date, and for a trained
+            identity ``train_config``, the ``TrainConfig.to_dict()`` of its training, ...
         coefficients_2, embeddings_2: the same for SDXL's second text encoder (OpenCLIP-G), else None.
     """
 
@@ -133,6 +141,16 @@ class Identity:
     @property
     def embedding_dim(self) -> int:
         return self.embeddings.shape[1]
+
+    @property
+    def train_config(self) -> dict | None:
+        """The settings of the training that made this identity (``TrainConfig.to_dict()``), or ``None``.
+
+        ``None`` for identities that were mixed or imported, and for files written before 0.2.
+        ``TrainConfig.from_dict(identity.train_config)`` makes the config again.
+        """
+        value = self.metadata.get("train_config")
+        return value if isinstance(value, dict) else None
 
     @property
     def is_sdxl(self) -> bool:
@@ -189,7 +207,7 @@ class Identity:
         if parts[0][1].shape[0] == 0 or not all(bool(torch.isfinite(t).all()) for pair in parts for t in pair):
             raise FileFormatError(f"{path}: no vectors, or values that are not finite (NaN/inf). Re-create the identity.")
         meta.pop("format", None)
-        for key in ("steps", "seed", "source_photos"):
+        for key in ("steps", "seed", "source_photos", "train_config"):
             if key in meta:
                 meta[key] = decode_json(meta[key], meta[key])
         second = parts[1] if len(parts) == 2 else (None, None)

@@ -8,7 +8,6 @@ only with ``torch.load(weights_only=True)``; nothing else is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -171,16 +170,12 @@ def _check_folder(path: Path) -> None:
 
 def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype, revision: str | None):
     """``DiffusionPipeline.from_pretrained`` of a folder or hub id; offline, only the cache, and fast."""
-    import warnings
-
     cache_only = not local and not hub_reachable()  # before importing diffusers: offline fails in ~2 s
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     def load(variant):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return DiffusionPipeline.from_pretrained(model, torch_dtype=dt, revision=revision, local_files_only=cache_only,
-                                                     variant=variant)
+        return DiffusionPipeline.from_pretrained(model, **_dtype_kwarg(dt), revision=revision, local_files_only=cache_only,
+                                                 variant=variant)
 
     # float16: the repository's half-size fp16 files where it has them; else the full files, and the
     # fp16 files when they are all there is (a cache or folder holding only the variant)
@@ -273,8 +268,7 @@ def load_clip(model: str):
 
     A hub id is read from the local Hugging Face cache first; the Hub is contacted only when the
     model is not cached and the Hub answers within ``HUB_TIMEOUT`` seconds. Offline, it fails within
-    that time, before CLIP's code is even imported, with one line saying what to pass instead, and
-    the Hub's retry warnings are never printed.
+    that time, before CLIP's code is even imported, with one line saying what to pass instead.
 
     Raises:
         ModelLoadError: a missing or broken folder, or a hub id neither cached nor downloadable.
@@ -294,8 +288,7 @@ def load_clip(model: str):
     from transformers import CLIPModel, CLIPProcessor
 
     def load(source, **kwargs):
-        with _quiet_hub():
-            return CLIPModel.from_pretrained(source, **kwargs).eval(), CLIPProcessor.from_pretrained(source, **kwargs)
+        return CLIPModel.from_pretrained(source, **kwargs).eval(), CLIPProcessor.from_pretrained(source, **kwargs)
 
     if looks_local:
         try:
@@ -324,18 +317,15 @@ def _in_hub_cache(model: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _quiet_hub():
-    """Hub and transformers log only errors inside (no retry warnings); their levels are restored after."""
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+def _dtype_kwarg(dt: torch.dtype) -> dict:
+    """``dtype=`` where diffusers takes it (it deprecates ``torch_dtype`` with a FutureWarning), else ``torch_dtype=``.
+
+    So no warning needs filtering here: the library never changes the process's warning filters or
+    logger levels (not thread-safe, and not its business); the CLI quiets the libraries for its own run.
+    """
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dt} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dt}
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -463,8 +453,6 @@ def _check_config(config_dir: str, family: str, path: Path, shapes: dict[str, tu
 
 def _load_single_file(path: Path, config: str | None, dev: torch.device, dt: torch.dtype, revision: str | None):
     """``StableDiffusion(XL)Pipeline.from_single_file`` with a local configuration and no network access."""
-    import warnings
-
     if not path.is_file():
         raise ModelLoadError(f"Checkpoint file {path} does not exist. Pass an existing .safetensors file, a diffusers "
                              "folder or a hub id.")
@@ -481,9 +469,7 @@ def _load_single_file(path: Path, config: str | None, dev: torch.device, dt: tor
     logger.info("Loading %s as %s with the configuration of %s.", path.name, FAMILY_NAMES[family],
                 config or FAMILY_CONFIGS[family])
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = cls.from_single_file(str(path), config=config_dir, torch_dtype=dt, local_files_only=True)
+        pipe = cls.from_single_file(str(path), config=config_dir, **_dtype_kwarg(dt), local_files_only=True)
     except Exception as e:  # diffusers raises ValueError, KeyError, RuntimeError, OSError or its own error types here
         first = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"Cannot load {path.name} with the configuration of {config or FAMILY_CONFIGS[family]} "

@@ -453,8 +453,8 @@ class Personalizer:
         self.ema: list[list[torch.Tensor] | None] = [None] * self.n_id  # per identity: one (K, n) per encoder
         self.losses: list[float] = []
         self.steps_done = 0
-        self._drawn = [0] * self.n_id  # fresh views drawn per person (views_per_identity=0), for even photo use
-        self.pool = self._build_pool() if config.views_per_identity > 0 else None
+        self._drawn = [0] * self.n_id  # fresh views drawn per person (views=0), for even photo use
+        self.pool = self._build_pool() if config.views > 0 else None
         self.unet, self.scaler = self._prepare_unet()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -564,15 +564,15 @@ class Personalizer:
         return view, torch.from_numpy(np.asarray(self.face_net.embed(np.asarray(chip)), dtype=np.float32))
 
     def _build_pool(self, chunk: int = 8) -> list[Views]:
-        """Per person: ``views_per_identity`` views spread evenly over their photos (or as many as the run uses),
+        """Per person: ``config.views`` views spread evenly over their photos (or as many as the run uses),
         each VAE-encoded once and with its own face vector."""
         cfg = self.cfg
-        per_id = min(cfg.views_per_identity, math.ceil(cfg.total_steps(self.n_id) * cfg.batch_size / self.n_id))
+        per_id = min(cfg.views, math.ceil(cfg.total_steps(self.n_id) * cfg.batch_size / self.n_id))
         pool = []
         for i, crops in enumerate(self.crops):
             if len(crops) > per_id:
                 logger.warning("%s has %d photos but only %d views are made; the last %d photos go unused. "
-                               "Raise views_per_identity to use them all.", self.tokens[i], len(crops), per_id, len(crops) - per_id)
+                               "Raise views to use them all.", self.tokens[i], len(crops), per_id, len(crops) - per_id)
             means, stds, faces = [], [], []
             for start in range(0, per_id, chunk):
                 views = [self._new_view(i, j % len(crops)) for j in range(start, min(start + chunk, per_id))]
@@ -684,6 +684,7 @@ class Personalizer:
                 token, [F.normalize(c, dim=-1) for c in avg], self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
                 text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
+                train_config=self.cfg.to_dict(),
             ))
         return out
 

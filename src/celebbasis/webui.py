@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import GenerateConfig, TrainConfig, updated
+from .config import EXPORT_FORMATS, GenerateConfig, TrainConfig, updated
 from .errors import CelebBasisError, InputError, NoFaceFoundError
 from .export import export_identity
 from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, load_image, same_person_threshold, unlike_photos
@@ -203,9 +203,12 @@ class WebApp:
             p.unlink(missing_ok=True)
 
     def export(self, name: str, fmt: str) -> Path:
+        """The identity file itself (``celebbasis``), or its export for a tool of ``EXPORT_FORMATS``."""
         path = self._path(name)
         if fmt == "celebbasis":
             return path
+        if fmt not in EXPORT_FORMATS:  # before the name becomes a folder
+            raise InputError(f"Unknown format {fmt!r}. Choose celebbasis or one of: {', '.join(EXPORT_FORMATS)}.")
         folder = self.exports / fmt
         folder.mkdir(parents=True, exist_ok=True)
         return export_identity(path, fmt, folder / f"{check_name(name)}.safetensors", overwrite=True)
@@ -646,7 +649,8 @@ def _library_tab(gr) -> SimpleNamespace:
             confirm = gr.Checkbox(label="Yes, delete it", elem_id="library-confirm")
             delete = gr.Button("Delete", variant="stop", elem_id="library-delete")
         with gr.Row():
-            fmt = gr.Dropdown(["celebbasis", "diffusers", "a1111", "comfyui"], value="celebbasis", label="Format")
+            fmt = gr.Dropdown(["celebbasis", *EXPORT_FORMATS], value="celebbasis", label="Format",  # the file itself, or a tool's
+                              elem_id="library-format")
             download = gr.Button("Download", elem_id="library-download")
             file = gr.File(label="File", elem_id="library-file")
         msg = gr.Markdown(elem_id="library-msg")
