@@ -248,8 +248,7 @@ def run(args) -> dict:
 def decisions(bench: Bench, person, photos, preset, ev, add) -> None:
     """The runs that cost a training each, at seed 0, for one person."""
     one, D, L = [photos[:1]], DECIDE_AT, max(SNAPSHOTS)
-    fresh = {"views": 0} if "views" in FIELDS else {"views_per_identity": 0}
-    add(f"fresh views@{L}", ev(bench.learn(one, preset(steps=L, **fresh))[L][0]))
+    add(f"fresh views@{L}", ev(bench.learn(one, preset(steps=L, views=0))[L][0]))
     add(f"batch 4, lr 1e-2@{D}", ev(bench.learn(one, preset(steps=DECIDE_AT, batch_size=4))[DECIDE_AT][0]))
     add(f"batch 4, lr 2e-2@{D}", ev(bench.learn(one, preset(steps=DECIDE_AT, batch_size=4, learning_rate=2e-2))[DECIDE_AT][0]))
     add(f"128-d, lift@{D}", ev(bench.learn(one, preset(steps=DECIDE_AT), encoder=Toy128)[DECIDE_AT][0]))
@@ -307,8 +306,6 @@ def compare(rows: dict) -> dict:
                 "likeness": paired(rows[f"textual inversion@{steps}"], rows[f"recipe@{steps}"][:n]), "n": n}
     return out
 
-
-FIELDS = {f.name for f in __import__("dataclasses").fields(cb.TrainConfig)}
 
 
 # -- reporting ---------------------------------------------------------------------------------------
