@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -70,6 +71,15 @@ class Toy:
 
     def score(self, images, person, prompts) -> dict:
         return score(images, person, prompts)
+
+
+def write_results(res: dict, md: str, json_path: Path | None, md_path: Path | None) -> None:
+    """Print the markdown; write the results as JSON and the markdown where asked."""
+    print(md)
+    if json_path:
+        json_path.write_text(json.dumps(res, indent=1) + "\n")
+    if md_path:
+        md_path.write_text(md)
 
 
 def mean_sd(values) -> tuple[float, float]:

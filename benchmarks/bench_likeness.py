@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _toy import Toy, new_people, photos_of, prompts_for, quiet  # noqa: E402
+from _toy import Toy, mean_sd, new_people, photos_of, prompts_for, quiet, write_results  # noqa: E402
 
 import celebbasis as cb  # noqa: E402
 from celebbasis.face import FaceAnalyzer, WholeImageDetector  # noqa: E402
@@ -184,9 +184,7 @@ class Bench:
 def summary(rows: list[dict]) -> dict:
     out = {"n": len(rows)}
     for key in ("likeness", "fidelity", "face_cosine"):
-        v = np.asarray([r[key] for r in rows], dtype=float)
-        v = v[v == v]
-        out[key], out[key + "_sd"] = (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
+        out[key], out[key + "_sd"] = mean_sd(r[key] for r in rows)
     return out
 
 
@@ -402,12 +400,7 @@ def main() -> None:
     quiet()
     res = run(args)
     res.update(threads=args.threads, ti_seeds=args.ti_seeds)
-    md = markdown(res)
-    print(md)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.write_text(md)
+    write_results(res, markdown(res), args.json, args.markdown)
     if args.plots:
         print("plots:", ", ".join(str(x) for x in plots(res, args.plots)))
 

@@ -14,7 +14,6 @@ Writes JSON and markdown (benchmarks/README.md quotes it) and the README's figur
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _toy import Toy, mean_sd, new_people, photos_of, prompts_for, quiet  # noqa: E402
+from _toy import Toy, mean_sd, new_people, photos_of, prompts_for, quiet, write_results  # noqa: E402
 
 import celebbasis as cb  # noqa: E402
 from celebbasis.resources import celeb_names  # noqa: E402
@@ -135,12 +134,7 @@ def main() -> None:
     res = {"celebrities": celebs, "no_identity": floor, "new_people": learned, "steps": args.steps or 400,
            "learn_seconds_mean": float(np.mean(times)), "threads": args.threads, "seconds": time.time() - t0,
            "world": world_info()}
-    md = markdown(res)
-    print(md)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
-    if args.markdown:
-        args.markdown.write_text(md)
+    write_results(res, markdown(res), args.json, args.markdown)
     if args.figure:
         figure(rows, args.figure)
 
