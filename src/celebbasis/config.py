@@ -159,7 +159,10 @@ class TrainConfig(_Settings):
     steps: int | None = field(default=None, metadata=_help(
         "optimisation steps (default: 400 per person, as the paper's config)"))
     batch_size: int = field(default=2, metadata=_help("views per step (2, as the paper)"))
-    learning_rate: float = field(default=1e-2, metadata=_help("AdamW learning rate (official: base 5e-3 x batch 2)"))
+    learning_rate: float = field(default=5e-3, metadata=_help(
+        "base learning rate per view: AdamW's rate is this x batch_size (the official code's 5e-3 x 2 = 1e-2)"))
+    scale_lr: bool = field(default=True, metadata=_help(
+        "multiply learning_rate by batch_size, as the official code; off: learning_rate is AdamW's rate as given"))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (torch's default, as the official optimiser)"))
     resolution: int | None = field(default=None, metadata=_help(
         "side of the square training views in pixels, a multiple of 8 (default: the model's native size)"))
@@ -216,6 +219,11 @@ class TrainConfig(_Settings):
         if name not in TRAIN_PRESETS:
             raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(TRAIN_PRESETS)}.")
         return cls(**{**TRAIN_PRESETS[name], **overrides})
+
+    @property
+    def optimizer_lr(self) -> float:
+        """AdamW's learning rate: ``learning_rate`` x ``batch_size`` when ``scale_lr`` (the official code's scaling)."""
+        return self.learning_rate * self.batch_size if self.scale_lr else self.learning_rate
 
     def total_steps(self, n_identities: int) -> int:
         return self.steps if self.steps is not None else 400 * n_identities

@@ -2,7 +2,9 @@
 
 ``IdentityEncoder``: one linear layer (face dim -> K·n) + LeakyReLU(0.2), each of the K rows then
 L2-normalised. Those rows are the coefficients of a person in the celeb basis. What is kept per
-person is the average of those coefficients over training: ``Identity``, about 11 KB (SDXL about 25 KB).
+person is the moving average of those coefficients over training, as it is (a little shorter than
+unit length where the predictions varied, as the official code samples with it): ``Identity``,
+about 11 KB (SDXL about 25 KB).
 
 Face vectors smaller than the paper's 512 (dlib's are 128-d) can be lifted to 512 by a fixed map
 with orthonormal columns (``face_lift``): lengths and angles stay, but each vector is spread over
@@ -116,7 +118,8 @@ class Identity:
 
     Attributes:
         token: the prompt word, e.g. ``"<alice>"``.
-        coefficients: (K, n) unit rows, for the (first) text encoder.
+        coefficients: (K, n) rows, for the (first) text encoder: training's moving average of the
+            network's unit rows (length <= 1), or unit rows for a mix.
         embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
         metadata: base model, basis hash, face encoder, steps, seed, creation date, and for a trained
             identity ``train_config``, the ``TrainConfig.to_dict()`` of its training, ...

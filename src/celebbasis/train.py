@@ -448,7 +448,7 @@ class Personalizer:
         self.heads = self._heads()
         self.means = [b.mean.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, d) each
         self.components = [b.components.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, n, d)
-        self.opt = torch.optim.AdamW(self.heads.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.opt = torch.optim.AdamW(self.heads.parameters(), lr=config.optimizer_lr, weight_decay=config.weight_decay)
         self.noise_scheduler, self.prediction = self._scheduler()
         self.ema: list[list[torch.Tensor] | None] = [None] * self.n_id  # per identity: one (K, n) per encoder
         self.losses: list[float] = []
@@ -672,7 +672,10 @@ class Personalizer:
         return self.losses[-1]
 
     def identities(self) -> list[Identity]:
-        """The averaged coefficients (rows re-normalised to unit length) as ``Identity`` objects."""
+        """The moving averages of the coefficients, as they are (the official code samples with them), as ``Identity`` objects.
+
+        The network's rows are unit length; their average is a little shorter where the predictions varied.
+        """
         with torch.no_grad():
             current = [c.float().cpu() for c in self.coefficients()]
         te_signature = encoders_signature(self.pipe)
@@ -681,7 +684,7 @@ class Personalizer:
             avg = self.ema[i] if self.ema[i] is not None else [c[i] for c in current]
             sources = [Path(a.path).name for a in self.people[i]]
             out.append(Identity.from_coefficients(
-                token, [F.normalize(c, dim=-1) for c in avg], self.bases, base_model=self.base_model,
+                token, avg, self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
                 text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
                 train_config=self.cfg.to_dict(),
