@@ -5,25 +5,26 @@ four prompts each; each drawing is scored for likeness (the scorer's six identit
 right; and the face network's cosine to the person's other renders) and prompt fidelity (the
 prompts' colour words and smiles read right).
 
-Arms (people x seeds: ``--people``, ``--seeds``; the decisions run at seed 0 over every person and
-are compared person by person with the recipe's own seed-0 run):
+Arms (``--people`` people x ``--seeds`` seeds for the recipe; textual inversion ``--ti-seeds``, the
+correlated pairs ``--pair-seeds``; the other decisions at seed 0 over every person; arms are
+compared person by person and seed by seed):
   celebrities             their names, drawn alike (the ceiling)
   no identity             ``a person`` (the floor for likeness, the reference for fidelity)
   recipe                  the default recipe (toy preset), snapshots at 25, 50, 100, 200, 400 steps
   textual inversion       diffusers' recipe (2 free vectors from ``person``, lr 5e-4 x batch), same views and steps
-  raw average             the recipe, saving the moving average as it is (the official code) instead of unit rows
+  renormalised average    the recipe's moving average re-normalised to unit rows (the default saves it as it is)
   fresh views             the recipe with a new view every step (``views=0``) instead of the pool of 64, 400 steps
-  batch 4, lr 1e-2 / 2e-2 the learning rate kept, or scaled with the batch as the official code does
+  batch 4, lr scaled/kept the learning rate scaled with the batch (the default, as the official code) or kept at 1e-2
+  twice the rate          batch 2 at twice the default rate (2e-2)
   128-d faces, lift on/off the face vectors cut to 128 numbers (as dlib's), lifted to 512 or not
   several photos          three photos of the person instead of one
   pairs                   two people trained jointly: face vectors as they are, made to sit at cosine ~0.89
                           (a shared component added, as dlib's do), and with that, centred on the pair's mean
 
-    python benchmarks/bench_likeness.py --quick                    # a smaller check: 4 people, 1 seed
-    python benchmarks/bench_likeness.py --seeds 1 --json benchmarks/likeness.json --markdown likeness.md --plots docs/
+    python benchmarks/bench_likeness.py --quick        # a smaller check: 4 people, 1 seed (~5 min)
+    python benchmarks/bench_likeness.py --json benchmarks/likeness.json --markdown likeness.md --plots docs/
 
-The committed results (benchmarks/README.md) are the second line's: 31 min on 2 CPU threads.
-"""
+The committed results (benchmarks/README.md) are the second line's, on these 2 cores."""
 
 from __future__ import annotations
 
@@ -140,8 +141,9 @@ class Bench:
         self.count = 0
 
     def learn(self, photos: list[list[Path]], config: cb.TrainConfig, snapshots=(), *, trainer=Personalizer,
-              encoder=ToyFaceEncoder, raw: bool = False) -> dict[int, list]:
-        """Identities at each snapshot (or only at the end), one per person; ``raw``: also the raw averages."""
+              encoder=ToyFaceEncoder, unit: bool = False) -> dict:
+        """Identities at each snapshot (or only at the end), one per person; ``unit``: also (``("unit", steps)``)
+        the averages re-normalised to unit rows, as this project saved them before 0.2."""
         analyzer = self.analyzers[encoder]
         people = [[analyzer(p) for p in ps] for ps in photos]
         names = [f"b{self.count + i}" for i in range(len(photos))]
@@ -153,9 +155,10 @@ class Bench:
                 t.step()
                 if t.steps_done in snapshots or t.steps_done == steps:
                     out[t.steps_done] = t.identities()
-                    if raw:
-                        out[("raw", t.steps_done)] = [Identity.from_coefficients(tok, t.ema[i], t.bases, base_model="toy")
-                                                      for i, tok in enumerate(t.tokens)]
+                    if unit:
+                        out[("unit", t.steps_done)] = [
+                            Identity.from_coefficients(tok, [F.normalize(c, dim=-1) for c in t.ema[i]], t.bases, base_model="toy")
+                            for i, tok in enumerate(t.tokens)]
         return out
 
     def draw(self, prompts: list[str], identities=(), seed: int = 0) -> list:
@@ -182,9 +185,14 @@ class Bench:
 
 
 def summary(rows: list[dict]) -> dict:
-    out = {"n": len(rows)}
+    """Mean and spread over people and seeds; with several seeds also ``likeness_seed_sd``, the spread of the
+    seeds' means (each over every person)."""
+    out = {"n": len(rows), "seeds": len({r["seed"] for r in rows})}
     for key in ("likeness", "fidelity", "face_cosine"):
         out[key], out[key + "_sd"] = mean_sd(r[key] for r in rows)
+    if out["seeds"] > 1:
+        means = [np.mean([r["likeness"] for r in rows if r["seed"] == s]) for s in sorted({r["seed"] for r in rows})]
+        out["likeness_seed_sd"] = float(np.std(means))
     return out
 
 
@@ -196,137 +204,213 @@ def paired(a: list[dict], b: list[dict], key: str = "likeness") -> dict:
 
 
 # -- the benchmark -----------------------------------------------------------------------------------
-def run(args) -> dict:
-    toy = Toy(args.device)
-    bench = Bench(toy, args.sample_steps)
+# The work is split into tasks (a person's arms, a pair's, a share of the celebrities) that run in
+# ``--workers`` processes of one thread each: the toy model is too small for two threads to help one
+# run much (a training step is 1.1x faster on two threads than on one, a drawing 1.4x).
+# Every row records its person and seed, so arms are compared person by person and seed by seed.
+
+_BENCH: Bench | None = None  # one per worker process: the toy world is loaded once
+
+
+def _bench(args) -> Bench:
+    global _BENCH, DECIDE_AT
+    if _BENCH is None:
+        SNAPSHOTS[:], DECIDE_AT = args.snapshots, args.decide_at
+        torch.set_num_threads(args.threads)
+        quiet()
+        _BENCH = Bench(Toy(args.device), args.sample_steps)
+    return _BENCH
+
+
+def run_task(task: tuple, args) -> list[tuple[str, dict]]:
+    """(arm, row) pairs of one task, each row tagged with its ``person`` and ``seed``."""
+    bench = _bench(args)
     preset = lambda **kw: cb.TrainConfig.preset("toy", **kw)  # noqa: E731
     people = new_people(args.people)
-    res: dict = {"people": args.people, "seeds": args.seeds, "sample_steps": args.sample_steps, "rows": {}}
-    rows = res["rows"]
-    add = lambda key, r: rows.setdefault(key, []).append(r)  # noqa: E731
-    t0 = time.time()
+    out: list[tuple[str, dict]] = []
+    kind, arg = task
+    if kind == "celebrities":
+        looks = world.celebrities(celeb_names())
+        rng = np.random.default_rng(0)
+        names = list(rng.choice(celeb_names(), args.celebrities, replace=False))
+        for j in arg:  # this task's share of the celebrities; each its own prompts
+            prompts = prompts_for(f"{names[j]} person", np.random.default_rng(j))
+            row = bench.score(bench.draw(prompts), looks[names[j]], prompts, bench.reference(looks[names[j]], 0))
+            out.append(("celebrities", {**row, "person": names[j], "seed": 0}))
+        return out
+    if kind == "no identity":  # the same drawing for everyone at a seed, scored against each person
+        prompts = prompts_for("a person", np.random.default_rng(arg))
+        images = bench.draw(prompts, seed=arg)
+        return [("no identity", {**bench.score(images, p, prompts, bench.reference(p, i)), "person": i, "seed": arg})
+                for i, p in enumerate(people)]
+    photos = lambda i: photos_of(people[i], 3, 1000 + i, bench.toy.tmp)  # noqa: E731
+    if kind == "person":
+        i, person = arg, people[arg]
+        ref, ph = bench.reference(person, i), photos(arg)
 
-    rng = np.random.default_rng(0)
-    looks = world.celebrities(celeb_names())
-    for name in rng.choice(celeb_names(), args.celebrities, replace=False):
-        prompts = prompts_for(f"{name} person", rng)
-        add("celebrities", bench.score(bench.draw(prompts), looks[name], prompts, bench.reference(looks[name], 0)))
-    print(f"celebrities: {summary(rows['celebrities'])['likeness']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+        def add(key, ident, seed):
+            out.append((key, {**bench.evaluate(ident, person, seed, ref), "person": i, "seed": seed}))
 
-    photos = {i: photos_of(p, 3, 1000 + i, toy.tmp) for i, p in enumerate(people)}
-    refs = {i: bench.reference(p, i) for i, p in enumerate(people)}
-    for s in range(args.seeds):
-        for i, person in enumerate(people):
-            ev = lambda ident: bench.evaluate(ident, person, s, refs[i])  # noqa: E731
-            plain = prompts_for("a person", np.random.default_rng(s))
-            add("no identity", bench.score(bench.draw(plain, seed=s), person, plain, refs[i]))
-            snaps = bench.learn([photos[i][:1]], preset(steps=max(SNAPSHOTS), seed=s), SNAPSHOTS, raw=True)
+        for s in range(args.seeds):
+            snaps = bench.learn([ph[:1]], preset(steps=max(SNAPSHOTS), seed=s), SNAPSHOTS, unit=s == 0)
             for n in SNAPSHOTS:
-                add(f"recipe@{n}", ev(snaps[n][0]))
-            for n in sorted({DECIDE_AT, max(SNAPSHOTS)}):
-                add(f"raw average@{n}", ev(snaps[("raw", n)][0]))
-            if s < args.ti_seeds:
-                ti = bench.learn([photos[i][:1]], preset(steps=max(SNAPSHOTS), seed=s, learning_rate=5e-4 * 2,
-                                                         weight_decay=1e-2), SNAPSHOTS, trainer=TextualInversion)
+                add(f"recipe@{n}", snaps[n][0], s)
+            for n in sorted({DECIDE_AT, max(SNAPSHOTS)}) if s == 0 else ():
+                add(f"renormalised average@{n}", snaps[("unit", n)][0], s)
+            if s < args.ti_seeds:  # diffusers' recipe: lr 5e-4 x batch, weight decay 1e-2
+                ti = bench.learn([ph[:1]], preset(steps=max(SNAPSHOTS), seed=s, learning_rate=5e-4, weight_decay=1e-2),
+                                 SNAPSHOTS, trainer=TextualInversion)
                 for n in SNAPSHOTS:
-                    add(f"textual inversion@{n}", ev(ti[n][0]))
-            if s == 0:
-                decisions(bench, person, photos[i], preset, ev, add)
+                    add(f"textual inversion@{n}", ti[n][0], s)
+        for key, ident in decisions(bench, ph, preset):
+            add(key, ident, 0)
+        return out
+    if kind == "pair":
+        a, seed = arg
+        refs = [bench.reference(people[a + j], a + j) for j in (0, 1)]
+        two = [photos(a)[:1], photos(a + 1)[:1]]
+        for key, idents in pairs(bench, two, preset, seed):
+            for j in (0, 1):
+                if idents[j] is not None:
+                    row = bench.evaluate(idents[j], people[a + j], seed, refs[j])
+                    out.append((key, {**row, "person": a + j, "seed": seed}))
+        return out
+    raise ValueError(kind)
+
+
+def tasks(args) -> list[tuple]:
+    """Longest first, so that the workers finish together."""
+    out: list[tuple] = [("person", i) for i in range(args.people)]
+    out += [("pair", (a, s)) for s in range(args.pair_seeds) for a in range(0, args.people - 1, 2)]
+    out += [("no identity", s) for s in range(args.seeds)]
+    share = max(1, args.celebrities // 4)
+    out += [("celebrities", list(range(j, min(j + share, args.celebrities)))) for j in range(0, args.celebrities, share)]
+    return out
+
+
+def run(args) -> dict:
+    import concurrent.futures as cf
+    import multiprocessing
+
+    res: dict = {k: getattr(args, k) for k in ("people", "seeds", "ti_seeds", "pair_seeds", "celebrities", "sample_steps",
+                                               "workers", "threads")}
+    res["rows"] = rows = {}
+    t0 = time.time()
+    todo = tasks(args)
+    with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_task, t, args): t for t in todo}
+        for n, f in enumerate(cf.as_completed(futures), 1):
+            for key, row in f.result():
+                rows.setdefault(key, []).append(row)
             if args.json:  # what is measured so far survives a stop
                 args.json.with_suffix(".partial.json").write_text(json.dumps(res) + "\n")
-            print(f"seed {s} person {i}: recipe@100 {rows[f'recipe@{DECIDE_AT}'][-1]['likeness']:.3f} "
-                  f"@{max(SNAPSHOTS)} {rows[f'recipe@{max(SNAPSHOTS)}'][-1]['likeness']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
-    pairs(bench, people, photos, refs, preset, add)
+            print(f"[{n}/{len(todo)}] {futures[f][0]} {futures[f][1]}  ({time.time() - t0:.0f} s)", flush=True)
+    for key in rows:
+        rows[key].sort(key=lambda r: (r["seed"], str(r["person"])))
     res["seconds"] = time.time() - t0
     res["summary"] = {k: summary(v) for k, v in rows.items()}
-    res["cosines"] = face_cosines(bench, photos)
+    res["cosines"] = face_cosines(_bench(args), args)
     res["decisions"] = compare(rows)
     res["world"] = world_info()
     return res
 
 
-def decisions(bench: Bench, person, photos, preset, ev, add) -> None:
-    """The runs that cost a training each, at seed 0, for one person."""
+def decisions(bench: Bench, photos, preset):
+    """The runs that cost a training each (seed 0): (arm, identity)."""
     one, D, L = [photos[:1]], DECIDE_AT, max(SNAPSHOTS)
-    add(f"fresh views@{L}", ev(bench.learn(one, preset(steps=L, views=0))[L][0]))
-    add(f"batch 4, lr 1e-2@{D}", ev(bench.learn(one, preset(steps=DECIDE_AT, batch_size=4))[DECIDE_AT][0]))
-    add(f"batch 4, lr 2e-2@{D}", ev(bench.learn(one, preset(steps=DECIDE_AT, batch_size=4, learning_rate=2e-2))[DECIDE_AT][0]))
-    add(f"128-d, lift@{D}", ev(bench.learn(one, preset(steps=DECIDE_AT), encoder=Toy128)[DECIDE_AT][0]))
-    add(f"128-d, no lift@{D}", ev(bench.learn(one, preset(steps=DECIDE_AT, face_dim=0), encoder=Toy128)[DECIDE_AT][0]))
-    add(f"three photos@{D}", ev(bench.learn([photos], preset(steps=DECIDE_AT))[DECIDE_AT][0]))
+    yield f"fresh views@{L}", bench.learn(one, preset(steps=L, views=0))[L][0]
+    yield f"batch 4, lr scaled@{D}", bench.learn(one, preset(steps=D, batch_size=4))[D][0]
+    yield f"batch 4, lr kept@{D}", bench.learn(one, preset(steps=D, batch_size=4, learning_rate=1e-2, scale_lr=False))[D][0]
+    yield f"twice the rate@{D}", bench.learn(one, preset(steps=D, learning_rate=1e-2))[D][0]
+    yield f"128-d, lift@{D}", bench.learn(one, preset(steps=D), encoder=Toy128)[D][0]
+    yield f"128-d, no lift@{D}", bench.learn(one, preset(steps=D, face_dim=0), encoder=Toy128)[D][0]
+    yield f"three photos@{D}", bench.learn([photos], preset(steps=D))[D][0]
 
 
-def pairs(bench: Bench, people, photos, refs, preset, add) -> None:
-    """Two people trained jointly (100 steps each), as they are, correlated, and correlated but centred."""
-    D = DECIDE_AT
-    for a in range(0, len(people) - 1, 2):
-        two = [photos[a][:1], photos[a + 1][:1]]
-        ev = lambda ids, key: [add(key, bench.evaluate(ids[j], people[a + j], 0, refs[a + j])) for j in (0, 1)]  # noqa: E731
-        steps = 2 * DECIDE_AT
-        for j in (0, 1):
-            add(f"correlated, alone@{D}", bench.evaluate(bench.learn([two[j]], preset(steps=DECIDE_AT), encoder=Correlated)
-                                                        [DECIDE_AT][0], people[a + j], 0, refs[a + j]))
-        ev(bench.learn(two, preset(steps=steps))[steps], f"pair@{D}")
-        ev(bench.learn(two, preset(steps=steps), encoder=Correlated)[steps], f"correlated, pair@{D}")
-        ev(bench.learn(two, preset(steps=steps), encoder=Correlated, trainer=Centred)[steps], f"correlated, pair, centred@{D}")
-        print(f"pair {a // 2}: done", flush=True)
+def pairs(bench: Bench, two, preset, seed: int):
+    """Two people trained jointly (100 steps each): correlated vectors alone and in a pair, centred; at seed 0
+    also as they are. (arm, [identity or None per person])."""
+    D, steps = DECIDE_AT, 2 * DECIDE_AT
+    if seed == 0:
+        yield f"pair@{D}", bench.learn(two, preset(steps=steps, seed=seed))[steps]
+    yield f"correlated, alone@{D}", [bench.learn([ph], preset(steps=D, seed=seed), encoder=Correlated)[D][0] for ph in two]
+    yield f"correlated, pair@{D}", bench.learn(two, preset(steps=steps, seed=seed), encoder=Correlated)[steps]
+    yield (f"correlated, pair, centred@{D}",
+           bench.learn(two, preset(steps=steps, seed=seed), encoder=Correlated, trainer=Centred)[steps])
 
 
-def face_cosines(bench: Bench, photos) -> dict:
-    """Mean cosine between different people's face vectors, for each face network used."""
+def face_cosines(bench: Bench, args) -> dict:
+    """Mean cosine between different people's face vectors (their first photo), for each face network used."""
+    people = new_people(args.people)
+    firsts = [photos_of(p, 1, 1000 + i, bench.toy.tmp)[0] for i, p in enumerate(people)]
     out = {}
     for cls, analyzer in bench.analyzers.items():
-        v = np.stack([analyzer(ps[0]).embedding for ps in photos.values()])
+        v = np.stack([analyzer(p).embedding for p in firsts])
         c = v @ v.T
         out[cls.name] = float(c[~np.eye(len(v), dtype=bool)].mean())
     return out
 
 
+def matched(a: list[dict] | None, b: list[dict] | None) -> tuple[list, list]:
+    """The rows of ``a`` and ``b`` with the same person and seed, in the same order."""
+    if not a or not b:
+        return [], []
+    index = {(r["person"], r["seed"]): r for r in a}
+    keys = [(r["person"], r["seed"]) for r in b if (r["person"], r["seed"]) in index]
+    lookup_b = {(r["person"], r["seed"]): r for r in b}
+    return [index[k] for k in keys], [lookup_b[k] for k in keys]
+
+
 def compare(rows: dict) -> dict:
     D, L = DECIDE_AT, max(SNAPSHOTS)
-    base = lambda n: rows[f"recipe@{n}"][:len(rows.get(f"fresh views@{L}", []))]  # noqa: E731  seed 0, person by person
     out = {}
     for key, a, b in (
-            (f"pool vs fresh views ({L} steps)", base(L), rows.get(f"fresh views@{L}")),
-        (f"renormalised vs raw average ({D} steps)", rows[f"recipe@{D}"], rows.get(f"raw average@{D}")),
-        (f"renormalised vs raw average ({L} steps)", rows[f"recipe@{L}"], rows.get(f"raw average@{L}")),
-        ("batch 4: lr kept vs scaled", rows.get(f"batch 4, lr 1e-2@{D}"), rows.get(f"batch 4, lr 2e-2@{D}")),
-        ("128-d faces: lift vs none", rows.get(f"128-d, lift@{D}"), rows.get(f"128-d, no lift@{D}")),
-        (f"one vs three photos ({D} steps)", base(D), rows.get(f"three photos@{D}")),
-        ("correlated: alone vs pair", rows.get(f"correlated, alone@{D}"), rows.get(f"correlated, pair@{D}")),
-        ("correlated pair: plain vs centred", rows.get(f"correlated, pair@{D}"), rows.get(f"correlated, pair, centred@{D}")),
-        ("pair: as they are vs correlated", rows.get(f"pair@{D}"), rows.get(f"correlated, pair@{D}")),
+        (f"pool vs fresh views ({L} steps)", f"recipe@{L}", f"fresh views@{L}"),
+        (f"raw vs renormalised average ({D} steps)", f"recipe@{D}", f"renormalised average@{D}"),
+        (f"raw vs renormalised average ({L} steps)", f"recipe@{L}", f"renormalised average@{L}"),
+        ("batch 4: lr scaled vs kept", f"batch 4, lr scaled@{D}", f"batch 4, lr kept@{D}"),
+        ("batch 2: rate vs twice the rate", f"recipe@{D}", f"twice the rate@{D}"),
+        ("batch 2 vs batch 4 (lr scaled)", f"recipe@{D}", f"batch 4, lr scaled@{D}"),
+        ("128-d faces: lift vs none", f"128-d, lift@{D}", f"128-d, no lift@{D}"),
+        (f"one vs three photos ({D} steps)", f"recipe@{D}", f"three photos@{D}"),
+        ("correlated: alone vs pair", f"correlated, alone@{D}", f"correlated, pair@{D}"),
+        ("correlated pair: plain vs centred", f"correlated, pair@{D}", f"correlated, pair, centred@{D}"),
+        ("correlated: alone vs centred pair", f"correlated, alone@{D}", f"correlated, pair, centred@{D}"),
+        ("pair: as they are vs correlated", f"pair@{D}", f"correlated, pair@{D}"),
     ):
-        if a and b:
-            out[key] = {"likeness": paired(a, b), "fidelity": paired(a, b, "fidelity"), "n": len(b)}
-    if rows.get(f"textual inversion@{D}"):
-        n = len(rows[f"textual inversion@{D}"])
-        for steps in SNAPSHOTS:
-            out[f"textual inversion vs recipe ({steps} steps)"] = {
-                "likeness": paired(rows[f"textual inversion@{steps}"], rows[f"recipe@{steps}"][:n]), "n": n}
+        x, y = matched(rows.get(a), rows.get(b))
+        if x:
+            out[key] = {"likeness": paired(x, y), "fidelity": paired(x, y, "fidelity"), "n": len(y),
+                        "seeds": len({r["seed"] for r in y})}
+    for steps in SNAPSHOTS:
+        x, y = matched(rows.get(f"textual inversion@{steps}"), rows.get(f"recipe@{steps}"))
+        if x:
+            out[f"textual inversion vs recipe ({steps} steps)"] = {"likeness": paired(x, y), "n": len(y),
+                                                                   "seeds": len({r["seed"] for r in y})}
     return out
-
 
 
 # -- reporting ---------------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
     s = res["summary"]
-    lines = ["| arm | likeness | face cosine | prompt fidelity | n |", "|---|---|---|---|---|"]
+    lines = ["| arm | likeness | seed spread | face cosine | prompt fidelity | n (seeds) |", "|---|---|---|---|---|---|"]
     for key, r in s.items():
+        seed_sd = f"{r['likeness_seed_sd']:.3f}" if "likeness_seed_sd" in r else "–"
         lines.append(f"| {key.replace('@', ', ')} {'steps' if '@' in key else ''} | {r['likeness']:.3f} ± {r['likeness_sd']:.3f} | "
-                     f"{r['face_cosine']:.3f} ± {r['face_cosine_sd']:.3f} | {r['fidelity']:.3f} ± {r['fidelity_sd']:.3f} | {r['n']} |")
-    lines += ["", "| comparison (second minus first, person by person) | likeness | ± s.e. | beyond 2 s.e. | prompt fidelity | n |",
-              "|---|---|---|---|---|---|"]
+                     f"{seed_sd} | {r['face_cosine']:.3f} ± {r['face_cosine_sd']:.3f} | {r['fidelity']:.3f} ± {r['fidelity_sd']:.3f} | "
+                     f"{r['n']} ({r['seeds']}) |")
+    lines += ["", "| comparison (second minus first, person by person and seed by seed) | likeness | ± s.e. | beyond 2 s.e. "
+              "| prompt fidelity | n (seeds) |", "|---|---|---|---|---|---|"]
     for key, d in res["decisions"].items():
         fid = d.get("fidelity")
         lines.append(f"| {key} | {d['likeness']['diff']:+.3f} | {d['likeness']['se']:.3f} | "
                      f"{'yes' if d['likeness']['beyond_spread'] else 'no'} | "
-                     f"{'' if fid is None else format(fid['diff'], '+.3f')} | {d['n']} |")
+                     f"{'' if fid is None else format(fid['diff'], '+.3f')} | {d['n']} ({d['seeds']}) |")
     cos = ", ".join(f"{k} {v:.2f}" for k, v in res["cosines"].items())
     lines += ["", f"Different people's face vectors: mean cosine {cos}.",
-              f"{res['people']} new people x {res['seeds']} seeds (textual inversion: {res['ti_seeds']} seed(s); the "
-              f"decisions and pairs: seed 0), {res['sample_steps']} DDIM steps per image; {res['seconds'] / 60:.1f} min "
-              f"on {res['threads']} CPU threads."]
+              f"{res['people']} new people; the recipe at {res['seeds']} seeds, textual inversion at {res['ti_seeds']}, the "
+              f"correlated pairs at {res['pair_seeds']}, the other decisions at seed 0; {res['sample_steps']} DDIM steps per "
+              f"image; {res['seconds'] / 60:.1f} min in {res['workers']} processes of {res['threads']} thread(s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -378,13 +462,15 @@ def plots(res: dict, folder: Path) -> list[Path]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4 people, 1 seed, 8 celebrities, 25 DDIM steps per image")
+    p.add_argument("--quick", action="store_true", help="4 people, 1 seed, 8 celebrities")
     p.add_argument("--people", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3, help="training and image seeds per person for the recipe")
     p.add_argument("--ti-seeds", type=int, default=1, help="seeds for textual inversion")
+    p.add_argument("--pair-seeds", type=int, default=3, help="seeds for the correlated pairs (the plain pair: seed 0)")
     p.add_argument("--celebrities", type=int, default=20)
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per image")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes (one task each at a time)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu", help="where the toy model runs (the scorer and face network run on the CPU)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -392,14 +478,11 @@ def main() -> None:
     p.add_argument("--snapshots", type=int, nargs="+", default=SNAPSHOTS, help=argparse.SUPPRESS)  # smoke tests
     p.add_argument("--decide-at", type=int, default=DECIDE_AT, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        args.people, args.seeds, args.ti_seeds, args.pair_seeds, args.celebrities = 4, 1, 1, 1, 8
     SNAPSHOTS[:] = args.snapshots
     globals()["DECIDE_AT"] = args.decide_at
-    if args.quick:
-        args.people, args.seeds, args.ti_seeds, args.celebrities = 4, 1, 1, 8
-    torch.set_num_threads(args.threads)
-    quiet()
     res = run(args)
-    res.update(threads=args.threads, ti_seeds=args.ti_seeds)
     write_results(res, markdown(res), args.json, args.markdown)
     if args.plots:
         print("plots:", ", ".join(str(x) for x in plots(res, args.plots)))
