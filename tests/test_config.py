@@ -27,7 +27,9 @@ def test_every_setting_has_one_name(cls):
         actions = {a.dest: a for a in parser.subparsers[command]._actions}
         for f in fields(cls):
             assert f.name in actions, f"{command}: {cls.__name__}.{f.name} has no flag"
-            assert actions[f.name].option_strings == ["--" + f.name.replace("_", "-")], (command, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            off = ["--no-" + flag[2:]] if f.default is True else []  # a setting on by default is turned off so
+            assert actions[f.name].option_strings == [flag, *off], (command, f.name)
             assert set(f.metadata) <= {"help", "choices"}, f"{cls.__name__}.{f.name}: no other name than its own"
 
 
@@ -138,3 +140,13 @@ def test_cli_reads_settings_with_the_library(tmp_path, capsys, astronaut_path):
     cfg.write_text("[trian]\nseed = 3\n")
     with pytest.raises(InputError, match="\\[trian\\] is not a table celebbasis reads"):
         merged(parser, parse(parser, ["add", "x.jpg", "--name", "x", "--config", str(cfg)]))
+
+
+def test_a_setting_on_by_default_is_turned_off_on_the_command_line():
+    from celebbasis.cli import build_parser
+    from celebbasis.cli_flags import config_from, parse
+
+    values = lambda *flags: vars(parse(build_parser(), ["add", "a.jpg", "--name", "x", *flags]))  # noqa: E731
+    assert config_from(TrainConfig, values()).scale_lr is True
+    assert config_from(TrainConfig, values("--no-scale-lr")).scale_lr is False
+    assert config_from(TrainConfig, values("--no-scale-lr", "--batch-size", "4")).optimizer_lr == TrainConfig.learning_rate

@@ -111,8 +111,9 @@ def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None
         if f.default is not MISSING and f.default is not None and f.default is not False:
             help_text += f" (default: {f.default})"
         help_text = help_text.replace("%", "%%")
-        if typ is bool:
-            flag(parser, group, name, dest=f.name, default=UNSET, action="store_true", help=help_text)
+        if typ is bool:  # a setting on by default is turned off with --no-NAME
+            action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            flag(parser, group, name, dest=f.name, default=UNSET, action=action, help=help_text)
         else:
             flag(parser, group, name, dest=f.name, default=UNSET, type=typ, choices=f.metadata.get("choices"),
                  kind=typ, help=help_text, metavar=None if f.metadata.get("choices") else name[2:].split("-")[-1].upper())
