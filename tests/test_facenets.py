@@ -214,3 +214,30 @@ def test_add_with_arcface_records_the_encoder(tmp_path, tiny_model_dir, astronau
                  "--face-encoder", f"arcface:{tmp_path / 'backbone.pth'}", "--steps", "2", "--resolution", "64", "-q"]) == 0
     ident = Identity.load(out / "alice.safetensors")
     assert ident.metadata["face_encoder"].startswith("arcface-r18:")
+
+
+def test_a_face_network_added_from_outside_trains_and_is_recorded(tiny_pipe, astronaut_path):
+    """The face-network extension point: one class and one registration, no change to the package."""
+    import celebbasis as cb
+    from celebbasis.face import DLIB5, FACE_ENCODERS, face_encoder, register_face_encoder
+
+    class MeanColour:  # a stand-in network: the aligned crop's mean colour per quadrant, 12 numbers
+        name, embedding_dim, landmarks = "mean-colour", 12, DLIB5
+
+        def align(self, image, face):
+            return np.asarray(Image.fromarray(image).resize((64, 64)))
+
+        def embed(self, aligned):
+            q = aligned.reshape(2, 32, 2, 32, 3).mean((1, 3)).ravel().astype(np.float32)
+            return q / np.linalg.norm(q)
+
+    register_face_encoder("mean-colour", MeanColour)
+    try:
+        analyzer = cb.FaceAnalyzer(encoder="mean-colour")
+        result = cb.personalize(tiny_pipe, [astronaut_path], ["alice"], face_analyzer=analyzer, show_progress=False,
+                                config=cb.TrainConfig(steps=2, resolution=64, views=2))
+        assert result.identities[0].metadata["face_encoder"] == "mean-colour"
+        with pytest.raises(InputError, match="mean-colour"):  # listed among the kinds
+            face_encoder("nothing")
+    finally:
+        del FACE_ENCODERS["mean-colour"]

@@ -471,21 +471,37 @@ def unlike_photos(vectors, encoder) -> list[tuple[int, float]]:
     return [(i, float(m)) for i, m in enumerate(means) if m < threshold]
 
 
-def face_encoder(spec: str = "dlib") -> FaceEncoder:
-    """An identity network from a spec: ``dlib``, ``toy`` (the toy world's), ``arcface:/path/backbone.pth``
-    or ``onnx:/path/model.onnx``."""
-    kind, _, arg = spec.partition(":")
-    if kind == "dlib" and not arg:
-        return DlibFaceEncoder()
-    if kind == "toy" and not arg:
-        from .toy import ToyFaceEncoder
+def _toy_encoder():
+    from .toy import ToyFaceEncoder
 
-        return ToyFaceEncoder()
-    if kind == "arcface" and arg:
-        return ArcFaceEncoder(arg)
-    if kind == "onnx" and arg:
-        return OnnxFaceEncoder(arg)
-    raise InputError(f"Unknown face encoder {spec!r}. Use dlib, toy, arcface:/path/backbone.pth or onnx:/path/model.onnx.")
+    return ToyFaceEncoder()
+
+
+# Face networks by the first word of their spec: kind -> (factory, how the spec is written). A spec with
+# ``:PATH`` passes the path to the factory. A new network is one ``FaceEncoder`` class and one entry
+# here, or ``register_face_encoder`` from outside the package.
+FACE_ENCODERS: dict[str, tuple] = {
+    "dlib": (DlibFaceEncoder, "dlib"),
+    "toy": (_toy_encoder, "toy"),
+    "arcface": (ArcFaceEncoder, "arcface:/path/backbone.pth"),
+    "onnx": (OnnxFaceEncoder, "onnx:/path/model.onnx"),
+}
+
+
+def register_face_encoder(kind: str, factory, usage: str | None = None) -> None:
+    """Make ``--face-encoder KIND`` build ``factory()``, or, with a ``usage`` like ``KIND:/path/w.pth``,
+    ``--face-encoder KIND:PATH`` build ``factory(PATH)``."""
+    FACE_ENCODERS[kind] = (factory, usage or kind)
+
+
+def face_encoder(spec: str = "dlib") -> FaceEncoder:
+    """An identity network from a spec: ``dlib``, ``toy`` (the toy world's), ``arcface:/path/backbone.pth``,
+    ``onnx:/path/model.onnx``, or a kind added by ``register_face_encoder``."""
+    kind, _, arg = spec.partition(":")
+    factory, usage = FACE_ENCODERS.get(kind, (None, ""))
+    if factory is not None and (":" in usage) == bool(arg):
+        return factory(arg) if arg else factory()
+    raise InputError(f"Unknown face encoder {spec!r}. Use {', '.join(u for _, u in FACE_ENCODERS.values())}.")
 
 
 def detector_for(encoder: FaceEncoder):
