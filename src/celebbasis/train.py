@@ -37,7 +37,8 @@ from .config import BasisConfig, TrainConfig
 from .errors import InputError
 from .face import DlibFaceEncoder, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, borrowed_tokenizers, eos_pooling, load_identity, token_override
+from .insert import add_placeholder, borrowed_tokenizers, load_identity, token_override
+from .families import family_of
 from .models import built_from_other_table, encoders_signature, model_name, pipeline_bases, text_encoders
 
 logger = logging.getLogger(__name__)
@@ -301,7 +302,7 @@ def check_inputs(pipe, names: list[str], n_people: int) -> list[str]:
 
 def check_not_offloaded(pipe) -> None:
     """Refuse pipelines with accelerate offload hooks: training needs every module to stay on its device."""
-    modules = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    modules = [getattr(pipe, "unet", None), getattr(pipe, "vae", None)] + [te for _, te in text_encoders(pipe)]
     hooked = bool(getattr(pipe, "_all_hooks", None)) or any(
         hasattr(sub, "_hf_hook") for m in modules if isinstance(m, nn.Module) for sub in m.modules())
     if hooked:
@@ -356,25 +357,16 @@ def frozen_for_training(modules: list[nn.Module], unet: nn.Module, *, low_memory
 def pipeline_conditioning(pipe, captions: list[str], size: int) -> tuple[torch.Tensor, dict]:
     """The UNet conditioning the pipeline's own code computes for ``captions`` at ``size``² pixels.
 
-    Calls ``pipe.encode_prompt`` (no classifier-free guidance; it has no ``no_grad``, so gradients
-    reach the word embeddings) and, for SDXL, ``pipe._get_add_time_ids`` as ``pipe.__call__`` does.
-    SDXL's pooled vector is read at the end-of-text token (``insert.eos_pooling``), as generation
-    after ``load_identity``, ComfyUI and A1111/Forge read it.
+    The pipeline's family computes it (``ModelFamily.conditioning``): ``pipe.encode_prompt`` without
+    classifier-free guidance (it has no ``no_grad``, so gradients reach the word embeddings) and, for
+    SDXL, the pooled vector read at the end-of-text token (``insert.eos_pooling``), as generation after
+    ``load_identity``, ComfyUI and A1111/Forge read it, and the time ids ``pipe.__call__`` adds.
 
     Returns:
         (B, T, D) hidden states (SDXL: both encoders' penultimate layers concatenated) and the
         UNet's added conditions: ``{}``, or SDXL's ``text_embeds`` (B, P) and ``time_ids`` (B, 6).
     """
-    device = pipe.text_encoder.device if pipe.text_encoder is not None else pipe.text_encoder_2.device
-    if getattr(pipe, "text_encoder_2", None) is None:
-        embeds, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return embeds, {}
-    with eos_pooling(pipe):
-        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-    time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).repeat(len(captions), 1)}
+    return family_of(pipe).conditioning(pipe, captions, size)
 
 
 def photo_agreement(vectors: np.ndarray) -> list[float]:
@@ -398,7 +390,7 @@ class Personalizer:
 
     Builds everything once (placeholder words, training crops, the pool of views with their face
     vectors, the identity network, optimiser, noise scheduler); then each ``step`` draws a batch and
-    takes one AdamW step. SDXL pipelines get one basis and one network head per text encoder.
+    takes one AdamW step. Each text encoder of the model's family (two for SDXL) gets its own basis and network head.
     The pipeline's modules are frozen while it lives; ``close()`` (or leaving a ``with`` block)
     gives them back as they were found.
 
@@ -424,16 +416,16 @@ class Personalizer:
 
     def _setup(self, pipe, analyses, names, config, bases, base_model, face_encoder) -> None:
         check_not_offloaded(pipe)
+        self.family = family_of(pipe)
         if config.resolution is None:  # the model's native size
-            config = dataclasses.replace(config, resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+            config = dataclasses.replace(config, resolution=self.family.default_resolution(pipe))
         self.pipe, self.cfg, self.base_model = pipe, config, base_model
         self._stack.enter_context(borrowed_tokenizers(pipe))  # the new words go into copies until training succeeds
-        self.encoders = text_encoders(pipe)  # [(tokenizer, text_encoder)], two for SDXL
+        self.encoders = self.family.encoders(pipe)  # [(tokenizer, text_encoder)], one per text encoder of the family
         self.bases = self._check_bases(bases)
         self.people = photo_groups(analyses)  # per person: [FaceAnalysis, ...]
         if len(self.people) != len(names):
             raise InputError(f"{len(self.people)} person(s) of photos but {len(names)} name(s).")
-        self.is_sdxl = len(self.encoders) == 2
         self.n_id, self.k = len(names), self.bases[0].n_tokens
         self.face_encoder = self._face_encoder_name()
         self.face_net = self._face_network(face_encoder)
@@ -637,7 +629,7 @@ class Personalizer:
                 emb = torch.einsum("bkn,knd->bkd", c, comps) + mean  # (B, K, d): e_j = c_j . B_j + mean_j
                 rows = person.to(emb)[:, :, None, None] * emb[:, None]  # (B, n_id, K, d): only the caption's person
                 stack.enter_context(token_override(te.get_input_embeddings(), ids))["rows"] = rows.flatten(1, 2)
-            return pipeline_conditioning(self.pipe, captions, self.cfg.resolution)
+            return self.family.conditioning(self.pipe, captions, self.cfg.resolution)
 
     def loss(self, batch: dict, coeffs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Diffusion loss of ``batch`` with the identity words set from ``coeffs`` (default: predicted from its faces)."""
@@ -684,7 +676,7 @@ class Personalizer:
                 token, [F.normalize(c, dim=-1) for c in avg], self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
                 text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
-                train_config=self.cfg.to_dict(),
+                train_config=self.cfg.to_dict(), **self.family.identity_metadata(),
             ))
         return out
 
