@@ -326,7 +326,8 @@ def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, over
 
 def cmd_build_basis(args) -> int:
     from .basis import build_basis
-    from .models import format_signature, model_name, table_signature, text_encoders
+    from .models import model_name, text_encoders
+    from .signatures import format_signature, table_signature
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

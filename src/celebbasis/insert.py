@@ -21,7 +21,8 @@ from torch import Tensor
 from .errors import FileFormatError, InputError
 from .families import family_of, identity_family
 from .identity import Identity, token_for
-from .models import text_encoders, trained_on_other_encoder
+from .models import text_encoders
+from .signatures import trained_on_other_encoder
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ only with ``torch.load(weights_only=True)``; nothing else is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .basis import (CelebBasis, build_basis, cache_dir, embedding_fingerprint, format_signature, parse_signature,
-                    same_signature, table_signature)
+from .basis import cached_basis  # noqa: F401 (also its old home)
 from .config import BasisConfig
 from .errors import InputError, ModelLoadError, first_line
-from .families import SD1, SDXL, TINY_MODEL, checkpoint_family_of, family_named, family_of, supported_pipelines
-from .resources import celeb_names, normalize_names
+from .families import TINY_MODEL  # noqa: F401 (its old home)
+from .families import SD1, SDXL, checkpoint_family_of, family_named, family_of, supported_pipelines
+from .signatures import (built_from_other_table, encoders_signature, format_signature,  # noqa: F401 (their old home)
+                         legacy_table_sha256, parse_signature, same_signature, table_signature, trained_on_other_encoder)
 
 logger = logging.getLogger(__name__)
 
@@ -465,16 +465,11 @@ def _load_single_file(path: Path, config: str | None, dev: torch.device, dt: tor
     return pipe.to(dev)
 
 
-# -- text encoders and their fingerprints ---------------------------------------------------------
+# -- text encoders (their fingerprints: signatures.py) ----------------------------------------------
 
 def text_encoders(pipe) -> list[tuple]:
     """(tokenizer, text_encoder) pairs of a pipeline, in its family's order: one for SD 1.x/2.x, two for SDXL."""
     return family_of(pipe).encoders(pipe)
-
-
-def encoders_signature(pipe) -> str:
-    """``format_signature`` of every text encoder of a pipeline, joined by ``;``."""
-    return ";".join(format_signature(table_signature(tok, te)) for tok, te in text_encoders(pipe))
 
 
 def model_metadata(pipe) -> dict[str, str]:
@@ -484,64 +479,7 @@ def model_metadata(pipe) -> dict[str, str]:
             **family_of(pipe).identity_metadata()}
 
 
-def legacy_table_sha256(tokenizer, text_encoder) -> str:
-    """The exact float16 hash that version 0.1 files record as ``text_encoder_sha256`` (read only)."""
-    table = text_encoder.get_input_embeddings().weight.detach()[: tokenizer.vocab_size]
-    return hashlib.sha256(table.to("cpu", torch.float16).contiguous().numpy().tobytes()).hexdigest()
-
-
-def _other_tables(metadata: dict, pairs: list[tuple]) -> bool:
-    same = None
-    parts = [parse_signature(p) for p in (metadata.get("text_encoder_signature") or "").split(";") if p]
-    if parts and all(p is not None for p in parts):
-        same = len(parts) == len(pairs) and all(same_signature(p, table_signature(tok, te)) for p, (tok, te) in zip(parts, pairs))
-        return not same
-    legacy = metadata.get("text_encoder_sha256")
-    return bool(legacy) and legacy != ",".join(legacy_table_sha256(tok, te) for tok, te in pairs)
-
-
-def trained_on_other_encoder(metadata: dict, pipe) -> bool:
-    """True when an identity's metadata says it was made with other text encoders than ``pipe``'s."""
-    return _other_tables(metadata, text_encoders(pipe))
-
-
-def built_from_other_table(metadata: dict, tokenizer, text_encoder) -> bool:
-    """True when a basis' metadata says it was built from another token table than this encoder's."""
-    return _other_tables(metadata, [(tokenizer, text_encoder)])
-
-
-# -- the model's celeb bases, built once and cached -------------------------------------------------
-
-def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_components: int = 512, n_tokens: int = 2,
-                 dedupe: bool = False, source: str = ""):
-    """``build_basis``, read from or written to the cache (``basis.cache_dir()``).
-
-    A cached basis is reused when its names and settings are the same and its recorded table
-    signature matches this text encoder's (``same_signature``), so float32, float16 and bfloat16
-    copies of one model share one entry.
-    """
-    names = normalize_names(celeb_names() if names is None else names)
-    n = min(n_components, text_encoder.get_input_embeddings().embedding_dim)
-    signature = table_signature(tokenizer, text_encoder)
-    settings = embedding_fingerprint("", names, n, n_tokens, dedupe)[:16]  # names and settings, not the table
-    folder = cache_dir() / "basis"
-    for path in sorted(folder.glob(f"{settings}-*.safetensors")):
-        try:
-            basis = CelebBasis.load(path)
-        except InputError:
-            logger.warning("Ignoring a damaged cached basis at %s; it will be rebuilt.", path)
-            continue
-        if same_signature(parse_signature(basis.metadata.get("text_encoder_signature")), signature):
-            logger.debug("basis from cache %s", path)
-            return basis
-    basis = build_basis(tokenizer, text_encoder, names, n_components=n, n_tokens=n_tokens, dedupe=dedupe, source=source,
-                        signature=format_signature(signature))
-    try:
-        basis.save(folder / f"{settings}-{basis.fingerprint[:16]}.safetensors")
-    except OSError as e:
-        logger.warning("Could not cache the basis in %s (%s); it will be rebuilt next time.", folder, e)
-    return basis
-
+# -- the model's celeb bases (built once and cached: basis.cached_basis) -----------------------------
 
 def pipeline_bases(pipe, config=None, source: str | None = None) -> list:
     """The cached basis of each text encoder of ``pipe`` (``config``: a ``BasisConfig``)."""

@@ -39,7 +39,8 @@ from .face import DlibFaceEncoder, FaceAnalysis, FaceAnalyzer, same_person_thres
 from .identity import Identity, IdentityEncoder, check_name
 from .insert import add_placeholder, borrowed_tokenizers, load_identity, token_override
 from .families import family_of
-from .models import built_from_other_table, encoders_signature, model_name, pipeline_bases, text_encoders
+from .models import model_name, pipeline_bases, text_encoders
+from .signatures import built_from_other_table, encoders_signature
 
 logger = logging.getLogger(__name__)
 
