@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from celebbasis.basis import CelebBasis, build_basis
-from celebbasis.models import cached_basis
+from celebbasis.basis import CelebBasis, build_basis, cached_basis
 from celebbasis.errors import FileFormatError
 from celebbasis.resources import celeb_names, clip_tokenizer
 
@@ -161,7 +160,7 @@ def test_cache_builds_once_for_every_dtype_of_a_model(tokenizer, tiny_pipe, monk
     def boom(*a, **k):
         raise AssertionError("rebuilt instead of read from the cache")
 
-    monkeypatch.setattr("celebbasis.models.build_basis", boom)
+    monkeypatch.setattr("celebbasis.basis.build_basis", boom)
     again = cached_basis(tokenizer, tiny_pipe.text_encoder)
     assert torch.equal(first.components, again.components)
     for dtype in (torch.float16, torch.bfloat16):  # a half-precision copy of the same model: the same entry

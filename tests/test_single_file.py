@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from celebbasis import generate, load_identity, personalize
 from celebbasis.errors import ModelLoadError
 from celebbasis.identity import Identity
+from celebbasis.families import family_named
 from celebbasis.models import encoders_signature
-from celebbasis.models import FAMILY_CONFIGS, checkpoint_family, load_pipeline, model_name
+from celebbasis.models import checkpoint_family, load_pipeline, model_name
 from celebbasis.testing import save_single_file, save_tiny_pipeline, save_tiny_single_file, tiny_pipeline
 from celebbasis.train import TrainConfig
 
@@ -152,7 +153,7 @@ def test_offline_without_config_is_one_fast_line(models, no_hub):
         load_pipeline(str(models["sdxl"]["file"]))
     msg = str(e.value)
     assert time.perf_counter() - t0 < 5
-    assert "\n" not in msg and "--model-config" in msg and FAMILY_CONFIGS["sdxl"] in msg and "SDXL" in msg
+    assert "\n" not in msg and "--model-config" in msg and family_named("sdxl").default_model in msg and "SDXL" in msg
     with pytest.raises(ModelLoadError) as e:  # a hub id given but not cached: say so, never suggest passing it
         load_pipeline(str(models["sdxl"]["file"]), config="someone/not-cached-config")
     msg = str(e.value)
@@ -230,7 +231,7 @@ def test_cached_family_config_loads_offline(models, no_hub):
     """Without --model-config the family's configuration comes from the Hugging Face cache, with no network."""
     from huggingface_hub import constants
 
-    repo = Path(constants.HF_HUB_CACHE) / ("models--" + FAMILY_CONFIGS["sd1"].replace("/", "--"))
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + family_named("sd1").default_model.replace("/", "--"))
     commit = "0" * 40
     configs_only(models["sd1"]["folder"], repo / "snapshots" / commit)
     (repo / "refs").mkdir()

@@ -13,7 +13,7 @@ Example:
 
 from ._version import __version__
 
-from .basis import CelebBasis, build_basis
+from .basis import CelebBasis, build_basis, cached_basis
 from .errors import CelebBasisError, FileFormatError, InputError, ModelLoadError, NoFaceFoundError
 from .export import export_identity, import_embedding
 from .face import FaceAnalyzer, FaceEncoder, load_image
@@ -21,7 +21,7 @@ from .generate import GeneratedImage, generate, save_images
 from .identity import Identity, IdentityEncoder
 from .insert import load_identity
 from .mix import mix
-from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, cached_basis, load_pipeline
+from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, load_pipeline
 from .config import BasisConfig, GenerateConfig, TrainConfig
 from .train import PersonalizeResult, personalize
 from . import toy  # noqa: E402  the toy world (cb.toy.score, cb.toy.world, ...)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .config import DEFAULT_N_COMPONENTS
 from .errors import FileFormatError, InputError
 from .files import decode_json, load_artifact, save_artifact
 from .resources import celeb_names, names_sha256, normalize_names
+from .signatures import format_signature, parse_signature, same_signature, table_signature
 
 logger = logging.getLogger(__name__)
 
@@ -143,62 +143,6 @@ def embedding_fingerprint(signature: str, names: list[str], n_components: int, n
     return h.hexdigest()
 
 
-SIGNATURE_DIRECTIONS = 16  # random directions the table is summarised along
-SIGNATURE_RTOL = 1e-4  # relative to the signature's largest entry; fp32/fp16/bf16 copies differ by ~1e-6
-_signatures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def table_signature(tokenizer, text_encoder, chunk: int = 4096) -> list[float]:
-    """A dtype-independent summary of the base vocabulary's token-embedding rows: 2 x 16 numbers.
-
-    The table's mean and root-mean-square along 16 fixed random unit directions, accumulated in
-    float64 a chunk of rows at a time. float32, float16 and bfloat16 copies of one model give the
-    same numbers to ~1e-6 (rounding errors average out over ~50,000 rows), different models differ
-    in every entry, so two signatures are compared with ``same_signature`` rather than for equality.
-    Computed once per text encoder and remembered (the rows it sampled are checked on reuse).
-    """
-    weight = text_encoder.get_input_embeddings().weight.detach()
-    rows = tokenizer.vocab_size
-    probe = weight[:8].to("cpu", torch.float64).clone()
-    cached = _signatures.get(text_encoder)
-    if cached is not None and cached[0] == rows and torch.equal(cached[1], probe):
-        return cached[2]
-    d = weight.shape[1]
-    directions = torch.randn(d, SIGNATURE_DIRECTIONS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    directions /= directions.norm(dim=0, keepdim=True)  # (d, 16) unit columns
-    first = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
-    second = torch.zeros(SIGNATURE_DIRECTIONS, dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, rows, chunk):
-            proj = weight[start:min(rows, start + chunk)].to("cpu", torch.float64) @ directions  # (chunk, 16)
-            first += proj.sum(0)
-            second += (proj * proj).sum(0)
-    signature = [float(x) for x in torch.cat([first / rows, (second / rows).sqrt()])]
-    _signatures[text_encoder] = (rows, probe, signature)
-    return signature
-
-
-def same_signature(a, b) -> bool:
-    """Whether two ``table_signature`` results come from the same token table (any dtype)."""
-    a, b = list(a or []), list(b or [])
-    if not a or len(a) != len(b):
-        return False
-    scale = max(abs(x) for x in a + b) or 1.0
-    return max(abs(x - y) for x, y in zip(a, b)) <= SIGNATURE_RTOL * scale
-
-
-def format_signature(signature) -> str:
-    """Metadata form of a signature: comma-separated, 9 significant digits."""
-    return ",".join(f"{x:.9g}" for x in signature)
-
-
-def parse_signature(text: str | None) -> list[float] | None:
-    try:
-        return [float(x) for x in text.split(",")] if text else None
-    except ValueError:
-        return None
-
-
 def _numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
     if s.numel() == 0:
         return 0
@@ -278,11 +222,44 @@ def build_basis(
     return CelebBasis(torch.stack(means).float(), torch.stack(comps).float(), ranks, meta)
 
 
+# -- built once per text encoder and cached ----------------------------------------------------------
+
 def cache_dir() -> Path:
-    """Where built bases are cached: ``$CELEBBASIS_CACHE`` or the user cache folder."""
+    """Where built bases are cached (in its ``basis`` folder): ``$CELEBBASIS_CACHE`` or the user cache folder."""
     env = os.environ.get("CELEBBASIS_CACHE")
     if env:
         return Path(env)
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("celebbasis"))
+
+
+def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_components: int = DEFAULT_N_COMPONENTS,
+                 n_tokens: int = 2, dedupe: bool = False, source: str = "") -> CelebBasis:
+    """``build_basis``, read from or written to the cache (``cache_dir()``).
+
+    A cached basis is reused when its names and settings are the same and its recorded table
+    signature matches this text encoder's (``same_signature``), so float32, float16 and bfloat16
+    copies of one model share one entry.
+    """
+    names = normalize_names(celeb_names() if names is None else names)
+    n = min(n_components, text_encoder.get_input_embeddings().embedding_dim)
+    signature = table_signature(tokenizer, text_encoder)
+    settings = embedding_fingerprint("", names, n, n_tokens, dedupe)[:16]  # names and settings, not the table
+    folder = cache_dir() / "basis"
+    for path in sorted(folder.glob(f"{settings}-*.safetensors")):
+        try:
+            basis = CelebBasis.load(path)
+        except InputError:
+            logger.warning("Ignoring a damaged cached basis at %s; it will be rebuilt.", path)
+            continue
+        if same_signature(parse_signature(basis.metadata.get("text_encoder_signature")), signature):
+            logger.debug("basis from cache %s", path)
+            return basis
+    basis = build_basis(tokenizer, text_encoder, names, n_components=n, n_tokens=n_tokens, dedupe=dedupe, source=source,
+                        signature=format_signature(signature))
+    try:
+        basis.save(folder / f"{settings}-{basis.fingerprint[:16]}.safetensors")
+    except OSError as e:
+        logger.warning("Could not cache the basis in %s (%s); it will be rebuilt next time.", folder, e)
+    return basis

@@ -22,6 +22,7 @@ from .cli_flags import Parser, config_flags, config_from, config_values, flag, m
 from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, BasisConfig,
                      GenerateConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
+from .families import SD1, SDXL
 
 logger = logging.getLogger("celebbasis")
 
@@ -34,12 +35,12 @@ def _common(p: Parser, model: bool = True) -> None:
     g = p.add_argument_group("common")
     if model:
         flag(p, g, "--model", help="hub id, local diffusers folder, or single-file checkpoint (.safetensors/.ckpt) of an SD 1.x/2.x "
-                                   "or SDXL model (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+                                   f"or SDXL model (default: {SD1.default_model})")
         flag(p, g, "--model-config", metavar="FOLDER_OR_HUB_ID",
              help="for a single-file --model (.safetensors/.ckpt): diffusers folder or hub id of the same architecture to "
                   "take the configuration from (default: the family's, from the HF cache or the Hub)")
         flag(p, g, "--sdxl", default=False, action="store_true",
-             help="SDXL: default model stabilityai/stable-diffusion-xl-base-1.0 (and a tiny SDXL with --tiny)")
+             help=f"SDXL: default model {SDXL.default_model} (and a tiny SDXL with --tiny)")
         flag(p, g, "--tiny", default=False, action="store_true",
              help="use a tiny random model built in-process (for trying things out; images are noise)")
         flag(p, g, "--toy", default=False, action="store_true",
@@ -199,11 +200,9 @@ def _load(args, device: str | None = None):
 
 
 def _model_label(args) -> str:
-    from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL
-
     if args.toy:
         return "the toy world"
-    return "tiny random model" if args.tiny else args.model or (DEFAULT_SDXL_MODEL if args.sdxl else DEFAULT_MODEL)
+    return "tiny random model" if args.tiny else args.model or (SDXL if args.sdxl else SD1).default_model
 
 
 def _face_spec(args) -> str:
@@ -327,7 +326,8 @@ def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, over
 
 def cmd_build_basis(args) -> int:
     from .basis import build_basis
-    from .models import format_signature, model_name, table_signature, text_encoders
+    from .models import model_name, text_encoders
+    from .signatures import format_signature, table_signature
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

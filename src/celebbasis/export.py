@@ -9,7 +9,8 @@ Export layouts (safetensors, ``metadata={"format": "pt"}`` plus the token, base 
   loads with ``torch.load(weights_only=True)``), in torch's legacy non-zip serialization: A1111's
   safe unpickler (``modules/safe.py``) refuses the zip archives current torch writes, whose
   ``.format_version``, ``byteorder``, ... entries are not on its allow-list.
-- SDXL, every format: ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
+- a family with several text encoders, every format: one key per encoder (``ModelFamily.export_keys``);
+  SDXL: ``{"clip_l": (K, 768), "clip_g": (K, 1280)}``.
 
 Import reads any of these (and ``string_to_param`` ``.pt`` files through ``weights_only=True``) and
 projects the vectors onto the celeb basis (least squares), so old embeddings join identity prompts.
@@ -27,6 +28,7 @@ import torch
 from ._version import __version__
 from .config import EXPORT_FORMATS
 from .errors import FileFormatError, InputError
+from .families import export_families
 from .files import atomic_write, load_safetensors
 from .identity import Identity, check_name
 from .models import model_metadata
@@ -34,22 +36,24 @@ from .models import model_metadata
 logger = logging.getLogger(__name__)
 
 FORMATS = EXPORT_FORMATS
-_ARCH = {768: "stable-diffusion-v1", 1024: "stable-diffusion-v2-768-v"}
 
 
 def architecture(identity: Identity) -> str:
-    """``modelspec.architecture`` of an identity's embedding."""
-    if identity.is_sdxl:
-        return "stable-diffusion-xl-v1-base/textual-inversion"
-    return f"{_ARCH.get(identity.embedding_dim, 'stable-diffusion')}/textual-inversion"
+    """``modelspec.architecture`` of an identity's embedding (its family's)."""
+    return f"{identity.family.modelspec_architecture(identity.embedding_dim)}/textual-inversion"
 
 
 def export_tensors(identity: Identity, fmt: str) -> dict[str, torch.Tensor]:
     """The tensors of an export in layout ``fmt`` (see the module docstring)."""
     if fmt not in FORMATS:
         raise InputError(f"Unknown export format {fmt!r}. Choose one of: {', '.join(FORMATS)}.")
-    if identity.is_sdxl:
-        return {"clip_l": identity.embeddings.float().contiguous(), "clip_g": identity.embeddings_2.float().contiguous()}
+    parts = identity.parts()
+    if len(parts) > 1:
+        keys = identity.family.export_keys
+        if len(keys) != len(parts):
+            raise InputError(f"The {identity.family.title} family names no export key for each of its {len(parts)} text "
+                             "encoders (ModelFamily.export_keys); its identities cannot be exported.")
+        return {key: emb.float().contiguous() for key, (_, emb) in zip(keys, parts)}
     if fmt == "diffusers":
         return {identity.token: identity.embeddings.float().contiguous()}
     return {"emb_params": identity.embeddings.float().contiguous()}
@@ -81,7 +85,7 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     if not isinstance(identity, Identity):
         identity = Identity.load(identity)
     tensors = export_tensors(identity, fmt)
-    if pt and (fmt == "diffusers" or identity.is_sdxl):
+    if pt and (fmt == "diffusers" or len(identity.parts()) > 1):
         raise InputError("A1111's classic .pt layout holds one SD 1.x/2.x embedding: use it with the a1111 or comfyui format on a non-SDXL identity.")
     path = export_path(identity, path, pt)
     if path.exists() and not overwrite:
@@ -142,7 +146,8 @@ def save_a1111_pt(data: dict, path) -> None:
 
 
 def read_embedding_file(path) -> dict[str, torch.Tensor]:
-    """Read a textual-inversion file of any common layout into ``{"": (K, d)}`` or ``{"clip_l", "clip_g"}``.
+    """Read a textual-inversion file of any common layout into ``{"": (K, d)}``, or one entry per text encoder
+    under a family's ``export_keys`` (SDXL: ``{"clip_l", "clip_g"}``), in the family's order.
 
     ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``: tensors and plain data
     only, never arbitrary objects.
@@ -164,8 +169,9 @@ def read_embedding_file(path) -> dict[str, torch.Tensor]:
         data = {"": data}
     if not isinstance(data, dict):
         raise FileFormatError(f"{path} holds a {type(data).__name__}, not a textual-inversion dict.")
-    if "clip_l" in data and "clip_g" in data:
-        out = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    multi = next((f.export_keys for f in reversed(export_families()) if all(k in data for k in f.export_keys)), None)
+    if multi is not None:
+        out = {k: data[k] for k in multi}
     elif "string_to_param" in data and isinstance(data["string_to_param"], dict) and data["string_to_param"]:
         out = {"": next(iter(data["string_to_param"].values()))}
     elif "emb_params" in data:
@@ -175,7 +181,7 @@ def read_embedding_file(path) -> dict[str, torch.Tensor]:
     else:
         raise FileFormatError(
             f"{path} is not a textual-inversion file: expected one tensor, 'emb_params', 'string_to_param' or "
-            f"'clip_l'+'clip_g', found keys {sorted(map(str, data))[:6]}."
+            f"{' or '.join('+'.join(map(repr, f.export_keys)) for f in export_families())}, found keys {sorted(map(str, data))[:6]}."
         )
     for k, v in out.items():
         if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or not v.is_floating_point():
@@ -190,7 +196,7 @@ def import_embedding(path, name: str, bases, *, base_model: str = "", pipe=None)
     Args:
         path: a TI file (see ``read_embedding_file``).
         name: the person's name; the token is ``<name>``.
-        bases: the ``CelebBasis`` of the target model (a list of two for SDXL).
+        bases: the ``CelebBasis`` of the target model (a list, one per text encoder: two for SDXL).
         base_model: recorded in the identity.
         pipe: the pipeline of ``bases``; when given, its model and text encoders are recorded too.
 
@@ -201,9 +207,10 @@ def import_embedding(path, name: str, bases, *, base_model: str = "", pipe=None)
     name = check_name(name)
     bases = list(bases) if isinstance(bases, (list, tuple)) else [bases]
     found = read_embedding_file(path)
-    vectors = [found["clip_l"], found["clip_g"]] if "clip_l" in found else [found[""]]
+    vectors = list(found.values())
+    family = next((f for f in reversed(export_families()) if f.export_keys == tuple(found)), None)
     if len(vectors) != len(bases):
-        kind = "SDXL (clip_l + clip_g)" if len(vectors) == 2 else "SD 1.x/2.x (one encoder)"
+        kind = f"{family.title} ({' + '.join(found)})" if family is not None else "SD 1.x/2.x (one encoder)"
         raise FileFormatError(f"{path} is a {kind} embedding but the model has {len(bases)} text encoder(s).")
     coeffs, residuals = [], []
     for v, b in zip(vectors, bases):
@@ -215,7 +222,7 @@ def import_embedding(path, name: str, bases, *, base_model: str = "", pipe=None)
         centred = (v - b.mean[slots]).norm()
         residuals.append(float((v - recon).norm() / centred.clamp_min(1e-12)))
         coeffs.append(c)
-    recorded = model_metadata(pipe) if pipe is not None else {}
+    recorded = model_metadata(pipe) if pipe is not None else family.identity_metadata() if family is not None else {}
     identity = Identity.from_coefficients(f"<{name}>", coeffs, bases, **{"base_model": base_model, **recorded},
                                           face_encoder="imported", source_photo=Path(path).name,
                                           import_residual=[round(r, 6) for r in residuals])

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import FileFormatError, InputError
+from .families import ModelFamily, identity_family
 from .files import decode_json, load_artifact, save_artifact
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class Identity:
         embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
         metadata: base model, basis hash, face encoder, steps, seed, creation date, and for a trained
             identity ``train_config``, the ``TrainConfig.to_dict()`` of its training, ...
-        coefficients_2, embeddings_2: the same for SDXL's second text encoder (OpenCLIP-G), else None.
+        coefficients_2, embeddings_2: the same for the second text encoder of a family with two (SDXL's
+            OpenCLIP-G), else None. ``parts()`` lists them per encoder, in the family's order.
     """
 
     token: str
@@ -157,10 +159,16 @@ class Identity:
 
     @property
     def is_sdxl(self) -> bool:
+        """Whether the identity has a second text encoder's vectors (SDXL's, or another two-encoder family's)."""
         return self.embeddings_2 is not None
 
+    @property
+    def family(self) -> ModelFamily:
+        """The model family the identity was made for (``families.identity_family``)."""
+        return identity_family(self.metadata, len(self.parts()), self.embedding_dim)
+
     def parts(self) -> list[tuple[Tensor, Tensor]]:
-        """(coefficients, embeddings) per text encoder: one pair, or two for SDXL."""
+        """(coefficients, embeddings) per text encoder of its family: one pair, or two (SDXL)."""
         out = [(self.coefficients, self.embeddings)]
         if self.embeddings_2 is not None:
             out.append((self.coefficients_2, self.embeddings_2))
@@ -184,10 +192,10 @@ class Identity:
         return cls(token, coeffs[0], embs[0], meta, *second)
 
     def save(self, path) -> Path:
-        """Write ``NAME.safetensors``: tensors ``coefficients``, ``embeddings`` (+ ``_2`` for SDXL) + metadata."""
+        """Write ``NAME.safetensors``: tensors ``coefficients``, ``embeddings`` (+ ``_2`` for a second encoder) + metadata."""
         meta = {"token": self.token, **self.metadata}
         tensors = {"coefficients": self.coefficients.float(), "embeddings": self.embeddings.float()}
-        if self.is_sdxl:
+        if self.embeddings_2 is not None:
             tensors.update(coefficients_2=self.coefficients_2.float(), embeddings_2=self.embeddings_2.float())
         return save_artifact(path, tensors, IDENTITY_FORMAT, meta)
 

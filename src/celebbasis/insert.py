@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from .errors import FileFormatError, InputError
+from .families import family_of, identity_family
 from .identity import Identity, token_for
-from .models import text_encoders, trained_on_other_encoder
+from .models import text_encoders
+from .signatures import trained_on_other_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
     parts = identity.parts()
     family = identity.metadata.get("base_model", "unknown")
     if len(parts) != len(pairs):
-        kind = "SDXL" if identity.is_sdxl else "SD 1.x/2.x"
+        kind = identity_family(identity.metadata, len(parts), identity.embedding_dim).title
         raise FileFormatError(
             f"Identity {identity.token} was made for {kind} ({family}) but this model has {len(pairs)} text encoder(s). "
             "Use a model of the family it was trained for."
@@ -201,7 +203,7 @@ def borrowed_tokenizers(pipe):
     """
     import copy
 
-    names = [n for n in ("tokenizer", "tokenizer_2") if getattr(pipe, n, None) is not None]
+    names = [n for n in family_of(pipe).tokenizer_attributes() if getattr(pipe, n, None) is not None]
     originals = {n: getattr(pipe, n) for n in names}
     try:
         for n in names:
@@ -265,13 +267,14 @@ class _EosPooling:
 
 
 def _pooling_encoder(pipe):
-    """SDXL's second text encoder, when transformers would not pool it at the end token by itself, else ``None``."""
-    te, tok = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
+    """(tokenizer, text encoder) whose pooled vector the family uses (SDXL's second), when transformers would not
+    pool it at the end token by itself, else ``None``."""
+    tok, te = family_of(pipe).pooled_encoder(pipe) or (None, None)
     if te is None or tok is None or tok.eos_token_id is None:
         return None
     if getattr(te.config, "eos_token_id", None) == tok.eos_token_id:  # newer configs: already the first end token
         return None
-    return te
+    return tok, te
 
 
 def _eos_pooling_hook(module) -> _EosPooling | None:
@@ -287,12 +290,13 @@ def _drop_eos_pooling(module) -> None:
 
 def _add_eos_pooling(pipe):
     """(text encoder, its hook), the hook added if it was not there yet; ``None`` where nothing is needed."""
-    te = _pooling_encoder(pipe)
-    if te is None:
+    found = _pooling_encoder(pipe)
+    if found is None:
         return None
+    tok, te = found
     hook = _eos_pooling_hook(te)
     if hook is None:
-        hook = _EosPooling(int(pipe.tokenizer_2.eos_token_id))
+        hook = _EosPooling(int(tok.eos_token_id))
         te.register_forward_hook(hook, with_kwargs=True)
     return te, hook
 
@@ -312,7 +316,7 @@ def use_eos_pooling(pipe) -> bool:
 
 def remove_eos_pooling(pipe) -> None:
     """Undo ``use_eos_pooling``: the text encoder pools as transformers does (after any ``eos_pooling`` block)."""
-    te = _pooling_encoder(pipe)
+    _, te = _pooling_encoder(pipe) or (None, None)
     hook = _eos_pooling_hook(te) if te is not None else None
     if hook is not None:
         hook.persistent = False

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .families import FAMILY_METADATA_KEY
 from .identity import Identity, check_name
 from .models import model_metadata, text_encoders
 from .resources import celeb_names, names_sha256
@@ -95,6 +96,8 @@ def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=
             total[j][:rows] += weight * F.normalize(c[:rows].float(), dim=-1)
     coeffs = [F.normalize(t, dim=-1) for t in total]
     recipe = [[s, w] for s, (_, w) in zip(sources, ingredients)]
-    base_model = next((i.metadata.get("base_model") for i, _ in ingredients if isinstance(i, Identity)), "")
-    recorded = model_metadata(pipe) if pipe is not None else {"base_model": base_model or ""}
+    first = next((i for i, _ in ingredients if isinstance(i, Identity)), None)
+    base_model = first.metadata.get("base_model") if first is not None else ""
+    family = {k: first.metadata[k] for k in (FAMILY_METADATA_KEY,) if first is not None and k in first.metadata}
+    recorded = model_metadata(pipe) if pipe is not None else {"base_model": base_model or "", **family}
     return Identity.from_coefficients(f"<{name}>", coeffs, bases, **recorded, face_encoder="mix", mix=recipe)

@@ -8,7 +8,6 @@ only with ``torch.load(weights_only=True)``; nothing else is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,31 +15,21 @@ from pathlib import Path
 
 import torch
 
-from .basis import (CelebBasis, build_basis, cache_dir, embedding_fingerprint, format_signature, parse_signature,
-                    same_signature, table_signature)
+from .basis import cached_basis  # noqa: F401 (also its old home)
 from .config import BasisConfig
 from .errors import InputError, ModelLoadError, first_line
-from .resources import celeb_names, normalize_names
+from .families import TINY_MODEL  # noqa: F401 (its old home)
+from .families import SD1, SDXL, checkpoint_family_of, family_named, family_of, supported_pipelines
+from .signatures import (built_from_other_table, encoders_signature, format_signature,  # noqa: F401 (their old home)
+                         legacy_table_sha256, parse_signature, same_signature, table_signature, trained_on_other_encoder)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-TINY_MODEL = "tiny"  # shown in metadata for the in-process tiny random model
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# What differs between SD 1.x, SD 2.x and SDXL (default models, single files, encoders, ...) is in families.py.
+DEFAULT_MODEL = SD1.default_model
+DEFAULT_SDXL_MODEL = SDXL.default_model
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # all but .safetensors: torch.load(weights_only=True)
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# The configuration each family's single files are loaded with when no --model-config is given (diffusers' own
-# defaults). SD 2.x means the 768 px v-prediction model; 512 px SD 2.x-base files need
-# --model-config stabilityai/stable-diffusion-2-1-base.
-FAMILY_CONFIGS = {"sd1": DEFAULT_MODEL, "sd2": "stabilityai/stable-diffusion-2-1", "sdxl": DEFAULT_SDXL_MODEL}
-# Text-encoder token table of each family in the original layout: its presence names the family, its width is checked.
-_FAMILY_KEYS = {
-    "sdxl": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-    "sd2": "cond_stage_model.model.token_embedding.weight",
-    "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-}
 _CONFIG_FILES = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]  # as diffusers fetches a config: no weights
 HUB_TIMEOUT = 2.0  # seconds to wait for the Hub before working from the local cache only
 
@@ -79,7 +68,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_pipeline(model: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                   revision: str | None = None, tiny: bool = False, sdxl: bool = False, config: str | None = None,
-                  toy: bool = False):
+                  toy: bool = False, family: str | None = None):
     """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id, a diffusers folder or a single file.
 
     Args:
@@ -90,11 +79,13 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         device, dtype: where and in what precision; ``auto`` as in ``resolve_device``/``resolve_dtype``.
         revision: hub revision (branch, tag or commit) of ``model``, or of ``config`` for a single file.
         tiny: ignore ``model`` and build the seeded tiny random model in-process.
-        sdxl: the default model and the tiny model are SDXL.
+        sdxl: the default model and the tiny model are SDXL (``family="sdxl"``).
+        family: a registered model family's name (``celebbasis.families``): the default model and the
+            tiny model are that family's. ``None``: SD 1.x, or SDXL with ``sdxl``.
         toy: ignore ``model`` and load the packaged toy world (cartoon people, 64 px; ``celebbasis.toy``).
         config: for a single file only: a diffusers folder or hub id of the same architecture, whose
             configuration (layers, scheduler, tokenizer) the file's weights are loaded into. ``None``
-            uses the family's ``FAMILY_CONFIGS`` entry, from the local Hugging Face cache or the Hub.
+            uses its family's ``default_model`` (``celebbasis.families``), from the local Hugging Face cache or the Hub.
 
     Raises:
         ModelLoadError: folder or file missing or of the wrong kind, a pickle that is more than tensors,
@@ -107,16 +98,15 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         >>> model_name(pipe)
         'v1-5-pruned-emaonly.safetensors'
     """
-    model = model or (DEFAULT_SDXL_MODEL if sdxl else DEFAULT_MODEL)
+    fam = family_named(family or ("sdxl" if sdxl else "sd1"))
+    model = model or fam.default_model
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     if toy:
         return _load_toy(dev, dt)
     if tiny:
-        from .testing import tiny_pipeline
-
-        pipe = tiny_pipeline(family="sdxl" if sdxl else "sd1")
-        pipe.register_to_config(_name_or_path=f"{TINY_MODEL}-sdxl" if sdxl else TINY_MODEL)
+        pipe = fam.tiny_pipeline()
+        pipe.register_to_config(_name_or_path=fam.tiny_name)
         pipe.to(dev)
         return pipe if dt == torch.float32 else pipe.to(dtype=dt)  # built in float32: cast only when asked
     path = Path(model).expanduser()
@@ -161,17 +151,17 @@ def _check_folder(path: Path) -> None:
         cls = json.loads((path / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError, AttributeError):
         raise ModelLoadError(f"{path / 'model_index.json'} is not valid JSON. Re-download or re-save the model.") from None
-    if cls not in SUPPORTED_PIPELINES:
+    if cls not in supported_pipelines():
         raise ModelLoadError(
             f"{path} holds a {cls}, which celebbasis does not support. Pass a Stable Diffusion 1.x/2.x "
-            f"or SDXL ({', '.join(SUPPORTED_PIPELINES)})."
+            f"or SDXL ({', '.join(supported_pipelines())})."
         )
 
 
 def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype, revision: str | None):
     """``DiffusionPipeline.from_pretrained`` of a folder or hub id; offline, only the cache, and fast."""
     cache_only = not local and not hub_reachable()  # before importing diffusers: offline fails in ~2 s
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
     def load(variant):
         return DiffusionPipeline.from_pretrained(model, **_dtype_kwarg(dt), revision=revision, local_files_only=cache_only,
@@ -200,8 +190,12 @@ def _load_pretrained(model: str, local: bool, dev: torch.device, dt: torch.dtype
         raise ModelLoadError(
             f"{model} is not a Stable Diffusion 1.x/2.x or SDXL pipeline ({type(e).__name__}: {first_line(e, 200)})."
         ) from None
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)) or pipe.text_encoder is None \
-            or pipe.unet.config.in_channels != 4:
+    try:
+        family_of(pipe)
+        supported = pipe.unet.config.in_channels == 4
+    except ModelLoadError:
+        supported = False
+    if not supported:
         raise ModelLoadError(f"{model} ({type(pipe).__name__}) is not a text-to-image Stable Diffusion 1.x/2.x or SDXL model; "
                              "those are the ones supported.")
     return pipe.to(dev)
@@ -377,15 +371,12 @@ def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
     if not any(k.startswith("model.diffusion_model.") for k in shapes):
         raise ModelLoadError(f"{path.name} has no UNet (model.diffusion_model.*): it is not a full Stable Diffusion "
                              "checkpoint (a LoRA, an embedding or a VAE?). Pass the base model's checkpoint.")
-    if any(k.startswith("conditioner.embedders.1.model.") for k in shapes) and _FAMILY_KEYS["sdxl"] in shapes:
-        family = "sdxl"
+    found = checkpoint_family_of(shapes)
+    if found is not None:
+        family = found.name
     elif any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
         raise ModelLoadError(f"{path.name} is an SDXL refiner, which has no CLIP-L text encoder to learn a word in. "
                              "Pass the SDXL base model (or a fine-tune of it).")
-    elif _FAMILY_KEYS["sd2"] in shapes:
-        family = "sd2"
-    elif _FAMILY_KEYS["sd1"] in shapes:
-        family = "sd1"
     elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
         raise ModelLoadError(f"{path.name} is an SD 1.x checkpoint whose text encoder has the old key layout "
                              "(cond_stage_model.transformer.embeddings.*, no text_model.), which diffusers cannot read. "
@@ -404,10 +395,10 @@ def _resolve_config(config: str | None, family: str, path: Path, revision: str |
     """The local folder holding the family configuration for ``path``: given, cached, or fetched (configs only)."""
     from huggingface_hub import snapshot_download
 
-    what = FAMILY_NAMES[family]
+    what = family_named(family).title
     given = config is not None
     if config is None:
-        config = FAMILY_CONFIGS[family]
+        config = family_named(family).default_model
     hint = ("Pass --model-config a local diffusers folder of the same architecture, or download that id's "
             f"configuration where there is network (hf download {config} --include '*.json' '*.txt')." if given else
             f"Pass --model-config with a diffusers folder or a cached hub id of the same architecture (e.g. {config}).")
@@ -441,13 +432,13 @@ def _check_config(config_dir: str, family: str, path: Path, shapes: dict[str, tu
     except (OSError, ValueError, AttributeError):
         raise ModelLoadError(f"--model-config {shown} is not a complete diffusers model configuration "
                              "(model_index.json, text_encoder/config.json). Pass a diffusers folder or hub id.") from None
-    want = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-    file_width = shapes[_FAMILY_KEYS[family]][1]
-    if cls != want or width != file_width:
+    fam = family_named(family)
+    file_width = fam.single_file_width(shapes)
+    if cls != fam.pipeline_class or width != file_width:
         raise ModelLoadError(
-            f"{path.name} is an {FAMILY_NAMES[family]} checkpoint (text encoder {file_width} wide) but --model-config {shown} "
+            f"{path.name} is an {fam.title} checkpoint (text encoder {file_width} wide) but --model-config {shown} "
             f"is a {cls} (text encoder {width} wide). Pass a configuration of the same architecture "
-            f"(e.g. {FAMILY_CONFIGS[family]})."
+            f"(e.g. {fam.default_model})."
         )
 
 
@@ -460,102 +451,35 @@ def _load_single_file(path: Path, config: str | None, dev: torch.device, dt: tor
         raise ModelLoadError(f"{path.name}: celebbasis reads single-file checkpoints ending in "
                              f"{', '.join(SINGLE_FILE_SUFFIXES)}; pass one of those, a diffusers folder or a hub id.")
     shapes = _checkpoint_shapes(path)
-    family = _family(path, shapes)
-    config_dir = _resolve_config(config, family, path, revision)
-    _check_config(config_dir, family, path, shapes, config or FAMILY_CONFIGS[family])
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    logger.info("Loading %s as %s with the configuration of %s.", path.name, FAMILY_NAMES[family],
-                config or FAMILY_CONFIGS[family])
+    family = family_named(_family(path, shapes))
+    config_dir = _resolve_config(config, family.name, path, revision)
+    _check_config(config_dir, family.name, path, shapes, config or family.default_model)
+    logger.info("Loading %s as %s with the configuration of %s.", path.name, family.title, config or family.default_model)
     try:
-        pipe = cls.from_single_file(str(path), config=config_dir, **_dtype_kwarg(dt), local_files_only=True)
+        pipe = family.pipeline_type().from_single_file(str(path), config=config_dir, **_dtype_kwarg(dt), local_files_only=True)
     except Exception as e:  # diffusers raises ValueError, KeyError, RuntimeError, OSError or its own error types here
         first = str(e).strip().splitlines()[0].split(". ")[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"Cannot load {path.name} with the configuration of {config or FAMILY_CONFIGS[family]} "
+        raise ModelLoadError(f"Cannot load {path.name} with the configuration of {config or family.default_model} "
                              f"({type(e).__name__}: {first}). Pass --model-config of the model it was fine-tuned from.") from None
     pipe.register_to_config(_name_or_path=str(path))
     return pipe.to(dev)
 
 
-# -- text encoders and their fingerprints ---------------------------------------------------------
+# -- text encoders (their fingerprints: signatures.py) ----------------------------------------------
 
 def text_encoders(pipe) -> list[tuple]:
-    """(tokenizer, text_encoder) pairs of a pipeline: one for SD 1.x/2.x, two for SDXL."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs
-
-
-def encoders_signature(pipe) -> str:
-    """``format_signature`` of every text encoder of a pipeline, joined by ``;``."""
-    return ";".join(format_signature(table_signature(tok, te)) for tok, te in text_encoders(pipe))
+    """(tokenizer, text_encoder) pairs of a pipeline, in its family's order: one for SD 1.x/2.x, two for SDXL."""
+    return family_of(pipe).encoders(pipe)
 
 
 def model_metadata(pipe) -> dict[str, str]:
-    """What an identity made on ``pipe`` records about it: the model's name and its text encoders."""
-    return {"base_model": model_name(pipe), "text_encoder_signature": encoders_signature(pipe)}
+    """What an identity made on ``pipe`` records about it: the model's name, its text encoders, and its
+    family where the identity's slots cannot tell it (``ModelFamily.identity_metadata``)."""
+    return {"base_model": model_name(pipe), "text_encoder_signature": encoders_signature(pipe),
+            **family_of(pipe).identity_metadata()}
 
 
-def legacy_table_sha256(tokenizer, text_encoder) -> str:
-    """The exact float16 hash that version 0.1 files record as ``text_encoder_sha256`` (read only)."""
-    table = text_encoder.get_input_embeddings().weight.detach()[: tokenizer.vocab_size]
-    return hashlib.sha256(table.to("cpu", torch.float16).contiguous().numpy().tobytes()).hexdigest()
-
-
-def _other_tables(metadata: dict, pairs: list[tuple]) -> bool:
-    same = None
-    parts = [parse_signature(p) for p in (metadata.get("text_encoder_signature") or "").split(";") if p]
-    if parts and all(p is not None for p in parts):
-        same = len(parts) == len(pairs) and all(same_signature(p, table_signature(tok, te)) for p, (tok, te) in zip(parts, pairs))
-        return not same
-    legacy = metadata.get("text_encoder_sha256")
-    return bool(legacy) and legacy != ",".join(legacy_table_sha256(tok, te) for tok, te in pairs)
-
-
-def trained_on_other_encoder(metadata: dict, pipe) -> bool:
-    """True when an identity's metadata says it was made with other text encoders than ``pipe``'s."""
-    return _other_tables(metadata, text_encoders(pipe))
-
-
-def built_from_other_table(metadata: dict, tokenizer, text_encoder) -> bool:
-    """True when a basis' metadata says it was built from another token table than this encoder's."""
-    return _other_tables(metadata, [(tokenizer, text_encoder)])
-
-
-# -- the model's celeb bases, built once and cached -------------------------------------------------
-
-def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_components: int = 512, n_tokens: int = 2,
-                 dedupe: bool = False, source: str = ""):
-    """``build_basis``, read from or written to the cache (``basis.cache_dir()``).
-
-    A cached basis is reused when its names and settings are the same and its recorded table
-    signature matches this text encoder's (``same_signature``), so float32, float16 and bfloat16
-    copies of one model share one entry.
-    """
-    names = normalize_names(celeb_names() if names is None else names)
-    n = min(n_components, text_encoder.get_input_embeddings().embedding_dim)
-    signature = table_signature(tokenizer, text_encoder)
-    settings = embedding_fingerprint("", names, n, n_tokens, dedupe)[:16]  # names and settings, not the table
-    folder = cache_dir() / "basis"
-    for path in sorted(folder.glob(f"{settings}-*.safetensors")):
-        try:
-            basis = CelebBasis.load(path)
-        except InputError:
-            logger.warning("Ignoring a damaged cached basis at %s; it will be rebuilt.", path)
-            continue
-        if same_signature(parse_signature(basis.metadata.get("text_encoder_signature")), signature):
-            logger.debug("basis from cache %s", path)
-            return basis
-    basis = build_basis(tokenizer, text_encoder, names, n_components=n, n_tokens=n_tokens, dedupe=dedupe, source=source,
-                        signature=format_signature(signature))
-    try:
-        basis.save(folder / f"{settings}-{basis.fingerprint[:16]}.safetensors")
-    except OSError as e:
-        logger.warning("Could not cache the basis in %s (%s); it will be rebuilt next time.", folder, e)
-    return basis
-
+# -- the model's celeb bases (built once and cached: basis.cached_basis) -----------------------------
 
 def pipeline_bases(pipe, config=None, source: str | None = None) -> list:
     """The cached basis of each text encoder of ``pipe`` (``config``: a ``BasisConfig``)."""

@@ -28,31 +28,36 @@ def _own_rng(build):
     return wrapper
 
 
-@_own_rng
 def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: str = "sd1"):
-    """Build a tiny random ``StableDiffusionPipeline`` (or SDXL pipeline) in memory.
+    """Build the tiny random pipeline of a model family in memory (``ModelFamily.tiny_pipeline``).
 
     Args:
         seed: seeds every random weight, so two calls give identical models.
         prediction_type: ``"epsilon"`` (SD 1.x) or ``"v_prediction"`` (SD 2.x 768 px models).
-        family: ``"sd1"`` (CLIP ViT-L layout), ``"sd2"`` (OpenCLIP layout: pad token "!", linear
-            attention projections, v-prediction) or ``"sdxl"`` (two text encoders, added conditions).
+        family: a registered family's name: ``"sd1"`` (CLIP ViT-L layout), ``"sd2"`` (OpenCLIP layout: pad
+            token "!", linear attention projections, v-prediction) or ``"sdxl"`` (two text encoders,
+            added conditions).
 
     Returns:
-        A ``diffusers.StableDiffusionPipeline`` on the CPU in float32, no safety checker.
+        A diffusers pipeline (``StableDiffusionPipeline`` for sd1/sd2) on the CPU in float32, no safety checker.
 
     Example:
         >>> pipe = tiny_pipeline()
         >>> pipe.tokenizer("sks", add_special_tokens=False).input_ids
         [48136]
     """
+    from .families import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return FAMILIES[family].tiny_pipeline(seed, prediction_type=prediction_type)
+
+
+@_own_rng
+def tiny_sd_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", sd2: bool = False):
+    """A tiny random ``StableDiffusionPipeline``: SD 1.x, or SD 2.x (OpenCLIP layout, v-prediction) with ``sd2``."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    if family == "sdxl":
-        return tiny_sdxl_pipeline(seed)
-    if family not in ("sd1", "sd2"):
-        raise ValueError(f"family must be sd1, sd2 or sdxl, got {family!r}")
-    sd2 = family == "sd2"
     if sd2:
         prediction_type = "v_prediction"
     tokenizer = clip_tokenizer(pad_token="!" if sd2 else "<|endoftext|>")
@@ -137,7 +142,7 @@ SDXL_EOS_TOKEN_ID = 2  # the legacy eos_token_id of both SDXL text encoder confi
 
 
 @_own_rng
-def tiny_sdxl_pipeline(seed: int = 0):
+def tiny_sdxl_pipeline(seed: int = 0, **_):
     """A tiny random ``StableDiffusionXLPipeline``: CLIP-L-like (32 wide) + OpenCLIP-G-like (64 wide, pad "!").
 
     Both text encoder configs carry ``eos_token_id`` 2, as the real SDXL's do, so the pooled vector is
@@ -351,27 +356,30 @@ def _open_clip_to_original(text_encoder, prefix: str) -> dict:
 
 
 def original_state_dict(pipe, *, open_clip: bool | None = None) -> dict:
-    """A diffusers SD 1.x/2.x/SDXL pipeline's weights in the original single-file layout (A1111, ComfyUI).
+    """A diffusers pipeline's weights in the original single-file layout (A1111, ComfyUI) of its family.
 
     Args:
-        pipe: ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
-        open_clip: write the (first) text encoder in OpenCLIP layout, as SD 2.x files do; ``None``
-            decides from the tokenizer (SD 2.x pads with "!").
+        pipe: a pipeline of a family with single files (``ModelFamily.single_file_encoders``): SD 1.x/2.x, SDXL.
+        open_clip: for a one-encoder pipeline, write its text encoder in SD 2.x's OpenCLIP layout (``True``) or
+            SD 1.x's CLIP layout (``False``); ``None``: its family's (SD 2.x pads with "!").
 
     Returns:
         ``{key: tensor}`` with ``model.diffusion_model.*``, ``first_stage_model.*`` and
         ``cond_stage_model.transformer.*`` (SD 1.x), ``cond_stage_model.model.*`` (SD 2.x) or
         ``conditioner.embedders.{0,1}.*`` (SDXL) keys.
     """
+    from .families import SD1, SD2, family_of
+
+    family = family_of(pipe)
+    layouts = family.single_file_encoders
+    if open_clip is not None and len(layouts) == 1:
+        layouts = (SD2 if open_clip else SD1).single_file_encoders
+    if not layouts:
+        raise ValueError(f"The {family.title} family has no single-file layout.")
+    writers = {"clip": _clip_to_original, "open_clip": _open_clip_to_original}
     sd = {**_unet_to_original(pipe.unet), **_vae_to_original(pipe.vae)}
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        sd.update(_clip_to_original(pipe.text_encoder, "conditioner.embedders.0.transformer."))
-        sd.update(_open_clip_to_original(pipe.text_encoder_2, "conditioner.embedders.1.model."))
-    else:
-        if open_clip is None:
-            open_clip = pipe.tokenizer.pad_token == "!"
-        sd.update(_open_clip_to_original(pipe.text_encoder, "cond_stage_model.model.") if open_clip
-                  else _clip_to_original(pipe.text_encoder, "cond_stage_model.transformer."))
+    for (_, text_encoder), (prefix, layout) in zip(family.encoders(pipe), layouts):
+        sd.update(writers[layout](text_encoder, prefix))
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
@@ -393,4 +401,4 @@ def save_tiny_single_file(path, seed: int = 0, *, family: str = "sd1") -> Path:
         >>> save_tiny_single_file("tiny-sdxl.safetensors", family="sdxl")
         PosixPath('tiny-sdxl.safetensors')
     """
-    return save_single_file(tiny_pipeline(seed, family=family), path, open_clip=family == "sd2")
+    return save_single_file(tiny_pipeline(seed, family=family), path)

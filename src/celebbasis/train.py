@@ -37,8 +37,10 @@ from .config import BasisConfig, TrainConfig
 from .errors import InputError
 from .face import DlibFaceEncoder, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, borrowed_tokenizers, eos_pooling, load_identity, token_override
-from .models import built_from_other_table, encoders_signature, model_name, pipeline_bases, text_encoders
+from .insert import add_placeholder, borrowed_tokenizers, load_identity, token_override
+from .families import family_of
+from .models import model_name, pipeline_bases, text_encoders
+from .signatures import built_from_other_table, encoders_signature
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +303,7 @@ def check_inputs(pipe, names: list[str], n_people: int) -> list[str]:
 
 def check_not_offloaded(pipe) -> None:
     """Refuse pipelines with accelerate offload hooks: training needs every module to stay on its device."""
-    modules = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    modules = [getattr(pipe, "unet", None), getattr(pipe, "vae", None)] + [te for _, te in text_encoders(pipe)]
     hooked = bool(getattr(pipe, "_all_hooks", None)) or any(
         hasattr(sub, "_hf_hook") for m in modules if isinstance(m, nn.Module) for sub in m.modules())
     if hooked:
@@ -356,25 +358,16 @@ def frozen_for_training(modules: list[nn.Module], unet: nn.Module, *, low_memory
 def pipeline_conditioning(pipe, captions: list[str], size: int) -> tuple[torch.Tensor, dict]:
     """The UNet conditioning the pipeline's own code computes for ``captions`` at ``size``² pixels.
 
-    Calls ``pipe.encode_prompt`` (no classifier-free guidance; it has no ``no_grad``, so gradients
-    reach the word embeddings) and, for SDXL, ``pipe._get_add_time_ids`` as ``pipe.__call__`` does.
-    SDXL's pooled vector is read at the end-of-text token (``insert.eos_pooling``), as generation
-    after ``load_identity``, ComfyUI and A1111/Forge read it.
+    The pipeline's family computes it (``ModelFamily.conditioning``): ``pipe.encode_prompt`` without
+    classifier-free guidance (it has no ``no_grad``, so gradients reach the word embeddings) and, for
+    SDXL, the pooled vector read at the end-of-text token (``insert.eos_pooling``), as generation after
+    ``load_identity``, ComfyUI and A1111/Forge read it, and the time ids ``pipe.__call__`` adds.
 
     Returns:
         (B, T, D) hidden states (SDXL: both encoders' penultimate layers concatenated) and the
         UNet's added conditions: ``{}``, or SDXL's ``text_embeds`` (B, P) and ``time_ids`` (B, 6).
     """
-    device = pipe.text_encoder.device if pipe.text_encoder is not None else pipe.text_encoder_2.device
-    if getattr(pipe, "text_encoder_2", None) is None:
-        embeds, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return embeds, {}
-    with eos_pooling(pipe):
-        embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-    time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device).repeat(len(captions), 1)}
+    return family_of(pipe).conditioning(pipe, captions, size)
 
 
 def photo_agreement(vectors: np.ndarray) -> list[float]:
@@ -393,12 +386,90 @@ class Views(NamedTuple):
     photo: torch.Tensor
 
 
+class ViewMaker:
+    """The training views of a run (``Personalizer``'s views): each person's photos -> augmented views, VAE-encoded,
+    each with the face vector of its own flipped, jittered face (or its photo's, without a face network).
+
+    With ``views`` > 0 a pool is made once (``build_pool``) and batches draw from it; else every batch
+    gets new views, each person's photos in turn. ``rng`` is the run's NumPy generator, shared with the trainer.
+    """
+
+    def __init__(self, vae, config: TrainConfig, people: list[list], crops: list[list], photo_faces: list[torch.Tensor],
+                 face_net, rng: np.random.Generator, tokens: list[str]):
+        self.vae, self.cfg, self.people, self.crops, self.photo_faces = vae, config, people, crops, photo_faces
+        self.face_net, self.rng, self.tokens = face_net, rng, tokens
+        self.pool: list[Views] | None = None
+        self._drawn = [0] * len(crops)  # fresh views drawn per person (views=0), for even photo use
+
+    def encode(self, views: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior of each view: mean and std, (B, 4, H/8, W/8) each, unscaled."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        try:
+            if upcast:  # SDXL's VAE overflows in float16
+                vae.to(torch.float32)
+            with torch.inference_mode():
+                dist = vae.encode(to_tensor(views).to(vae.device, vae.dtype)).latent_dist
+                mean, std = dist.mean.float().clone(), dist.std.float().clone()
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        return mean, std
+
+    def new_view(self, i: int, p: int) -> tuple[Image.Image, torch.Tensor]:
+        """A new view of person ``i``'s photo ``p`` and the face vector of its flipped, jittered face."""
+        view, jitter = augment_view(self.crops[i][p], self.cfg.resolution, self.rng, self.cfg)
+        if self.face_net is None:
+            return view, self.photo_faces[i][p]
+        chip = jitter(Image.fromarray(np.asarray(self.people[i][p].aligned)))  # the face network's input, same flip/jitter
+        return view, torch.from_numpy(np.asarray(self.face_net.embed(np.asarray(chip)), dtype=np.float32))
+
+    def build_pool(self, total_steps: int, chunk: int = 8) -> list[Views]:
+        """Per person: ``config.views`` views spread evenly over their photos (or as many as the run uses),
+        each VAE-encoded once and with its own face vector."""
+        cfg = self.cfg
+        n_id = len(self.crops)
+        per_id = min(cfg.views, math.ceil(total_steps * cfg.batch_size / n_id))
+        pool = []
+        for i, crops in enumerate(self.crops):
+            if len(crops) > per_id:
+                logger.warning("%s has %d photos but only %d views are made; the last %d photos go unused. "
+                               "Raise views to use them all.", self.tokens[i], len(crops), per_id, len(crops) - per_id)
+            means, stds, faces = [], [], []
+            for start in range(0, per_id, chunk):
+                views = [self.new_view(i, j % len(crops)) for j in range(start, min(start + chunk, per_id))]
+                m, s = self.encode([v for v, _ in views])
+                means.append(m)
+                stds.append(s)
+                faces += [f for _, f in views]
+            photo = torch.arange(per_id) % len(crops)
+            pool.append(Views(torch.cat(means), torch.cat(stds), torch.stack(faces), photo))
+        return pool
+
+    def latents_and_faces(self, who: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents (B, 4, h, w) and face vectors (B, f) for one batch: from the pool, or new views."""
+        if self.pool is not None:
+            picks = [(self.pool[i], int(self.rng.integers(len(self.pool[i].face)))) for i in who]
+            mean = torch.stack([v.mean[j] for v, j in picks])
+            std = torch.stack([v.std[j] for v, j in picks])
+            faces = torch.stack([v.face[j] for v, j in picks])
+        else:
+            views = []
+            for i in who:  # each person's photos in turn
+                views.append(self.new_view(i, self._drawn[i] % len(self.crops[i])))
+                self._drawn[i] += 1
+            mean, std = self.encode([v for v, _ in views])
+            faces = torch.stack([f for _, f in views])
+        eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+        return (mean + std * eps) * self.vae.config.scaling_factor, faces
+
+
 class Personalizer:
     """One personalization run, step by step: ``personalize`` drives it; tests and UIs can too.
 
     Builds everything once (placeholder words, training crops, the pool of views with their face
-    vectors, the identity network, optimiser, noise scheduler); then each ``step`` draws a batch and
-    takes one AdamW step. SDXL pipelines get one basis and one network head per text encoder.
+    vectors (``ViewMaker``), the identity network, optimiser, noise scheduler); then each ``step`` draws a batch and
+    takes one AdamW step. Each text encoder of the model's family (two for SDXL) gets its own basis and network head.
     The pipeline's modules are frozen while it lives; ``close()`` (or leaving a ``with`` block)
     gives them back as they were found.
 
@@ -424,16 +495,16 @@ class Personalizer:
 
     def _setup(self, pipe, analyses, names, config, bases, base_model, face_encoder) -> None:
         check_not_offloaded(pipe)
+        self.family = family_of(pipe)
         if config.resolution is None:  # the model's native size
-            config = dataclasses.replace(config, resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+            config = dataclasses.replace(config, resolution=self.family.default_resolution(pipe))
         self.pipe, self.cfg, self.base_model = pipe, config, base_model
         self._stack.enter_context(borrowed_tokenizers(pipe))  # the new words go into copies until training succeeds
-        self.encoders = text_encoders(pipe)  # [(tokenizer, text_encoder)], two for SDXL
+        self.encoders = self.family.encoders(pipe)  # [(tokenizer, text_encoder)], one per text encoder of the family
         self.bases = self._check_bases(bases)
         self.people = photo_groups(analyses)  # per person: [FaceAnalysis, ...]
         if len(self.people) != len(names):
             raise InputError(f"{len(self.people)} person(s) of photos but {len(names)} name(s).")
-        self.is_sdxl = len(self.encoders) == 2
         self.n_id, self.k = len(names), self.bases[0].n_tokens
         self.face_encoder = self._face_encoder_name()
         self.face_net = self._face_network(face_encoder)
@@ -453,8 +524,10 @@ class Personalizer:
         self.ema: list[list[torch.Tensor] | None] = [None] * self.n_id  # per identity: one (K, n) per encoder
         self.losses: list[float] = []
         self.steps_done = 0
-        self._drawn = [0] * self.n_id  # fresh views drawn per person (views=0), for even photo use
-        self.pool = self._build_pool() if config.views > 0 else None
+        self.views = ViewMaker(pipe.vae, config, self.people, self.crops, self.photo_faces, self.face_net, self.rng,
+                               self.tokens)
+        if config.views > 0:
+            self.views.pool = self.views.build_pool(config.total_steps(self.n_id))
         self.unet, self.scaler = self._prepare_unet()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -539,67 +612,11 @@ class Personalizer:
         """The identity network of the (first) text encoder."""
         return self.heads[0]
 
-    # -- views ------------------------------------------------------------------------------------
-    def _encode(self, views: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAE posterior of each view: mean and std, (B, 4, H/8, W/8) each, unscaled."""
-        vae = self.pipe.vae
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        try:
-            if upcast:  # SDXL's VAE overflows in float16
-                vae.to(torch.float32)
-            with torch.inference_mode():
-                dist = vae.encode(to_tensor(views).to(vae.device, vae.dtype)).latent_dist
-                mean, std = dist.mean.float().clone(), dist.std.float().clone()
-        finally:
-            if upcast:
-                vae.to(torch.float16)
-        return mean, std
-
-    def _new_view(self, i: int, p: int) -> tuple[Image.Image, torch.Tensor]:
-        """A new view of person ``i``'s photo ``p`` and the face vector of its flipped, jittered face."""
-        view, jitter = augment_view(self.crops[i][p], self.cfg.resolution, self.rng, self.cfg)
-        if self.face_net is None:
-            return view, self.photo_faces[i][p]
-        chip = jitter(Image.fromarray(np.asarray(self.people[i][p].aligned)))  # the face network's input, same flip/jitter
-        return view, torch.from_numpy(np.asarray(self.face_net.embed(np.asarray(chip)), dtype=np.float32))
-
-    def _build_pool(self, chunk: int = 8) -> list[Views]:
-        """Per person: ``config.views`` views spread evenly over their photos (or as many as the run uses),
-        each VAE-encoded once and with its own face vector."""
-        cfg = self.cfg
-        per_id = min(cfg.views, math.ceil(cfg.total_steps(self.n_id) * cfg.batch_size / self.n_id))
-        pool = []
-        for i, crops in enumerate(self.crops):
-            if len(crops) > per_id:
-                logger.warning("%s has %d photos but only %d views are made; the last %d photos go unused. "
-                               "Raise views to use them all.", self.tokens[i], len(crops), per_id, len(crops) - per_id)
-            means, stds, faces = [], [], []
-            for start in range(0, per_id, chunk):
-                views = [self._new_view(i, j % len(crops)) for j in range(start, min(start + chunk, per_id))]
-                m, s = self._encode([v for v, _ in views])
-                means.append(m)
-                stds.append(s)
-                faces += [f for _, f in views]
-            photo = torch.arange(per_id) % len(crops)
-            pool.append(Views(torch.cat(means), torch.cat(stds), torch.stack(faces), photo))
-        return pool
-
-    def _latents_and_faces(self, who: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled latents (B, 4, h, w) and face vectors (B, f) for one batch: from the pool, or new views."""
-        if self.pool is not None:
-            picks = [(self.pool[i], int(self.rng.integers(len(self.pool[i].face)))) for i in who]
-            mean = torch.stack([v.mean[j] for v, j in picks])
-            std = torch.stack([v.std[j] for v, j in picks])
-            faces = torch.stack([v.face[j] for v, j in picks])
-        else:
-            views = []
-            for i in who:  # each person's photos in turn
-                views.append(self._new_view(i, self._drawn[i] % len(self.crops[i])))
-                self._drawn[i] += 1
-            mean, std = self._encode([v for v, _ in views])
-            faces = torch.stack([f for _, f in views])
-        eps = torch.randn(mean.shape, generator=self.gen).to(mean.device)
-        return (mean + std * eps) * self.pipe.vae.config.scaling_factor, faces
+    # -- batches ----------------------------------------------------------------------------------
+    @property
+    def pool(self) -> list[Views] | None:
+        """Per person: the pool of views made at set-up (``views`` > 0), else ``None``."""
+        return self.views.pool
 
     def sample_batch(self) -> dict:
         """Draw one batch: views -> noisy latents, timesteps, targets, captions, and each view's face vector."""
@@ -607,7 +624,7 @@ class Personalizer:
         who = [(self.steps_done * cfg.batch_size + b) % self.n_id for b in range(cfg.batch_size)]
         templates = [int(self.rng.integers(len(TEMPLATES))) for _ in who]
         with torch.no_grad():
-            latents, faces = self._latents_and_faces(who)
+            latents, faces = self.views.latents_and_faces(who, self.gen)
             latents = latents.to(self.device, self.dtype)  # (B, 4, H/8, W/8)
             noise = torch.randn(latents.shape, generator=self.gen).to(self.device, self.dtype)
             t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(who),), generator=self.gen).to(self.device)
@@ -637,7 +654,7 @@ class Personalizer:
                 emb = torch.einsum("bkn,knd->bkd", c, comps) + mean  # (B, K, d): e_j = c_j . B_j + mean_j
                 rows = person.to(emb)[:, :, None, None] * emb[:, None]  # (B, n_id, K, d): only the caption's person
                 stack.enter_context(token_override(te.get_input_embeddings(), ids))["rows"] = rows.flatten(1, 2)
-            return pipeline_conditioning(self.pipe, captions, self.cfg.resolution)
+            return self.family.conditioning(self.pipe, captions, self.cfg.resolution)
 
     def loss(self, batch: dict, coeffs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Diffusion loss of ``batch`` with the identity words set from ``coeffs`` (default: predicted from its faces)."""
@@ -687,7 +704,7 @@ class Personalizer:
                 token, avg, self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
                 text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
-                train_config=self.cfg.to_dict(),
+                train_config=self.cfg.to_dict(), **self.family.identity_metadata(),
             ))
         return out
 
