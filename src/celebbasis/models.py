@@ -526,8 +526,8 @@ def built_from_other_table(metadata: dict, tokenizer, text_encoder) -> bool:
 
 # -- the model's celeb bases, built once and cached -------------------------------------------------
 
-def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_components: int = 512, n_tokens: int = 2,
-                 dedupe: bool = False, source: str = ""):
+def cached_basis(tokenizer, text_encoder, names: list[str] | None = None, *, n_components: int = BasisConfig.n_components,
+                 n_tokens: int = BasisConfig.n_tokens, dedupe: bool = BasisConfig.dedupe, source: str = ""):
     """``build_basis``, read from or written to the cache (``basis.cache_dir()``).
 
     A cached basis is reused when its names and settings are the same and its recorded table

@@ -26,17 +26,17 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import EXPORT_FORMATS, GenerateConfig, TrainConfig, updated
+from .config import EXPORT_FORMATS, WEBUI_HOST, WEBUI_PORT, GenerateConfig, TrainConfig, updated
 from .errors import CelebBasisError, InputError, NoFaceFoundError
 from .export import export_identity
-from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, load_image, same_person_threshold, unlike_photos
+from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .generate import generate, save_images
 from .identity import Identity, check_name
 from .insert import PLACEHOLDER_RE, load_identity
 from .mix import mix
 from .models import SINGLE_FILE_SUFFIXES, pipeline_bases
 from .resources import example_prompts
-from .train import personalize
+from .train import check_people, personalize
 
 logger = logging.getLogger(__name__)
 
@@ -232,17 +232,7 @@ class WebApp:
             w = h = 0
         if w * h > MAX_UPLOAD_PIXELS:
             raise InputError(f"{path.name} is {w}x{h}; the web UI takes up to {MAX_UPLOAD_PIXELS // 1_000_000} MP.")
-        try:
-            image = load_image(path)
-        except CelebBasisError as e:  # name the file as uploaded, never the server's upload folder
-            raise type(e)(str(e).replace(str(path), path.name)) from None
-        pixels = np.asarray(image)
-        faces = self.analyzer.detect(pixels, path.name)  # the face stack's own checks and one-line errors
-        if not faces:
-            raise NoFaceFoundError(f"No face found in {path.name}. Use a photo where the face is frontal, well lit and at least "
-                                   f"{MIN_FACE_PX} px wide.")
-        aligned, vector = self.analyzer.embed(pixels, faces[0], path.name)
-        found = faces, FaceAnalysis(str(path), image, faces[0], len(faces), aligned, vector, self.analyzer.encoder.name)
+        found = self.analyzer.find(path, label=path.name)  # named as uploaded, never by the server's upload folder
         if key is not None:
             with self._photos_lock:
                 self._photos[key] = found
@@ -292,9 +282,7 @@ class WebApp:
         people = [p for p in people if p]
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",")]
-        names = [check_name(n) for n in names]
-        if len(names) != len(people):
-            raise InputError(f"{len(people)} person(s) but {len(names)} name(s). Give one name per person, separated by commas.")
+        names = check_people(names, len(people))
         config = updated(self.train_config, steps=int(steps_per_person) * len(names))
         for n in names:
             if self._path(n).exists():
@@ -761,7 +749,21 @@ def build_ui(app: WebApp):
     return demo
 
 
-def launch(app: WebApp, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
+def check_address(host: str = WEBUI_HOST, port: int = WEBUI_PORT) -> None:
+    """Refuse, before the model loads, a port that is not one or that another program holds."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise InputError(f"port {port} is not a port number. Pass port=N with N in 1-65535 (default {WEBUI_PORT}).", field="port")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise InputError(f"Cannot listen on {host}:{port} ({e.strerror or e}): another program (an earlier webui?) "
+                         f"may be using it. Pass port=N for a free one, or stop the other one.", field="port") from None
+
+
+def launch(app: WebApp, host: str = WEBUI_HOST, port: int = WEBUI_PORT, share: bool = False, block: bool = True):
     """Start the server and print its address; share links only when asked, with a warning.
 
     Returns the running Gradio app (``.close()`` stops it) once it stops, or at once with ``block=False``.
