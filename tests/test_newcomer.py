@@ -110,7 +110,7 @@ def test_webui_errors_name_the_upload_not_the_server_path(tmp_path, tiny_pipe, f
     upload.write_bytes(b"not an image at all")
     app = WebApp(lambda: tiny_pipe, tmp_path / "ids", analyzer=face_analyzer)
     with pytest.raises(CelebBasisError) as e:
-        app._photo(upload)
+        app.photos(upload)
     assert "holiday.png" in str(e.value) and str(upload.parent) not in str(e.value)
 
 
