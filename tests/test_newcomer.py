@@ -61,7 +61,7 @@ def test_settings_are_checked_before_the_model_loads(tmp_path, capsys, monkeypat
                  "--name", "m", "--tiny", "-o", str(tmp_path)]) == 2
     assert "finite" in capsys.readouterr().err
     assert main(["demo", "--tiny", "-o", str(tmp_path / "d"), "--num-images", "0"]) == 2
-    assert "num_images must be >= 1" in capsys.readouterr().err
+    assert "--num-images must be >= 1" in capsys.readouterr().err  # the flag, named by cli.FLAGS
 
 
 def test_mixing_a_name_outside_the_basis_warns(tiny_pipe, caplog):
@@ -110,7 +110,7 @@ def test_webui_errors_name_the_upload_not_the_server_path(tmp_path, tiny_pipe, f
     upload.write_bytes(b"not an image at all")
     app = WebApp(lambda: tiny_pipe, tmp_path / "ids", analyzer=face_analyzer)
     with pytest.raises(CelebBasisError) as e:
-        app._photo(upload)
+        app.photos(upload)
     assert "holiday.png" in str(e.value) and str(upload.parent) not in str(e.value)
 
 

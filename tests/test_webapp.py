@@ -57,7 +57,7 @@ def test_several_people_learn_together(app, astronaut_path, hopper_path):
                        lambda s, t, lo: seen.append((s, t)))
     assert [i.token for i in idents] == ["<alice>", "<grace>"] and seen[-1] == (4, 4)  # steps per person
     assert sorted(r["name"] for r in app.identities()) == ["alice", "grace"]
-    with pytest.raises(InputError, match="2 person"):
+    with pytest.raises(InputError, match=r"2 photo\(s\) but 1 name"):  # train.check_people
         app.learn([str(astronaut_path), str(hopper_path)], "x", 2, threading.Event())
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import DEFAULT_N_COMPONENTS
+from .config import DEFAULT_N_COMPONENTS, BasisConfig
 from .errors import FileFormatError, InputError
 from .files import decode_json, load_artifact, save_artifact
 from .resources import celeb_names, names_sha256, normalize_names
@@ -118,7 +118,7 @@ def name_token_ids(tokenizer, names: list[str]) -> list[list[int]]:
     return [[int(t) for t in row if int(t) not in special] for row in ids]
 
 
-def token_columns(token_ids: list[list[int]], n_tokens: int, dedupe: bool = False) -> list[list[int]]:
+def token_columns(token_ids: list[list[int]], n_tokens: int, dedupe: bool = BasisConfig.dedupe) -> list[list[int]]:
     """Line tokens up by position: column ``j`` lists every name's ``j``-th token id.
 
     With ``dedupe`` each distinct id is kept once per column (first occurrence); without it, every
@@ -155,9 +155,9 @@ def build_basis(
     text_encoder,
     names: list[str] | None = None,
     *,
-    n_components: int = DEFAULT_N_COMPONENTS,
-    n_tokens: int = 2,
-    dedupe: bool = False,
+    n_components: int = BasisConfig.n_components,
+    n_tokens: int = BasisConfig.n_tokens,
+    dedupe: bool = BasisConfig.dedupe,
     source: str = "",
     signature: str = "",
 ) -> CelebBasis:
@@ -182,13 +182,11 @@ def build_basis(
         >>> basis.components.shape
         torch.Size([2, 512, 768])
     """
+    BasisConfig(n_components=n_components, n_tokens=n_tokens, dedupe=dedupe)  # the settings' rules live there
     names = normalize_names(celeb_names() if names is None else names)
     if not names:
-        raise InputError("The celebrity name list is empty. Pass at least a few hundred names, or none for the packaged list.")
-    if n_tokens < 1:
-        raise InputError(f"n_tokens must be >= 1, got {n_tokens}.")
-    if n_components < 1:
-        raise InputError(f"n_components must be >= 1, got {n_components}.")
+        raise InputError("The celebrity name list is empty. Pass at least a few hundred names, or none for the packaged list.",
+                         field="names")
     weight = text_encoder.get_input_embeddings().weight.detach()  # (V, d), any device and dtype
     signature = signature or format_signature(table_signature(tokenizer, text_encoder))
     d = weight.shape[1]

@@ -11,22 +11,55 @@ what is about the command line itself (files, model choice, logging).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, config_values, flag, merged, parse, sections
-from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, BasisConfig,
-                     GenerateConfig, TrainConfig)
+from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WEBUI_HOST, WEBUI_PORT,
+                     BasisConfig, GenerateConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
 from .families import SD1, SDXL
 
 logger = logging.getLogger("celebbasis")
 
 BANNER = "=" * 78
+
+# The one table from a library setting or argument (``InputError.field``) to what sets it on the command line.
+# A config field not listed is the flag of the same name (``learning_rate`` -> ``--learning-rate``).
+FLAGS = {
+    "name": "--name",
+    "names": "--name",
+    "ingredients": "IDENTITY or --celebrity",
+    "photos": "PHOTO",
+    "path": "-o",
+    "prompts": "PROMPT or --prompts-file",
+}
+
+
+def flag_for(field: str) -> str:
+    """The command line's name for the library setting ``field``."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def error_line(e: BaseException) -> str:
+    """An error as the command line says it: the setting the library names (``field``, ``field=value``) as its flag.
+
+    ``steps must be >= 1`` -> ``--steps must be >= 1``; ``Pass overwrite=True`` -> ``Pass --overwrite``;
+    a message that does not name its setting gets the flag at the end.
+    """
+    text, field = str(e), getattr(e, "field", None)
+    if not field:
+        return text
+    flag = flag_for(field)
+    word = rf"(?<![\w<'/.-]){re.escape(field)}"
+    text, fixes = re.subn(word + r"=(\S+?)(?=[\s,.;:)]|$)",
+                          lambda m: flag if m.group(1) == "True" else f"{flag} {m.group(1)}", text)  # every fix it names
+    text, said = re.subn(word + r"(?=[\s,.;:)]|$)", flag, text, count=1)  # where it first names the setting
+    return text if fixes or said else f"{text} ({flag})"
 
 
 # -- flags --------------------------------------------------------------------------------------------
@@ -164,16 +197,17 @@ def _tool_parsers(sub) -> None:
     p = sub.add_parser("webui", help="the local web app: learn, library, create, mix")
     sections(p, TrainConfig, GenerateConfig)  # its Learn and Create tabs start from --config's [train] and [generate]
     _output(p, "identities", "identities folder")
-    flag(p, p, "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    flag(p, p, "--port", type=int, default=7860, help="port (default: 7860)")
+    flag(p, p, "--host", default=WEBUI_HOST, help=f"address to bind (default: {WEBUI_HOST}, this machine only)")
+    flag(p, p, "--port", type=int, default=WEBUI_PORT, help=f"port (default: {WEBUI_PORT})")
     flag(p, p, "--share", default=False, action="store_true", help="also open a public Gradio share link (off by default)")
     _common(p)
 
     p = sub.add_parser("demo", help="learn the packaged public-domain face and draw the example prompts")
     _output(p, "celebbasis-demo", "output folder")
     flag(p, p, "--photo", action="append", help="your own photo(s) instead of the packaged one; a second photo also fills <id2> prompts")
-    flag(p, p, "--num-images", type=int, default=1, help="images per prompt (default: 1)")
-    flag(p, p, "--sample-steps", type=int, help="denoising steps (default: 50, 20 with --tiny)")
+    flag(p, p, "--num-images", type=int, help=f"images per prompt (default: {GenerateConfig.num_images})")
+    flag(p, p, "--sample-steps", type=int, help=f"denoising steps (default: {GenerateConfig.steps}, "
+                                                f"{GENERATE_PRESETS['tiny']['steps']} with --tiny)")
     _train_flags(p)
     _common(p)
 
@@ -293,9 +327,6 @@ def _people(photos: list[str], names: list[str]) -> list[list[Path]]:
     """Each person's photos: one argument (photo or folder) per --name, or every argument for a single --name."""
     from .face import photos_in
 
-    if len(names) != 1 and len(names) != len(photos):
-        raise InputError(f"{len(photos)} photo argument(s) but {len(names)} --name(s). Either one --name for photos of one person "
-                         "(add a.jpg b.jpg --name me), or one photo or folder per --name, in order (add a.jpg b/ --name ann --name bob).")
     groups = [[Path(p) for p in photos]] if len(names) == 1 else [[Path(p)] for p in photos]
     out = []
     for group in groups:
@@ -356,11 +387,11 @@ def cmd_build_basis(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from .identity import check_name
+    from .train import check_people
 
     out = Path(args.output)
-    names = [check_name(n) for n in args.name]
-    people = _people(args.photos, names)
+    people = _people(args.photos, args.name)
+    names = check_people(args.name, len(people))  # before any photo or model is read
     _train_config(args)  # bad settings fail before any photo or model is read
     _check_output_dir(out)
     for n in names:
@@ -408,25 +439,22 @@ def _generate_config(args) -> GenerateConfig:
 
 
 def cmd_generate(args) -> int:
-    from .evaluate import read_prompt_file
     from .generate import generate, save_images
     from .identity import Identity
+    from .prompts import PromptLine, negatives_for, read_prompt_file
 
     out = Path(args.output)
     config = _generate_config(args)
     _check_output_dir(out)
-    lines = [(None, p, None) for p in args.prompts]
-    if args.prompts_file:
-        lines += [(line.category, line.prompt, line.negative_prompt) for line in read_prompt_file(args.prompts_file)]
+    lines = [PromptLine(p) for p in args.prompts] + (read_prompt_file(args.prompts_file) if args.prompts_file else [])
     if not lines:
         raise InputError("No prompt given. Pass a prompt, or --prompts-file FILE.")
     identities = [Identity.load(p) for p in args.identity]  # bad files fail before the model loads
     pipe = _load(args)
-    negatives = [neg if neg is not None else config.negative_prompt for _, _, neg in lines]
-    results = generate(pipe, [p for _, p, _ in lines], identities=identities, config=config, negative_prompt=negatives,
-                       show_progress=not args.quiet)
+    results = generate(pipe, [line.prompt for line in lines], identities=identities, config=config,
+                       negative_prompt=negatives_for(lines, config.negative_prompt), show_progress=not args.quiet)
     for r in results:
-        category = next((c for c, p, _ in lines if p == r.prompt and c), None)
+        category = next((line.category for line in lines if line.prompt == r.prompt and line.category), None)
         if category:
             r.metadata["category"] = category
     paths = save_images(results, out)
@@ -436,9 +464,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import ClipScorer, evaluate, find_images, read_prompt_file, write_report
+    from .evaluate import ClipScorer, evaluate, find_images, write_report
     from .face import FaceAnalyzer, face_encoder
     from .identity import Identity
+    from .prompts import read_prompt_file
 
     images = find_images(args.images)
     refs = []
@@ -466,9 +495,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark_prompts(args) -> int:
-    from .evaluate import benchmark_prompt_lines, prompt_file_text
+    from .evaluate import benchmark_prompt_lines
     from .files import atomic_write
     from .identity import check_name
+    from .prompts import prompt_file_text
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -483,42 +513,29 @@ def cmd_benchmark_prompts(args) -> int:
 
 
 def cmd_webui(args) -> int:
-    from .webui import WebApp, launch
+    from .webui import WebApp, check_address, launch
 
     out = Path(args.output)
     _check_output_dir(out)
-    _check_port(args.host, args.port)  # before the model loads
+    check_address(args.host, args.port)  # before the model loads
     app = WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args),
                  train_config=_train_config(args), generate_config=_generate_config(args))
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 
 
-def _check_port(host: str, port: int) -> None:
-    import socket
-
-    if not 1 <= port <= 65535:
-        raise InputError(f"--port {port} is not a port number. Pass --port N with N in 1-65535 (default 7860).")
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.bind((host, port))
-    except OSError as e:
-        raise InputError(f"Cannot listen on {host}:{port} ({e.strerror or e}): another program (an earlier webui?) "
-                         f"may be using it. Pass --port N with a free port, or stop the other one.") from None
-
-
 def cmd_demo(args) -> int:
     from .errors import ModelLoadError
     from .face import load_image
     from .files import atomic_write
-    from .generate import contact_sheet, generate, save_images
+    from .generate import generate, save_images
     from .resources import example_face, example_prompts
+    from .sheet import contact_sheet
     from .toy import TOY_PROMPTS, toy_photo
 
     out = Path(args.output)
     config = _train_config(args)
-    sampling = GenerateConfig(num_images=args.num_images, steps=args.sample_steps or (20 if args.tiny else 50),
-                              seed=config.seed)  # checked before anything loads
+    sampling = _demo_sampling(args, config.seed)  # checked before anything loads
     _check_output_dir(out)
     if args.photo and len(args.photo) > 2:
         raise InputError("The demo takes at most two --photo; use `celebbasis add` for more people.")
@@ -556,6 +573,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _demo_sampling(args, seed: int) -> GenerateConfig:
+    """The demo's sampling: ``GenerateConfig``'s defaults (its ``tiny`` preset with --tiny), the training seed."""
+    given = {k: v for k, v in (("num_images", args.num_images), ("steps", args.sample_steps)) if v is not None}
+    return GenerateConfig.preset("tiny", **given, seed=seed) if args.tiny else GenerateConfig(**given, seed=seed)
+
+
 def _bases(args, pipe):
     """The bases given with --basis, else the model's (built once, then cached)."""
     from .models import pipeline_bases
@@ -577,13 +600,8 @@ def cmd_export(args) -> int:
     from .identity import Identity
 
     identity = Identity.load(args.identity)
-    target = export_path(identity, args.output, args.pt)  # the file it will be, checked before anything is written
-    if target.exists() and target.resolve() == Path(args.identity).resolve():
-        raise InputError(f"{target} is the identity being exported. Pass another -o (e.g. exports/).")
-    if target.exists() and not args.overwrite:
-        raise InputError(f"{target} already exists. Pass --overwrite to replace it, or another -o.")
-    _check_output_dir(target.parent)
-    path = export_identity(identity, args.format, args.output, pt=args.pt, overwrite=args.overwrite)
+    _check_output_dir(export_path(identity, args.output, args.pt).parent)
+    path = export_identity(args.identity, args.format, args.output, pt=args.pt, overwrite=args.overwrite)
     in_place = path.parent.name == "embeddings"  # written straight into the tool's folder
     use = {
         "diffusers": f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts',
@@ -632,23 +650,17 @@ def cmd_import_embedding(args) -> int:
 
 def cmd_mix(args) -> int:
     from .identity import Identity, check_name
-    from .mix import check_ingredients, mix
+    from .mix import ingredients, mix
 
     name = check_name(args.name)
     target = _identity_target(args, name)
     identities = [Identity.load(p) for p in args.identities]
-    items = identities + list(args.celebrity)
-    if not items:
-        raise InputError("Nothing to mix. Pass identity files and/or --celebrity NAME.")
-    weights = args.weights or [1.0 / len(items)] * len(items)
-    if len(weights) != len(items):
-        raise InputError(f"{len(items)} ingredient(s) but {len(weights)} --weights. Pass one weight per identity, then per celebrity.")
-    check_ingredients(list(zip(items, weights)))  # before the model loads
+    pairs = ingredients(identities + list(args.celebrity), args.weights)  # before the model loads
     _follow_recorded_model(args, next((i.metadata.get("base_model") for i in identities), None))
     pipe = _load(args)
-    identity = mix(list(zip(items, weights)), name, _bases(args, pipe), pipe)
+    identity = mix(pairs, name, _bases(args, pipe), pipe)
     identity.save(target)
-    logger.info("Wrote %s: %s", target, " + ".join(f"{w:g} x {getattr(i, 'token', i)}" for i, w in zip(items, weights)))
+    logger.info("Wrote %s: %s", target, " + ".join(f"{w:g} x {getattr(i, 'token', i)}" for i, w in pairs))
     return 0
 
 
@@ -728,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = merged(parser, args)  # flag defaults <- --config TOML <- command line
     except CelebBasisError as e:
-        print(f"celebbasis: error: {e}", file=sys.stderr)
+        print(f"celebbasis: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
@@ -749,7 +761,7 @@ def _run(args) -> int:
     except CelebBasisError as e:
         if args.verbose:
             raise
-        print(f"celebbasis: error: {e}", file=sys.stderr)
+        print(f"celebbasis: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"

@@ -127,9 +127,9 @@ def _check_numbers(config) -> None:
     for f in fields(config):
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{f.name} must be a finite number, got {value}.")
+            raise InputError(f"{f.name} must be a finite number, got {value}.", field=f.name)
     if not 0 <= config.seed <= MAX_SEED:
-        raise InputError(f"seed must be in [0, {MAX_SEED}], got {config.seed}.")
+        raise InputError(f"seed must be in [0, {MAX_SEED}], got {config.seed}.", field="seed")
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,9 @@ class BasisConfig(_Settings):
 
     def __post_init__(self):
         if self.n_components < 1:
-            raise InputError(f"n_components must be >= 1, got {self.n_components}.")
+            raise InputError(f"n_components must be >= 1, got {self.n_components}.", field="n_components")
         if self.n_tokens < 1:
-            raise InputError(f"n_tokens must be >= 1, got {self.n_tokens}.")
+            raise InputError(f"n_tokens must be >= 1, got {self.n_tokens}.", field="n_tokens")
 
 
 @dataclass
@@ -187,37 +187,37 @@ class TrainConfig(_Settings):
     def __post_init__(self):
         _check_numbers(self)
         if self.steps is not None and self.steps < 1:
-            raise InputError(f"steps must be >= 1, got {self.steps}.")
+            raise InputError(f"steps must be >= 1, got {self.steps}.", field="steps")
         if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}.", field="batch_size")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise InputError(f"resolution must be a positive multiple of 8, got {self.resolution}.")
+            raise InputError(f"resolution must be a positive multiple of 8, got {self.resolution}.", field="resolution")
         if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}.")
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}.", field="learning_rate")
         if self.weight_decay < 0:
-            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay}.", field="weight_decay")
         if not 0 <= self.ema_momentum < 1:
-            raise InputError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}.")
+            raise InputError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}.", field="ema_momentum")
         if not 0 < self.min_scale <= self.max_scale <= 1:
-            raise InputError(f"need 0 < min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}.")
+            raise InputError(f"need 0 < min_scale <= max_scale <= 1, got {self.min_scale}, {self.max_scale}.", field="min_scale")
         if not 0 <= self.aspect_jitter < 1:
-            raise InputError(f"aspect_jitter must be in [0, 1), got {self.aspect_jitter}.")
+            raise InputError(f"aspect_jitter must be in [0, 1), got {self.aspect_jitter}.", field="aspect_jitter")
         if self.views < 0:
-            raise InputError(f"views must be >= 0, got {self.views}.")
+            raise InputError(f"views must be >= 0, got {self.views}.", field="views")
         if self.face_dim < 0:
-            raise InputError(f"face_dim must be >= 0, got {self.face_dim}.")
+            raise InputError(f"face_dim must be >= 0, got {self.face_dim}.", field="face_dim")
         if not 0 <= self.flip_p <= 1:
-            raise InputError(f"flip_p must be in [0, 1], got {self.flip_p}.")
+            raise InputError(f"flip_p must be in [0, 1], got {self.flip_p}.", field="flip_p")
         if not 0 <= self.jitter < 1:
-            raise InputError(f"jitter must be in [0, 1), got {self.jitter}.")
+            raise InputError(f"jitter must be in [0, 1), got {self.jitter}.", field="jitter")
         if not 0 <= self.hue <= 0.5:
-            raise InputError(f"hue must be in [0, 0.5], got {self.hue}.")
+            raise InputError(f"hue must be in [0, 0.5], got {self.hue}.", field="hue")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
         """A named preset with ``overrides`` on top (``toy``: the toy world's full-frame views)."""
         if name not in TRAIN_PRESETS:
-            raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(TRAIN_PRESETS)}.")
+            raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(TRAIN_PRESETS)}.", field="preset")
         return cls(**{**TRAIN_PRESETS[name], **overrides})
 
     @property
@@ -270,26 +270,28 @@ class GenerateConfig(_Settings):
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v < 8 or v % 8):
-                raise InputError(f"{name} must be a positive multiple of 8, got {v}.")
+                raise InputError(f"{name} must be a positive multiple of 8, got {v}.", field=name)
         for name in ("num_images", "batch_images", "steps"):
             if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}.")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}.", field=name)
         if self.guidance < 0:
-            raise InputError(f"guidance must be >= 0, got {self.guidance}.")
+            raise InputError(f"guidance must be >= 0, got {self.guidance}.", field="guidance")
         if self.scheduler not in SCHEDULERS:
-            raise InputError(f"Unknown scheduler {self.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
+            raise InputError(f"Unknown scheduler {self.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.", field="scheduler")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GenerateConfig":
         """A named preset with ``overrides`` on top (``paper``: the official evaluation settings)."""
         if name not in GENERATE_PRESETS:
-            raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(GENERATE_PRESETS)}.")
+            raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(GENERATE_PRESETS)}.", field="preset")
         return cls(**{**GENERATE_PRESETS[name], **overrides})
 
 
 # The official test and evaluation scripts: DDIM (eta 0), 50 steps, guidance 10, 512 px, seed 42, 8 samples.
+# ``tiny``: the tiny random model draws noise whatever the steps; 20 show the pipeline run (the demo's with --tiny).
 GENERATE_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(scheduler="ddim", steps=50, guidance=10.0, height=512, width=512, seed=42, num_images=8),
+    "tiny": dict(steps=20),
 }
 
 
@@ -298,6 +300,8 @@ CONFIGS = (BasisConfig, TrainConfig, GenerateConfig)  # by the table each has in
 GROUP_SIZE = 2  # people trained jointly by add-many, sharing one network (two, as the paper's default run)
 EXPORT_FORMATS = ("diffusers", "a1111", "comfyui")  # the tools an identity is exported for
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # evaluate's prompt-fidelity model
+WEBUI_HOST = "127.0.0.1"  # the web UI listens on this machine only unless told otherwise
+WEBUI_PORT = 7860  # Gradio's usual port
 
 
 def updated(config, **changes):

@@ -13,9 +13,26 @@ class CelebBasisError(Exception):
 
 
 class InputError(CelebBasisError, ValueError):
-    """A user-supplied file, name or value cannot be used (exit code 2)."""
+    """A user-supplied file, name or value cannot be used (exit code 2).
+
+    ``field`` names the setting or argument that was wrong, as the library calls it (a config field
+    such as ``steps``, or an argument such as ``names`` or ``overwrite``), so that a front end can
+    name its own control for it (the CLI: one table from field to flag). A message that says how
+    to fix it through another setting writes it as ``field=value`` (``overwrite=True``).
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # pickles with its field (errors cross process boundaries under accelerate)
+        return (_input_error, (type(self), str(self), self.field))
+
+
+def _input_error(cls, message: str, field: str | None) -> "InputError":
+    return cls(message, field=field)
 
 
 class NoFaceFoundError(InputError):

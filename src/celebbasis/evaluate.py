@@ -28,10 +28,11 @@ from .config import DEFAULT_CLIP_MODEL
 from .errors import InputError, MissingDependencyError, NoFaceFoundError, first_line
 from .face import IMAGE_SUFFIXES, FaceAnalyzer, load_image, photos_in
 from .files import atomic_write
-from .generate import contact_sheet
 from .insert import PLACEHOLDER_RE
 from .models import load_clip
+from .prompts import PromptLine
 from .resources import celeb_names, data_path
+from .sheet import contact_sheet
 
 logger = logging.getLogger(__name__)
 
@@ -141,21 +142,6 @@ def categorize(prompt: str, n_identities: int) -> str:
     return "single action"
 
 
-@dataclass(frozen=True)
-class PromptLine:
-    """One line of a prompts file: ``PROMPT``, ``CATEGORY<TAB>PROMPT`` or ``CATEGORY<TAB>PROMPT<TAB>NEGATIVE``.
-
-    Attributes:
-        prompt: the text to draw, with ``<name>`` identity words.
-        category: one of ``CATEGORIES`` (or any label), ``None`` when the line has none.
-        negative_prompt: what the image should not show, ``None`` when the line has none.
-    """
-
-    prompt: str
-    category: str | None = None
-    negative_prompt: str | None = None
-
-
 def negative_prompt_for(category: str) -> str:
     """The official evaluation's negative prompt for one of the paper's ``CATEGORIES``.
 
@@ -176,21 +162,6 @@ def benchmark_prompt_lines(names: list[str]) -> list[PromptLine]:
         >>> Path("benchmark_prompts.txt").write_text(prompt_file_text(benchmark_prompt_lines(["alice"])))
     """
     return [PromptLine(p, c, negative_prompt_for(c)) for c, p in benchmark_prompts(names)]
-
-
-def prompt_file_text(lines: list[PromptLine]) -> str:
-    """Prompt lines as a prompts file: ``CATEGORY<TAB>PROMPT[<TAB>NEGATIVE]``, or ``PROMPT`` alone."""
-    out = []
-    for line in lines:
-        fields = [line.prompt]
-        if line.category is not None or line.negative_prompt is not None:
-            fields.insert(0, line.category or "")
-        if line.negative_prompt is not None:
-            fields.append(line.negative_prompt)
-        if any("\t" in f or "\n" in f for f in fields):
-            raise InputError(f"Prompt line {fields!r} holds a tab or a line break; a prompts file cannot store it.")
-        out.append("\t".join(fields) + "\n")
-    return "".join(out)
 
 
 def benchmark_prompts(names: list[str]) -> list[tuple[str, str]]:
@@ -223,42 +194,6 @@ def benchmark_prompts(names: list[str]) -> list[tuple[str, str]]:
 def _needs_two(prompt: str) -> bool:
     """Whether an official prompt shows a second person (``ks``)."""
     return any(m.group(1) == "ks" for m in _OFFICIAL_PLACEHOLDER.finditer(prompt))
-
-
-def read_prompt_file(path) -> list[PromptLine]:
-    """Read a prompts file: one ``PromptLine`` per line.
-
-    Each line is ``PROMPT``, ``CATEGORY<TAB>PROMPT`` or ``CATEGORY<TAB>PROMPT<TAB>NEGATIVE``;
-    empty fields count as absent. Category and prompt are stripped of spaces, the negative prompt
-    is kept as written. Blank lines and lines starting with ``#`` are skipped.
-
-    Raises:
-        InputError: no such file, not UTF-8 text, a line with more than three fields or no prompt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such prompts file. Pass a text file with one prompt a line.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text. Save the prompts file as UTF-8.") from None
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        fields = line.split("\t")
-        if len(fields) > 3:
-            raise InputError(f"{path}, line {number}: {len(fields)} tab-separated fields. "
-                             "Use PROMPT, CATEGORY<TAB>PROMPT or CATEGORY<TAB>PROMPT<TAB>NEGATIVE.")
-        if len(fields) == 1:
-            fields = [None, fields[0]]
-        category, prompt, negative = (fields + [None])[:3]
-        category, prompt = category and category.strip(), prompt.strip()
-        negative = negative if negative and negative.strip() else None  # kept verbatim: the official ones end in ", "
-        if not prompt:
-            raise InputError(f"{path}, line {number} has no prompt. Use CATEGORY<TAB>PROMPT[<TAB>NEGATIVE].")
-        out.append(PromptLine(prompt, category or None, negative))
-    return out
 
 
 class ClipScorer:
@@ -490,7 +425,6 @@ def evaluate(images: list, references: list[tuple[str | None, str]], *, analyzer
 
 def write_report(report: Report, out_dir) -> list[Path]:
     """``report.json``, ``report.md``, ``contact_sheet.png`` and ``scatter.png`` in ``out_dir``."""
-    from PIL import Image
 
     out_dir = Path(out_dir)
     figure_cls = _figure_class()  # before anything is written: a missing matplotlib leaves no half report

@@ -82,14 +82,18 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     """
     from safetensors.torch import save_file
 
-    if not isinstance(identity, Identity):
-        identity = Identity.load(identity)
+    source = None if isinstance(identity, Identity) else Path(identity)
+    if source is not None:
+        identity = Identity.load(source)
     tensors = export_tensors(identity, fmt)
     if pt and (fmt == "diffusers" or len(identity.parts()) > 1):
-        raise InputError("A1111's classic .pt layout holds one SD 1.x/2.x embedding: use it with the a1111 or comfyui format on a non-SDXL identity.")
+        raise InputError("A1111's classic .pt layout holds one SD 1.x/2.x embedding: use it with the a1111 or comfyui format on a non-SDXL identity.",
+                         field="pt")
     path = export_path(identity, path, pt)
+    if source is not None and path.exists() and path.resolve() == source.resolve():
+        raise InputError(f"{path} is the identity being exported. Pass another path (e.g. exports/).", field="path")
     if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists. Choose to overwrite it, or another file name.")
+        raise InputError(f"{path} already exists. Pass overwrite=True to replace it, or another path.", field="overwrite")
     base = str(identity.metadata.get("base_model", ""))
     if pt:
         emb = tensors["emb_params"].clone()  # its own storage: torch.save writes whole storages

@@ -538,11 +538,13 @@ def _is_image(path: Path) -> bool:
         return False
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, label=None) -> Image.Image:
     """Open any image Pillow reads as upright 8-bit RGB.
 
     EXIF orientation is applied; CMYK, 16-bit, greyscale, palette and alpha images become RGB
     (transparency over white); animated images use their first frame.
+
+    ``label`` is what messages call the file (default: ``path``), e.g. the name it was uploaded under.
 
     Raises:
         InputError: missing, a folder, empty, not an image, truncated, or larger than ``MAX_PIXELS``.
@@ -550,12 +552,13 @@ def load_image(path) -> Image.Image:
     from PIL import UnidentifiedImageError
 
     path = Path(path)
+    label = label or path
     if not path.exists():
-        raise InputError(f"{path}: no such file. Check the path to the photo.")
+        raise InputError(f"{label}: no such file. Check the path to the photo.")
     if path.is_dir():
-        raise InputError(f"{path} is a folder. Pass a photo file (JPEG, PNG, WebP, ...).")
+        raise InputError(f"{label} is a folder. Pass a photo file (JPEG, PNG, WebP, ...).")
     if path.stat().st_size == 0:
-        raise InputError(f"{path} is empty (0 bytes). Pass a real photo.")
+        raise InputError(f"{label} is empty (0 bytes). Pass a real photo.")
     try:
         # The size is checked from the header before any pixel is decoded (no warnings filter: it would be
         # process-wide, and the web UI loads photos from several threads).
@@ -563,20 +566,20 @@ def load_image(path) -> Image.Image:
             if im.width * im.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height}")
             if getattr(im, "n_frames", 1) > 1:
-                logger.warning("%s has %d frames; using the first.", path, im.n_frames)
+                logger.warning("%s has %d frames; using the first.", label, im.n_frames)
                 im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
-            f"{path} has too many pixels (over {MAX_PIXELS // 1_000_000} MP, or a decompression bomb). "
+            f"{label} has too many pixels (over {MAX_PIXELS // 1_000_000} MP, or a decompression bomb). "
             "Resize the photo; a face needs far fewer pixels."
         ) from None
     except UnidentifiedImageError:
-        raise InputError(f"{path} is not an image Pillow can read. Pass a JPEG, PNG or WebP photo.") from None
+        raise InputError(f"{label} is not an image Pillow can read. Pass a JPEG, PNG or WebP photo.") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError(f"{path} could not be decoded ({e}). The file is truncated or damaged; export it again.") from None
+        raise InputError(f"{label} could not be decoded ({e}). The file is truncated or damaged; export it again.") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -750,31 +753,39 @@ class FaceAnalyzer:
             InputError: the file cannot be read as an image.
             NoFaceFoundError: no face, an image too small for one, or ``face_index`` out of range.
         """
-        image = load_image(path)
+        return self.find(path, face_index)[1]
+
+    def find(self, path, face_index: int | None = None, label=None) -> tuple[list[Face], FaceAnalysis]:
+        """Every face in the photo at ``path`` (largest first) and the analysis of the one used (``__call__``).
+
+        ``label`` is what messages call the photo (default: ``path``), e.g. the name a file was uploaded under.
+        """
+        label = label or path
+        image = load_image(path, label)
         arr = np.asarray(image)
-        _check_searchable(*arr.shape[:2], path)
-        logger.info("Looking for faces in %s …", path)
-        faces = self.detect(arr, path)
+        logger.info("Looking for faces in %s …", label)
+        faces = self.detect(arr, label)  # refuses images too small or thin to search (``_check_searchable``)
         if not faces:
             raise NoFaceFoundError(
-                f"No face found in {path}. Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."
+                f"No face found in {label}. Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."
             )
         if face_index is None:
             index = 0
             if len(faces) > 1:
-                logger.warning("%s: %d faces found; using the largest. Pick another with %s.", path, len(faces),
+                logger.warning("%s: %d faces found; using the largest. Pick another with %s.", label, len(faces),
                                self.face_index_hint)
         else:
             if not 0 <= face_index < len(faces):
                 raise NoFaceFoundError(
-                    f"{path}: face index {face_index} is out of range; {len(faces)} face(s) found (0 = largest)."
+                    f"{label}: face_index {face_index} is out of range; {len(faces)} face(s) found (0 = largest).",
+                    field="face_index",
                 )
             index = face_index
         face = faces[index]
         if face.width < MIN_FACE_PX:
             logger.warning(
                 "%s: the face is only %d px wide; identity will be weak. Use a photo with the face at least %d px wide.",
-                path, int(face.width), MIN_FACE_PX,
+                label, int(face.width), MIN_FACE_PX,
             )
-        aligned, emb = self.embed(arr, face, path)
-        return FaceAnalysis(str(path), image, face, len(faces), aligned, emb, self.encoder.name)
+        aligned, emb = self.embed(arr, face, label)
+        return faces, FaceAnalysis(str(path), image, face, len(faces), aligned, emb, self.encoder.name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,9 @@ from .config import SCHEDULERS, GenerateConfig
 from .errors import InputError
 from .files import atomic_write
 from .models import model_name
-from .insert import PLACEHOLDER_RE, check_prompt_tokens, eos_pooling, expand_prompt, load_identity
+from .sheet import contact_sheet
+from .identity import Identity
+from .insert import PLACEHOLDER_RE, check_identity, check_prompt_tokens, eos_pooling, expand_prompt, load_identity
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,14 @@ class GeneratedImage:
 @contextmanager
 def scheduler_swapped(pipe, name: str | None):
     """Use the scheduler ``name`` (``ddim``, ``euler_a``, ``dpm++``, ...) inside the block, then put the
-    caller's scheduler back, also after an exception. ``None`` keeps the pipeline's own."""
+    caller's scheduler back, also after an exception. ``None`` keeps the pipeline's own.
+
+    ``name`` is a key of ``SCHEDULERS``; ``GenerateConfig`` checks it when the settings are made."""
     if not name:
         yield pipe.scheduler
         return
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise InputError(f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}.")
     original = pipe.scheduler
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(original.config)
     try:
@@ -58,15 +59,28 @@ def scheduler_swapped(pipe, name: str | None):
         pipe.scheduler = original
 
 
-def check_inputs(pipe, prompts: list[str], negatives: list[str | None]) -> None:
-    """Validate prompts before the first denoising step (sizes and counts are checked by ``GenerateConfig``)."""
+def check_inputs(pipe, prompts: list[str], negatives: list[str | None], identities=()) -> list[Identity]:
+    """Everything ``generate`` checks before it changes the pipeline (sizes and counts: ``GenerateConfig``).
+
+    Identity files are read and checked against the pipeline (``check_identity``), and every ``<token>``
+    of the prompts must be loaded or come with ``identities``. Returns the identities, read.
+    """
     if not prompts or any(not p.strip() for p in prompts):
-        raise InputError("Empty prompt. Write what to draw, e.g. \"<alice> person reading a book\".")
+        raise InputError("Empty prompt. Write what to draw, e.g. \"<alice> person reading a book\".", field="prompts")
     if len(negatives) != len(prompts):
-        raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts. Give one, or one per prompt.")
+        raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts. Give one, or one per prompt.",
+                         field="negative_prompt")
+    identities = [i if isinstance(i, Identity) else Identity.load(i) for i in identities]
+    coming = {check_identity(pipe, i) for i in identities}
+    for p in prompts:
+        check_prompt_tokens(pipe.tokenizer, p, coming)
+    return identities
+
+
+def _warn_long_prompts(pipe, prompts: list[str]) -> None:
+    """Say which part of a prompt the text encoder cannot read (once the identities' words are loaded)."""
     tok = pipe.tokenizer
     for p in prompts:
-        check_prompt_tokens(tok, p)
         ids = tok(expand_prompt(tok, p)).input_ids
         if len(ids) > tok.model_max_length:
             cut = tok.decode(ids[tok.model_max_length - 1 : -1])  # what falls past the last slot (before the end token)
@@ -99,9 +113,9 @@ def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateC
     cfg = dataclasses.replace(config or GenerateConfig(), **settings)
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     cfg = dataclasses.replace(cfg, height=cfg.height or default, width=cfg.width or default)
-    for ident in identities:
+    for ident in check_inputs(pipe, prompts, negatives, identities):  # nothing changes before every check passed
         load_identity(pipe, ident)
-    check_inputs(pipe, prompts, negatives)
+    _warn_long_prompts(pipe, prompts)
     per_call = max(1, cfg.batch_images // cfg.num_images)  # prompts per pipeline call
     batches = [list(range(i, min(len(prompts), i + per_call))) for i in range(0, len(prompts), per_call)]
     results = []
@@ -159,20 +173,6 @@ def png_info(meta: dict) -> PngInfo:
     )
     info.add_text("parameters", params)
     return info
-
-
-def contact_sheet(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Lay images out on a grid (row-major), sized to the largest image."""
-    if not images:
-        raise ValueError("no images")
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    w = max(im.width for im in images)
-    h = max(im.height for im in images)
-    sheet = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
-    return sheet
 
 
 def _slug(text: str, limit: int = 40) -> str:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import BasisConfig
 from .errors import FileFormatError, InputError
 from .families import ModelFamily, identity_family
 from .files import decode_json, load_artifact, save_artifact
@@ -66,8 +67,8 @@ class IdentityEncoder(nn.Module):
     Torch's global random state is never read or changed.
     """
 
-    def __init__(self, face_dim: int, n_tokens: int = 2, n_components: int = 512, generator: torch.Generator | None = None,
-                 lift_to: int | None = None, *, seed: int = 0):
+    def __init__(self, face_dim: int, n_tokens: int = BasisConfig.n_tokens, n_components: int = BasisConfig.n_components,
+                 generator: torch.Generator | None = None, lift_to: int | None = None, *, seed: int = 0):
         super().__init__()
         self.n_tokens, self.n_components = n_tokens, n_components
         lifted = lift_to is not None and lift_to > face_dim

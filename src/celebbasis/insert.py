@@ -34,6 +34,31 @@ def placeholder_tokens(token: str, n_tokens: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, n_tokens)]
 
 
+def check_token_free(tokenizer, token: str, n_tokens: int = 1) -> None:
+    """Refuse a person's words (``token``, ``token_1``, ...) that are words of the model's own vocabulary.
+
+    The rule's one home: ``personalize`` checks it for every name before any work, and
+    ``check_placeholder`` before any word is added. Words added earlier (a person loaded before) are free.
+    """
+    added, vocab = tokenizer.get_added_vocab(), tokenizer.get_vocab()
+    for w in placeholder_tokens(token, n_tokens):
+        if w in vocab and w not in added:
+            raise InputError(f"{w!r} is already a word in the model's vocabulary. Choose another name for this person.",
+                             field="name")
+
+
+def check_placeholder(tokenizer, token: str, n_tokens: int) -> None:
+    """Whether ``token``'s K words can be added: free (``check_token_free``) and not loaded before with another K."""
+    check_token_free(tokenizer, token, n_tokens)
+    added = tokenizer.get_added_vocab()
+    existing = [w for w in placeholder_tokens(token, n_tokens) if w in added]
+    if existing and len(existing) != n_tokens or f"{token}_{n_tokens}" in added:
+        raise InputError(
+            f"{token} is already loaded with a different number of vectors. Load it into a fresh pipeline, or pick another name.",
+            field="name",
+        )
+
+
 def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int, resize: bool = True) -> list[int]:
     """Add ``token``'s K words to the tokenizer and grow the embedding table to match.
 
@@ -45,20 +70,11 @@ def add_placeholder(tokenizer, text_encoder, token: str, n_tokens: int, resize: 
         The K token ids.
 
     Raises:
-        InputError: ``token`` is a word of the model's own vocabulary, or was added with another K.
+        InputError: ``token`` is a word of the model's own vocabulary, or was added with another K (``check_placeholder``).
     """
+    check_placeholder(tokenizer, token, n_tokens)
     words = placeholder_tokens(token, n_tokens)
-    added = tokenizer.get_added_vocab()
-    vocab = tokenizer.get_vocab()
-    for w in words:
-        if w in vocab and w not in added:
-            raise InputError(f"{w!r} is already a word in the model's vocabulary. Choose another name for this person.")
-    existing = [w for w in words if w in added]
-    if existing and len(existing) != len(words) or f"{token}_{n_tokens}" in added:
-        raise InputError(
-            f"{token} is already loaded with a different number of vectors. Load it into a fresh pipeline, or pick another name."
-        )
-    if not existing:
+    if not any(w in tokenizer.get_added_vocab() for w in words):
         tokenizer.add_tokens(words)
     if resize and text_encoder.get_input_embeddings().num_embeddings < len(tokenizer):
         device = text_encoder.get_input_embeddings().weight.device
@@ -90,6 +106,28 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
         >>> image = pipe("<alice> person reading a book").images[0]
     """
     identity = identity_or_path if isinstance(identity_or_path, Identity) else Identity.load(identity_or_path)
+    token = check_identity(pipe, identity, token)
+    if trained_on_other_encoder(identity.metadata, pipe):
+        logger.warning(
+            "Identity %s was trained with a different text encoder (base model %s); it may not look like the person.",
+            identity.token, identity.metadata.get("base_model", "unknown"),
+        )
+    for (tokenizer, text_encoder), (_, embeddings) in zip(text_encoders(pipe), identity.parts()):
+        ids = add_placeholder(tokenizer, text_encoder, token, embeddings.shape[0])
+        weight = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[ids] = embeddings.to(weight.device, weight.dtype)
+    use_eos_pooling(pipe)
+    return token
+
+
+def check_identity(pipe, identity: Identity, token: str | None = None) -> str:
+    """Everything ``load_identity`` checks before it changes the pipeline; returns the token the identity will have.
+
+    Raises:
+        FileFormatError: the identity was made for another model family or text-encoder width.
+        InputError: its words are the model's own, or loaded before with another number of vectors.
+    """
     token = token_for(token) if token else identity.token
     pairs = text_encoders(pipe)
     parts = identity.parts()
@@ -107,17 +145,7 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
                 f"Identity {identity.token} has {embeddings.shape[1]}-wide embeddings but this model's text encoder is "
                 f"{width} wide. Use the model family it was trained for ({family})."
             )
-    if trained_on_other_encoder(identity.metadata, pipe):
-        logger.warning(
-            "Identity %s was trained with a different text encoder (base model %s); it may not look like the person.",
-            identity.token, family,
-        )
-    for (tokenizer, text_encoder), (_, embeddings) in zip(pairs, parts):
-        ids = add_placeholder(tokenizer, text_encoder, token, embeddings.shape[0])
-        weight = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[ids] = embeddings.to(weight.device, weight.dtype)
-    use_eos_pooling(pipe)
+        check_placeholder(tokenizer, token, embeddings.shape[0])
     return token
 
 
@@ -127,9 +155,9 @@ def loaded_placeholders(tokenizer) -> list[str]:
     return sorted(t for t in tokenizer.get_added_vocab() if PLACEHOLDER_RE.fullmatch(t) and t not in special)
 
 
-def check_prompt_tokens(tokenizer, prompt: str) -> None:
-    """Raise if ``prompt`` uses a ``<token>`` that is not loaded, listing the ones that are."""
-    known = set(tokenizer.get_added_vocab())
+def check_prompt_tokens(tokenizer, prompt: str, coming: set[str] = frozenset()) -> None:
+    """Raise if ``prompt`` uses a ``<token>`` that is not loaded (nor in ``coming``, about to be), listing the ones that are."""
+    known = set(tokenizer.get_added_vocab()) | set(coming)
     missing = sorted({t for t in PLACEHOLDER_RE.findall(prompt) if t not in known})
     if missing:
         loaded = ", ".join(loaded_placeholders(tokenizer)) or "none"

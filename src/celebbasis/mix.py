@@ -34,14 +34,29 @@ def celebrity_coefficients(name: str, tokenizer, text_encoder, basis) -> torch.T
     return coeffs
 
 
+def ingredients(items: list[Identity | str], weights: list[float] | None = None) -> list[tuple[Identity | str, float]]:
+    """``mix``'s ``(item, weight)`` pairs from identities and celebrity names and one weight each (equal when ``None``),
+    checked (``check_ingredients``) before any model is needed."""
+    items = list(items)
+    if weights is None:
+        weights = [1.0 / len(items)] * len(items) if items else []
+    if len(weights) != len(items):
+        raise InputError(f"{len(items)} ingredient(s) but {len(weights)} weights. Give one weight per identity, "
+                         "then per celebrity.", field="weights")
+    pairs = list(zip(items, weights))
+    check_ingredients(pairs)
+    return pairs
+
+
 def check_ingredients(ingredients: list[tuple[Identity | str, float]]) -> None:
     """What ``mix`` checks before any work: something to mix, weights finite, not all zero (no model needed)."""
     if not ingredients:
-        raise InputError("Nothing to mix. Pass at least one identity or celebrity name.")
+        raise InputError("Nothing to mix. Pass at least one identity or celebrity name.", field="ingredients")
     if not all(isinstance(w, (int, float)) and math.isfinite(w) and abs(w) <= 1e6 for _, w in ingredients):
-        raise InputError(f"Mixing weights must be finite numbers of at most 1e6 in size, got {[w for _, w in ingredients]}.")
+        raise InputError(f"Mixing weights must be finite numbers of at most 1e6 in size, got {[w for _, w in ingredients]}.",
+                         field="weights")
     if all(abs(w) < 1e-12 for _, w in ingredients):
-        raise InputError("All mixing weights are zero. Give at least one ingredient a weight.")
+        raise InputError("All mixing weights are zero. Give at least one ingredient a weight.", field="weights")
 
 
 def _warn_unknown_names(names: list[str], basis) -> None:

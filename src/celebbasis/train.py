@@ -37,7 +37,7 @@ from .config import BasisConfig, TrainConfig
 from .errors import InputError
 from .face import DlibFaceEncoder, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .identity import Identity, IdentityEncoder, check_name
-from .insert import add_placeholder, borrowed_tokenizers, load_identity, token_override
+from .insert import add_placeholder, borrowed_tokenizers, check_token_free, load_identity, token_override
 from .families import family_of
 from .models import model_name, pipeline_bases, text_encoders
 from .signatures import built_from_other_table, encoders_signature
@@ -283,21 +283,28 @@ def photo_groups(photos) -> list[list]:
     return groups
 
 
-def check_inputs(pipe, names: list[str], n_people: int) -> list[str]:
-    """Names valid, distinct, one per person, and not words of the model; before any work."""
+def check_people(names: list[str], n_people: int) -> list[str]:
+    """Names valid, distinct and one per person; needs no model, so front ends call it before reading photos."""
     if n_people == 0:
-        raise InputError("No photo given. Pass one face photo (or a list of photos) per person.")
+        raise InputError("No photo given. Pass one face photo (or a list of photos) per person.", field="photos")
     if len(names) != n_people:
         raise InputError(f"{n_people} photo(s) but {len(names)} name(s). Give one name per person "
-                         "(or per list of photos of one person), in the same order.")
+                         "(or per list of photos of one person), in the same order.", field="names")
     names = [check_name(n) for n in names]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise InputError(f"The name(s) {', '.join(dup)} appear more than once. Give each person their own name.")
-    vocab, added = pipe.tokenizer.get_vocab(), pipe.tokenizer.get_added_vocab()
+        raise InputError(f"The name(s) {', '.join(dup)} appear more than once. Give each person their own name.",
+                         field="names")
+    return names
+
+
+def check_inputs(pipe, names: list[str], n_people: int) -> list[str]:
+    """Everything about the call that training checks, before any work: the people (``check_people``),
+    names that are not words of the model (``check_token_free``), a pipeline without offload hooks."""
+    names = check_people(names, n_people)
     for n in names:
-        if f"<{n}>" in vocab and f"<{n}>" not in added:
-            raise InputError(f"'<{n}>' is already a word in the model's vocabulary. Choose another name.")
+        check_token_free(pipe.tokenizer, f"<{n}>")
+    check_not_offloaded(pipe)
     return names
 
 
@@ -494,7 +501,7 @@ class Personalizer:
             raise
 
     def _setup(self, pipe, analyses, names, config, bases, base_model, face_encoder) -> None:
-        check_not_offloaded(pipe)
+        names = check_inputs(pipe, names, len(analyses))
         self.family = family_of(pipe)
         if config.resolution is None:  # the model's native size
             config = dataclasses.replace(config, resolution=self.family.default_resolution(pipe))
@@ -503,8 +510,8 @@ class Personalizer:
         self.encoders = self.family.encoders(pipe)  # [(tokenizer, text_encoder)], one per text encoder of the family
         self.bases = self._check_bases(bases)
         self.people = photo_groups(analyses)  # per person: [FaceAnalysis, ...]
-        if len(self.people) != len(names):
-            raise InputError(f"{len(self.people)} person(s) of photos but {len(names)} name(s).")
+        names = check_inputs(pipe, names, len(analyses))
+        self.family = family_of(pipe)
         self.n_id, self.k = len(names), self.bases[0].n_tokens
         self.face_encoder = self._face_encoder_name()
         self.face_net = self._face_network(face_encoder)
@@ -752,7 +759,6 @@ def personalize(
     cfg = config or TrainConfig()
     groups = photo_groups(photos)
     names = check_inputs(pipe, list(names), len(groups))
-    check_not_offloaded(pipe)
     base_model = base_model or model_name(pipe)
     bases = _resolve_bases(pipe, basis, basis_config, base_model)
     people, face_analyzer = _analyse_photos(groups, names, face_analyzer, face_index)

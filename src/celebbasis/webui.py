@@ -2,8 +2,9 @@
 
 One job runs on the model at a time (Gradio's queue, concurrency 1); others wait with their
 position shown. The app binds 127.0.0.1 unless told otherwise, caps uploads, sanitises names and
-serves only its own folders. Everything it does is also a Python call: ``WebApp`` holds the state
-(pipeline, face analyzer, identities folder), ``Handlers`` is what each button does, and
+serves only its own folders. Everything it does is also a Python call: ``Library`` is the identities
+folder, ``Photos`` the face analyses of uploads, ``WebApp`` the state over them (pipeline, face
+analyzer) and what the tabs do with it, ``Handlers`` is what each button does, and
 ``build_ui`` only lays out components and wires them to handlers. Defaults come from
 ``TrainConfig`` and ``GenerateConfig``; the image size from the loaded model.
 """
@@ -26,17 +27,17 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import EXPORT_FORMATS, GenerateConfig, TrainConfig, updated
+from .config import EXPORT_FORMATS, WEBUI_HOST, WEBUI_PORT, GenerateConfig, TrainConfig, updated
 from .errors import CelebBasisError, InputError, NoFaceFoundError
 from .export import export_identity
-from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, load_image, same_person_threshold, unlike_photos
+from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .generate import generate, save_images
 from .identity import Identity, check_name
 from .insert import PLACEHOLDER_RE, load_identity
 from .mix import mix
 from .models import SINGLE_FILE_SUFFIXES, pipeline_bases
 from .resources import example_prompts
-from .train import personalize
+from .train import check_people, personalize
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,131 @@ class Detection:
     notes: list  # one line per photo, then a warning per photo that looks like someone else
 
 
+class Library:
+    """The identities folder: ``NAME.safetensors`` with its ``NAME.thumb.png`` and ``NAME.run.json``.
+
+    A file is read again only when its mtime, size or inode change; unreadable files are skipped with one warning.
+    """
+
+    def __init__(self, folder):
+        self.dir = Path(folder)
+        self.exports = self.dir / "exports"
+        self._cache: dict[Path, tuple[tuple, Identity | None]] = {}  # path -> ((mtime, size, inode), identity)
+        self._cache_lock = threading.Lock()
+
+    def scan(self) -> list[tuple[Path, tuple, Identity]]:
+        """Every readable identity in the folder; a file is read again only when its mtime, size or inode change."""
+        with self._cache_lock:
+            fresh = {}
+            for path in sorted(self.dir.glob("*.safetensors")):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # deleted while we looked
+                    continue
+                key = (st.st_mtime_ns, st.st_size, st.st_ino)
+                hit = self._cache.get(path)
+                if hit is None or hit[0] != key:
+                    try:
+                        hit = (key, Identity.load(path))
+                    except CelebBasisError as e:
+                        logger.warning("Skipping %s: %s", path.name, e)
+                        hit = (key, None)  # remembered, so it is not read (and reported) again
+                fresh[path] = hit
+            self._cache = fresh
+            return [(p, key, ident) for p, (key, ident) in fresh.items() if ident is not None]
+
+    def identities(self) -> list[dict]:
+        rows = []
+        for path, _, ident in self.scan():
+            thumb = path.with_suffix(".thumb.png")
+            rows.append({"name": ident.name, "token": ident.token, "path": str(path),
+                         "thumb": str(thumb) if thumb.exists() else None,
+                         "model": ident.metadata.get("base_model", ""), "created": ident.metadata.get("created", "")})
+        return rows
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{check_name(name)}.safetensors"
+
+    def get(self, name: str) -> Identity:
+        path = self.path(name)
+        found = next((ident for p, _, ident in self.scan() if p == path), None)
+        if found is None:
+            raise InputError(f"No identity named {name!r}.")
+        return found
+
+    def rename(self, old: str, new: str) -> str:
+        src, dst = self.path(old), self.path(new)
+        ident = self.get(old)
+        if dst.exists():
+            raise InputError(f"An identity named {new!r} already exists. Pick another name.")
+        dataclasses.replace(ident, token=f"<{check_name(new)}>").save(dst)
+        for suffix in (".thumb.png", ".run.json"):
+            if src.with_suffix(suffix).exists():
+                src.with_suffix(suffix).rename(dst.with_suffix(suffix))
+        src.unlink()
+        return f"<{check_name(new)}>"
+
+    def delete(self, name: str) -> None:
+        path = self.path(name)
+        if not path.exists():
+            raise InputError(f"No identity named {name!r}.")
+        for p in (path, path.with_suffix(".thumb.png"), path.with_suffix(".run.json")):
+            p.unlink(missing_ok=True)
+
+    def export(self, name: str, fmt: str) -> Path:
+        """The identity file itself (``celebbasis``), or its export for a tool of ``EXPORT_FORMATS``."""
+        path = self.path(name)
+        if fmt == "celebbasis":
+            return path
+        if fmt not in EXPORT_FORMATS:  # before the name becomes a folder
+            raise InputError(f"Unknown format {fmt!r}. Choose celebbasis or one of: {', '.join(EXPORT_FORMATS)}.")
+        folder = self.exports / fmt
+        folder.mkdir(parents=True, exist_ok=True)
+        return export_identity(path, fmt, folder / f"{check_name(name)}.safetensors", overwrite=True)
+
+
+class Photos:
+    """Face analyses of uploaded photos, one per file version, the latest ``PHOTO_CACHE`` kept.
+
+    Args:
+        analyzer: returns the ``FaceAnalyzer`` (the app makes it on first use).
+    """
+
+    def __init__(self, analyzer):
+        self._analyzer = analyzer
+        self._photos: OrderedDict = OrderedDict()  # (photo path, version) -> (faces, FaceAnalysis), latest last
+        self._lock = threading.Lock()
+
+    def __call__(self, photo) -> tuple[list, FaceAnalysis]:
+        """Every face in the photo (largest first) and the analysis of the largest, once per file version.
+
+        What the Learn tab showed is what trains: ``learn`` reuses the analyses ``detect`` made.
+        """
+        path = Path(photo)
+        key = (str(path), _file_key(path)) if path.is_file() else None
+        with self._lock:
+            if key in self._photos:
+                self._photos.move_to_end(key)
+                return self._photos[key]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, Image.DecompressionBombError):  # load_image below says what is wrong with the file
+            w = h = 0
+        if w * h > MAX_UPLOAD_PIXELS:
+            raise InputError(f"{path.name} is {w}x{h}; the web UI takes up to {MAX_UPLOAD_PIXELS // 1_000_000} MP.")
+        found = self._analyzer().find(path, label=path.name)  # named as uploaded, never by the server's upload folder
+        if key is not None:
+            with self._lock:
+                self._photos[key] = found
+                while len(self._photos) > PHOTO_CACHE:
+                    self._photos.popitem(last=False)
+        return found
+
+
 class WebApp:
-    """The state behind the web UI: one pipeline, one face analyzer, the identities folder.
+    """The state behind the web UI: one pipeline, one face analyzer, the identities folder (``Library``), and what
+    the tabs do with them.
 
     Args:
         load: a function returning the diffusers pipeline (called once, on first use).
@@ -104,17 +228,14 @@ class WebApp:
         self._analyzer = analyzer
         self._face_encoder = face_encoder
         self.lock = threading.Lock()  # one job on the pipeline at a time
-        self.dir = Path(identities_dir)  # created by ``launch`` once the model loaded, or by the first file written
+        self.library = Library(identities_dir)
+        self.dir = self.library.dir  # created by ``launch`` once the model loaded, or by the first file written
         self.outputs = self.dir / "outputs"
-        self.exports = self.dir / "exports"
         self.train_config = train_config or TrainConfig()
         self.generate_config = generate_config or GenerateConfig()
         self.model_label = model_title(model_label)
-        self._cache: dict[Path, tuple[tuple, Identity | None]] = {}  # path -> ((mtime, size, inode), identity)
-        self._cache_lock = threading.Lock()
         self._in_pipe: dict[str, tuple[Path, tuple, bool]] = {}  # token -> (file, version, loaded) in the pipeline
-        self._photos: OrderedDict = OrderedDict()  # (photo path, version) -> (faces, FaceAnalysis), latest last
-        self._photos_lock = threading.Lock()
+        self.photos = Photos(lambda: self.analyzer)
 
     # -- resources ---------------------------------------------------------------------------
     @property
@@ -142,114 +263,20 @@ class WebApp:
         return Defaults(steps_per_person=self.train_config.total_steps(1), create_steps=g.steps, guidance=g.guidance,
                         width=g.width or size, height=g.height or size, num_images=g.num_images, seed=g.seed)
 
-    # -- library -----------------------------------------------------------------------------
-    def _scan(self) -> list[tuple[Path, tuple, Identity]]:
-        """Every readable identity in the folder; a file is read again only when its mtime, size or inode change."""
-        with self._cache_lock:
-            fresh = {}
-            for path in sorted(self.dir.glob("*.safetensors")):
-                try:
-                    st = path.stat()
-                except FileNotFoundError:  # deleted while we looked
-                    continue
-                key = (st.st_mtime_ns, st.st_size, st.st_ino)
-                hit = self._cache.get(path)
-                if hit is None or hit[0] != key:
-                    try:
-                        hit = (key, Identity.load(path))
-                    except CelebBasisError as e:
-                        logger.warning("Skipping %s: %s", path.name, e)
-                        hit = (key, None)  # remembered, so it is not read (and reported) again
-                fresh[path] = hit
-            self._cache = fresh
-            return [(p, key, ident) for p, (key, ident) in fresh.items() if ident is not None]
-
+    # -- library: the folder's (``Library``) -------------------------------------------------
     def identities(self) -> list[dict]:
-        rows = []
-        for path, _, ident in self._scan():
-            thumb = path.with_suffix(".thumb.png")
-            rows.append({"name": ident.name, "token": ident.token, "path": str(path),
-                         "thumb": str(thumb) if thumb.exists() else None,
-                         "model": ident.metadata.get("base_model", ""), "created": ident.metadata.get("created", "")})
-        return rows
-
-    def _path(self, name: str) -> Path:
-        return self.dir / f"{check_name(name)}.safetensors"
-
-    def _identity(self, name: str) -> Identity:
-        path = self._path(name)
-        found = next((ident for p, _, ident in self._scan() if p == path), None)
-        if found is None:
-            raise InputError(f"No identity named {name!r}.")
-        return found
+        return self.library.identities()
 
     def rename(self, old: str, new: str) -> str:
-        src, dst = self._path(old), self._path(new)
-        ident = self._identity(old)
-        if dst.exists():
-            raise InputError(f"An identity named {new!r} already exists. Pick another name.")
-        dataclasses.replace(ident, token=f"<{check_name(new)}>").save(dst)
-        for suffix in (".thumb.png", ".run.json"):
-            if src.with_suffix(suffix).exists():
-                src.with_suffix(suffix).rename(dst.with_suffix(suffix))
-        src.unlink()
-        return f"<{check_name(new)}>"
+        return self.library.rename(old, new)
 
     def delete(self, name: str) -> None:
-        path = self._path(name)
-        if not path.exists():
-            raise InputError(f"No identity named {name!r}.")
-        for p in (path, path.with_suffix(".thumb.png"), path.with_suffix(".run.json")):
-            p.unlink(missing_ok=True)
+        self.library.delete(name)
 
     def export(self, name: str, fmt: str) -> Path:
-        """The identity file itself (``celebbasis``), or its export for a tool of ``EXPORT_FORMATS``."""
-        path = self._path(name)
-        if fmt == "celebbasis":
-            return path
-        if fmt not in EXPORT_FORMATS:  # before the name becomes a folder
-            raise InputError(f"Unknown format {fmt!r}. Choose celebbasis or one of: {', '.join(EXPORT_FORMATS)}.")
-        folder = self.exports / fmt
-        folder.mkdir(parents=True, exist_ok=True)
-        return export_identity(path, fmt, folder / f"{check_name(name)}.safetensors", overwrite=True)
+        return self.library.export(name, fmt)
 
     # -- learn -------------------------------------------------------------------------------
-    def _photo(self, photo) -> tuple[list, "FaceAnalysis"]:
-        """Every face in the photo (largest first) and the analysis of the largest, once per file version.
-
-        What the Learn tab showed is what trains: ``learn`` reuses the analyses ``detect`` made.
-        """
-        path = Path(photo)
-        key = (str(path), _file_key(path)) if path.is_file() else None
-        with self._photos_lock:
-            if key in self._photos:
-                self._photos.move_to_end(key)
-                return self._photos[key]
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except (OSError, Image.DecompressionBombError):  # load_image below says what is wrong with the file
-            w = h = 0
-        if w * h > MAX_UPLOAD_PIXELS:
-            raise InputError(f"{path.name} is {w}x{h}; the web UI takes up to {MAX_UPLOAD_PIXELS // 1_000_000} MP.")
-        try:
-            image = load_image(path)
-        except CelebBasisError as e:  # name the file as uploaded, never the server's upload folder
-            raise type(e)(str(e).replace(str(path), path.name)) from None
-        pixels = np.asarray(image)
-        faces = self.analyzer.detect(pixels, path.name)  # the face stack's own checks and one-line errors
-        if not faces:
-            raise NoFaceFoundError(f"No face found in {path.name}. Use a photo where the face is frontal, well lit and at least "
-                                   f"{MIN_FACE_PX} px wide.")
-        aligned, vector = self.analyzer.embed(pixels, faces[0], path.name)
-        found = faces, FaceAnalysis(str(path), image, faces[0], len(faces), aligned, vector, self.analyzer.encoder.name)
-        if key is not None:
-            with self._photos_lock:
-                self._photos[key] = found
-                while len(self._photos) > PHOTO_CACHE:
-                    self._photos.popitem(last=False)
-        return found
-
     def detect(self, photos) -> Detection:
         """Each photo with every face boxed (the one used in green), its training crop, and notes.
 
@@ -263,7 +290,7 @@ class WebApp:
             name = Path(photo).name
             about = f"{name}: " if len(photos) > 1 else ""
             try:
-                faces, analysis = self._photo(photo)
+                faces, analysis = self.photos(photo)
             except NoFaceFoundError as e:
                 out.notes.append(f"{about}{e}" if len(photos) > 1 else str(e))
                 continue
@@ -292,14 +319,12 @@ class WebApp:
         people = [p for p in people if p]
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",")]
-        names = [check_name(n) for n in names]
-        if len(names) != len(people):
-            raise InputError(f"{len(people)} person(s) but {len(names)} name(s). Give one name per person, separated by commas.")
+        names = check_people(names, len(people))
         config = updated(self.train_config, steps=int(steps_per_person) * len(names))
         for n in names:
-            if self._path(n).exists():
+            if self.library.path(n).exists():
                 raise InputError(f"An identity named {n!r} already exists. Pick another name or delete it in the Library.")
-        analyses = [[self._photo(p)[1] for p in person] for person in people]
+        analyses = [[self.photos(p)[1] for p in person] for person in people]
 
         def callback(step, total, loss):
             if cancel.is_set():
@@ -315,14 +340,14 @@ class WebApp:
             for ident, path in zip(result.identities, result.save(self.dir)):  # personalize loaded them already
                 self._in_pipe[ident.token] = (path, _file_key(path), True)
         for a, n in zip(analyses, names):
-            a[0].crop(128).save(self._path(n).with_suffix(".thumb.png"))
+            a[0].crop(128).save(self.library.path(n).with_suffix(".thumb.png"))
         return result.identities
 
     # -- create ------------------------------------------------------------------------------
     def _load_library(self, pipe) -> set[str]:
         """Load into the pipeline the identities it lacks or whose file changed; returns the library's tokens."""
         tokens = set()
-        for path, key, ident in self._scan():
+        for path, key, ident in self.library.scan():
             loaded = self._in_pipe.get(ident.token)
             if loaded is None or loaded[:2] != (path, key):
                 ok = True
@@ -370,18 +395,18 @@ class WebApp:
             settings: ``GenerateConfig`` fields for the preview (``seed=3, steps=20, ...``).
         """
         name = check_name(name)
-        if self._path(name).exists():
+        if self.library.path(name).exists():
             raise InputError(f"An identity named {name!r} already exists. Pick another name.")
         if not a:
             raise InputError("Pick the first identity.")
-        first = self._identity(a)
-        other = celebrity.strip() if celebrity and celebrity.strip() else (self._identity(b) if b else None)
+        first = self.library.get(a)
+        other = celebrity.strip() if celebrity and celebrity.strip() else (self.library.get(b) if b else None)
         if other is None:
             raise InputError("Pick a second identity or type a celebrity name.")
         with self.lock:
             pipe = self.pipe
             mixed = mix([(first, 1.0 - float(weight)), (other, float(weight))], name, pipeline_bases(pipe), pipe)
-        mixed.save(self._path(name))
+        mixed.save(self.library.path(name))
         pairs, _ = self.create(f"a photo of {mixed.token} person", **{**settings, "num_images": 1})
         return pairs[0][0], mixed.token
 
@@ -761,7 +786,21 @@ def build_ui(app: WebApp):
     return demo
 
 
-def launch(app: WebApp, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
+def check_address(host: str = WEBUI_HOST, port: int = WEBUI_PORT) -> None:
+    """Refuse, before the model loads, a port that is not one or that another program holds."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise InputError(f"port {port} is not a port number. Pass port=N with N in 1-65535 (default {WEBUI_PORT}).", field="port")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise InputError(f"Cannot listen on {host}:{port} ({e.strerror or e}): another program (an earlier webui?) "
+                         f"may be using it. Pass port=N for a free one, or stop the other one.", field="port") from None
+
+
+def launch(app: WebApp, host: str = WEBUI_HOST, port: int = WEBUI_PORT, share: bool = False, block: bool = True):
     """Start the server and print its address; share links only when asked, with a warning.
 
     Returns the running Gradio app (``.close()`` stops it) once it stops, or at once with ``block=False``.
