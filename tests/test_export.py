@@ -369,3 +369,11 @@ def test_readme_identity_size_is_true(tmp_path):
                   torch.randn(2, 512), torch.randn(2, 1280)).save(tmp_path / "xl.safetensors")
     for path, kb in ((sd15, claim[1]), (xl, claim[2])):
         assert kb is not None and abs(path.stat().st_size / 1024 - int(kb)) <= 1, (path.name, path.stat().st_size, kb)
+
+
+def test_every_export_format_has_one_definition():
+    """A format is a name in config.EXPORT_FORMATS and an ExportFormat in export.EXPORTERS: nothing else to add."""
+    from celebbasis.config import EXPORT_FORMATS
+    from celebbasis.export import EXPORTERS
+
+    assert set(EXPORTERS) == set(EXPORT_FORMATS)

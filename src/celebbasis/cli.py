@@ -596,20 +596,13 @@ def _identity_target(args, name: str) -> Path:
 
 
 def cmd_export(args) -> int:
-    from .export import export_identity, export_path
+    from .export import EXPORTERS, export_identity, export_path
     from .identity import Identity
 
     identity = Identity.load(args.identity)
     _check_output_dir(export_path(identity, args.output, args.pt).parent)
     path = export_identity(args.identity, args.format, args.output, pt=args.pt, overwrite=args.overwrite)
-    in_place = path.parent.name == "embeddings"  # written straight into the tool's folder
-    use = {
-        "diffusers": f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts',
-        "a1111": f'{"use" if in_place else "copy it into stable-diffusion-webui/embeddings/, then"} '
-                 f'"{path.stem} person ..." in prompts',
-        "comfyui": f'{"use" if in_place else "copy it into ComfyUI/models/embeddings/, then"} '
-                   f'"embedding:{path.stem} person ..." in prompts',
-    }[args.format]
+    use = EXPORTERS[args.format].usage(identity, path)
     logger.info("Wrote %s: %s", path, use)
     return 0
 

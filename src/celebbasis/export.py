@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,35 @@ logger = logging.getLogger(__name__)
 FORMATS = EXPORT_FORMATS
 
 
+@dataclass(frozen=True)
+class ExportFormat:
+    """One tool's textual-inversion layout: what a single-encoder file's tensor is keyed by, the word a
+    prompt uses, and where the tool looks. A new format is one entry in ``EXPORTERS`` and its name in
+    ``config.EXPORT_FORMATS`` (a test checks that the two agree)."""
+
+    keyed_by_token: bool  # single text encoder: {token: (K, d)} (diffusers) or {"emb_params": (K, d)} (A1111 layout)
+    prompt_prefix: str | None  # None: prompts use the identity's token; else this + the file's stem
+    folder: str = ""  # where the tool reads embeddings from
+
+    def trigger(self, identity: Identity, stem: str) -> str:
+        """The word a prompt uses to call the export."""
+        return identity.token if self.prompt_prefix is None else f"{self.prompt_prefix}{stem}"
+
+    def usage(self, identity: Identity, path: Path) -> str:
+        """One line on how to use the written file."""
+        if self.prompt_prefix is None:
+            return f'pipe.load_textual_inversion("{path}"), then "{identity.token} person ..." in prompts'
+        where = "use" if path.parent.name == "embeddings" else f"copy it into {self.folder}, then"  # in the tool's folder
+        return f'{where} "{self.trigger(identity, path.stem)} person ..." in prompts'
+
+
+EXPORTERS: dict[str, ExportFormat] = {
+    "diffusers": ExportFormat(keyed_by_token=True, prompt_prefix=None),
+    "a1111": ExportFormat(keyed_by_token=False, prompt_prefix="", folder="stable-diffusion-webui/embeddings/"),
+    "comfyui": ExportFormat(keyed_by_token=False, prompt_prefix="embedding:", folder="ComfyUI/models/embeddings/"),
+}
+
+
 def architecture(identity: Identity) -> str:
     """``modelspec.architecture`` of an identity's embedding (its family's)."""
     return f"{identity.family.modelspec_architecture(identity.embedding_dim)}/textual-inversion"
@@ -45,8 +75,8 @@ def architecture(identity: Identity) -> str:
 
 def export_tensors(identity: Identity, fmt: str) -> dict[str, torch.Tensor]:
     """The tensors of an export in layout ``fmt`` (see the module docstring)."""
-    if fmt not in FORMATS:
-        raise InputError(f"Unknown export format {fmt!r}. Choose one of: {', '.join(FORMATS)}.")
+    if fmt not in FORMATS or fmt not in EXPORTERS:
+        raise InputError(f"Unknown export format {fmt!r}. Choose one of: {', '.join(FORMATS)}.", field="format")
     parts = identity.parts()
     if len(parts) > 1:
         keys = identity.family.export_keys
@@ -54,9 +84,8 @@ def export_tensors(identity: Identity, fmt: str) -> dict[str, torch.Tensor]:
             raise InputError(f"The {identity.family.title} family names no export key for each of its {len(parts)} text "
                              "encoders (ModelFamily.export_keys); its identities cannot be exported.")
         return {key: emb.float().contiguous() for key, (_, emb) in zip(keys, parts)}
-    if fmt == "diffusers":
-        return {identity.token: identity.embeddings.float().contiguous()}
-    return {"emb_params": identity.embeddings.float().contiguous()}
+    key = identity.token if EXPORTERS[fmt].keyed_by_token else "emb_params"
+    return {key: identity.embeddings.float().contiguous()}
 
 
 def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", path=None, *, pt: bool = False,
@@ -121,7 +150,7 @@ def export_path(identity: Identity, path, pt: bool) -> Path:
 
 def export_metadata(identity: Identity, fmt: str, stem: str) -> dict[str, str]:
     """safetensors metadata of an export: ``format``, the trigger word, base model and ``modelspec.*`` keys."""
-    trigger = identity.token if fmt == "diffusers" else stem
+    trigger = EXPORTERS[fmt].trigger(identity, stem).removeprefix(EXPORTERS[fmt].prompt_prefix or "")
     return {
         "format": "pt",
         "token": trigger,
@@ -132,7 +161,7 @@ def export_metadata(identity: Identity, fmt: str, stem: str) -> dict[str, str]:
         "modelspec.architecture": architecture(identity),
         "modelspec.implementation": "celebbasis",
         "modelspec.title": identity.name,
-        "modelspec.trigger_phrase": trigger if fmt == "diffusers" else f"{'embedding:' if fmt == 'comfyui' else ''}{trigger}",
+        "modelspec.trigger_phrase": EXPORTERS[fmt].trigger(identity, stem),
         "modelspec.date": _dt.date.today().isoformat(),
     }
 
