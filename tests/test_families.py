@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from celebbasis import families, personalize
 from celebbasis.config import EXPORT_FORMATS
+from celebbasis.errors import InputError
 from celebbasis.export import export_identity, import_embedding, read_embedding_file
 from celebbasis.families import SD1, SD2, SDXL, ModelFamily, family_of, identity_family
 from celebbasis.identity import Identity
@@ -125,6 +126,19 @@ def test_an_unregistered_family_is_named(tmp_path):
     path = alice.save(tmp_path / "alice.safetensors")
     with pytest.raises(Exception, match="gone"):
         export_identity(Identity.load(path), "diffusers", tmp_path / "out" / "")
+
+
+def test_a_family_without_export_keys_says_so_before_writing(tmp_path):
+    keyless = TwinClip(**{**TWIN.__dict__, "name": "keyless", "export_keys": ()})
+    families.register(keyless)
+    try:
+        alice = Identity.from_coefficients("<alice>", [torch.ones(2, 4), torch.ones(2, 4)], [_basis(), _basis()],
+                                           model_family="keyless")
+        with pytest.raises(InputError, match=r"names no export key .* cannot be exported\.$"):
+            export_identity(alice, "a1111", tmp_path / "out" / "")
+        assert not (tmp_path / "out").exists()
+    finally:
+        families.unregister("keyless")
 
 
 def _basis():

@@ -75,7 +75,7 @@ def architecture(identity: Identity) -> str:
 
 def export_tensors(identity: Identity, fmt: str) -> dict[str, torch.Tensor]:
     """The tensors of an export in layout ``fmt`` (see the module docstring)."""
-    if fmt not in FORMATS or fmt not in EXPORTERS:
+    if fmt not in EXPORTERS:
         raise InputError(f"Unknown export format {fmt!r}. Choose one of: {', '.join(FORMATS)}.", field="format")
     parts = identity.parts()
     if len(parts) > 1:
@@ -150,7 +150,7 @@ def export_path(identity: Identity, path, pt: bool) -> Path:
 
 def export_metadata(identity: Identity, fmt: str, stem: str) -> dict[str, str]:
     """safetensors metadata of an export: ``format``, the trigger word, base model and ``modelspec.*`` keys."""
-    trigger = EXPORTERS[fmt].trigger(identity, stem).removeprefix(EXPORTERS[fmt].prompt_prefix or "")
+    trigger = identity.token if EXPORTERS[fmt].prompt_prefix is None else stem  # the word, without the tool's prefix
     return {
         "format": "pt",
         "token": trigger,
