@@ -13,6 +13,7 @@ moving average of the coefficients predicted over all of that person's views.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ from .identity import Identity, IdentityEncoder, check_name
 from .insert import add_placeholder, borrowed_tokenizers, check_token_free, load_identity, token_override
 from .families import family_of
 from .models import model_name, pipeline_bases, text_encoders
+from .pretrain import resolve_pretrained
 from .signatures import built_from_other_table, encoders_signature
 
 logger = logging.getLogger(__name__)
@@ -489,18 +491,20 @@ class Personalizer:
         base_model: recorded in the identities.
         face_encoder: the face network the photos were analysed with (or its ``FaceAnalyzer``), run
             on every view; dlib's is loaded when ``None`` and the photos were analysed with it.
+        pretrained: a ``PretrainedNetwork`` the identity network starts from (a warm start; checked
+            against the model, basis and face network), or ``None`` for a fresh one, as the paper.
     """
 
     def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str, *,
-                 face_encoder=None):
+                 face_encoder=None, pretrained=None):
         self._stack = ExitStack()
         try:
-            self._setup(pipe, analyses, names, config, bases, base_model, face_encoder)
+            self._setup(pipe, analyses, names, config, bases, base_model, face_encoder, pretrained)
         except BaseException:
             self._stack.close()  # a set-up that fails gives everything back, as ``close`` does
             raise
 
-    def _setup(self, pipe, analyses, names, config, bases, base_model, face_encoder) -> None:
+    def _setup(self, pipe, analyses, names, config, bases, base_model, face_encoder, pretrained) -> None:
         names = check_inputs(pipe, names, len(analyses))
         self.family = family_of(pipe)
         if config.resolution is None:  # the model's native size
@@ -523,6 +527,7 @@ class Personalizer:
                             for photos in self.people]  # per person: (n_photos, f)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
+        self.pretrained = pretrained
         self.heads = self._heads()
         self.means = [b.mean.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, d) each
         self.components = [b.components.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, n, d)
@@ -533,8 +538,8 @@ class Personalizer:
         self.steps_done = 0
         self.views = ViewMaker(pipe.vae, config, self.people, self.crops, self.photo_faces, self.face_net, self.rng,
                                self.tokens)
-        if config.views > 0:
-            self.views.pool = self.views.build_pool(config.total_steps(self.n_id))
+        if config.views > 0 and config.total_steps(self.n_id, warm=pretrained is not None) > 0:
+            self.views.pool = self.views.build_pool(config.total_steps(self.n_id, warm=pretrained is not None))
         self.unet, self.scaler = self._prepare_unet()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -572,7 +577,12 @@ class Personalizer:
                 for tok, te in self.encoders]
 
     def _heads(self) -> nn.ModuleList:
-        """One identity network per text encoder, started from the seed without touching the global RNG."""
+        """One identity network per text encoder: the pretrained one's weights (a warm start), or drawn from the
+        seed without touching the global RNG."""
+        if self.pretrained is not None:
+            self.pretrained.check(self.pipe, self.bases, self.face_encoder, self.cfg.face_dim)
+            return nn.ModuleList(copy.deepcopy(h).requires_grad_(True).to(te.device)
+                                 for h, (_, te) in zip(self.pretrained.heads, self.encoders))
         init = torch.Generator("cpu").manual_seed(self.cfg.seed)
         face_dim = self.photo_faces[0].shape[1]
         return nn.ModuleList(
@@ -710,6 +720,7 @@ class Personalizer:
             out.append(Identity.from_coefficients(
                 token, avg, self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder, steps=self.steps_done, seed=self.cfg.seed,
+                **({"pretrained": self.pretrained.name} if self.pretrained is not None else {}),
                 text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
                 train_config=self.cfg.to_dict(), **self.family.identity_metadata(),
             ))
@@ -761,9 +772,14 @@ def personalize(
     names = check_inputs(pipe, list(names), len(groups))
     base_model = base_model or model_name(pipe)
     bases = _resolve_bases(pipe, basis, basis_config, base_model)
+    pretrained = resolve_pretrained(cfg.pretrained, pipe)
+    if cfg.steps == 0 and pretrained is None:
+        raise InputError("steps=0 is the instant identity of a pretrained network, and this model has none. Make one "
+                         "with `celebbasis pretrain` and pass it (pretrained=FILE), or train with steps >= 1.", field="steps")
     people, face_analyzer = _analyse_photos(groups, names, face_analyzer, face_index)
-    total = cfg.total_steps(len(names))
-    with Personalizer(pipe, people, names, cfg, bases, base_model, face_encoder=face_analyzer) as trainer:
+    total = cfg.total_steps(len(names), warm=pretrained is not None)
+    with Personalizer(pipe, people, names, cfg, bases, base_model, face_encoder=face_analyzer,
+                      pretrained=pretrained) as trainer:
         logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
                     trainer.device)
         elapsed = _train(trainer, total, show_progress, callback)
@@ -846,6 +862,9 @@ def _train(trainer: Personalizer, total: int, show_progress: bool, callback) -> 
 
 def _log_summary(trainer: Personalizer, total: int, elapsed: float) -> None:
     window = max(1, min(50, total // 4))
+    if total == 0:
+        logger.info("%s: the pretrained network's instant identity (no training steps).", ", ".join(trainer.tokens))
+        return
     if total < 4:  # too short for two windows
         logger.info("Learned %s in %d step(s) (%.1f s); last loss %.4f.", ", ".join(trainer.tokens), total, elapsed,
                     float(trainer.losses[-1]))

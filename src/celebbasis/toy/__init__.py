@@ -18,6 +18,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..resources import data_path
+from ..pretrain import register_pretrained
 from .world import RESOLUTION, SCORED
 
 TOY_MODEL = "toy"  # shown in metadata for the packaged toy world
@@ -31,6 +32,17 @@ TOY_PROMPTS = [
     "<id1> person smiling on a yellow background",
     "an illustration of <id1> person wearing a blue shirt on a white background",
 ]
+
+
+PRETRAINED_FILE = "identity-net.safetensors"  # the identity network pretrained on the world's celebrities
+
+
+def pretrained_network(pipe) -> Path | None:
+    """The toy world's pretrained identity network, for a pipeline of the toy world (``pretrained="auto"``)."""
+    from ..models import model_name
+
+    path = toy_dir() / PRETRAINED_FILE
+    return path if model_name(pipe) == TOY_MODEL and path.exists() else None
 
 
 def toy_dir() -> Path:
@@ -144,3 +156,6 @@ def score(images, person, prompts) -> dict[str, float]:
     asked = [(i, k, v) for i, p in enumerate(prompts) for k, v in colour_words(p).items()]
     fidelity = float(np.mean([read[k][i] == v for i, k, v in asked])) if asked else float("nan")
     return {"likeness": float(np.mean(list(per.values()))), "fidelity": fidelity, "per_attribute": per}
+
+
+register_pretrained(pretrained_network)
