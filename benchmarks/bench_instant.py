@@ -61,8 +61,9 @@ ARMS = {  # arm -> (data, PretrainConfig overrides)
 # -- the networks --------------------------------------------------------------------------------------
 def drawn_data(toy: Toy, bases, args) -> PretrainData:
     """The model's drawings of its celebrities and of the mixes (resumed from benchmarks/.work)."""
-    cfg = PretrainConfig(mixes=args.mixes, drawings=args.drawings)
-    return collect(toy.pipe, toy.analyzer, bases, cfg, WORK / f"instant-data-{args.mixes}-{args.drawings}.safetensors",
+    cfg = PretrainConfig(mixes=args.mixes, drawings=args.drawings, max_names=args.max_names)
+    return collect(toy.pipe, toy.analyzer, bases, cfg,
+                   WORK / f"instant-data-{args.mixes}-{args.drawings}-{args.max_names}.safetensors",
                    progress=lambda done, n, s: print(f"  drawn {done}/{n} ({s:.0f} s)", flush=True))
 
 
@@ -99,9 +100,9 @@ def networks(toy: Toy, bases, args) -> dict[str, dict]:
     out = {}
     for arm, (data, overrides) in ARMS.items():
         t = time.time()
-        net = fit_network(sets[data], PretrainConfig(mixes=args.mixes if "mixes" in data else 0, drawings=args.drawings,
-                                                     **overrides), toy.analyzer.encoder, pipe=toy.pipe, bases=bases,
-                          base_model="toy")
+        cfg = PretrainConfig(mixes=args.mixes if "mixes" in data else 0, drawings=args.drawings, max_names=args.max_names,
+                             min_names=min(20, args.max_names or 20), **overrides)
+        net = fit_network(sets[data], cfg, toy.analyzer.encoder, pipe=toy.pipe, bases=bases, base_model="toy")
         path = WORK / f"arm-{arm.replace(' ', '_').replace(',', '').replace('+', 'and')}.safetensors"
         net.save(path)
         out[arm] = {"path": str(path), "fit_seconds": round(time.time() - t, 1), "counts": net.metadata["counts"],
@@ -141,7 +142,7 @@ class Bench:
         t0 = time.perf_counter()
         people = [[self.analyzer(photo)]]
         self.count += 1
-        cfg = cb.TrainConfig.preset("toy", steps=steps, seed=seed, pretrained="none")
+        cfg = cb.TrainConfig.preset("toy", steps=steps, seed=seed, pretrained=pretrained.name if pretrained else "none")
         out = {}
         trainer = partial(Personalizer, pretrained=pretrained) if pretrained is not None else Personalizer
         with trainer(self.toy.pipe, people, [f"i{self.count}"], cfg, self.bases, "toy", face_encoder=self.analyzer) as t:
@@ -160,6 +161,7 @@ _BENCH: Bench | None = None
 
 def run_task(task, args, arms: dict) -> list[tuple[str, dict]]:
     global _BENCH
+    SNAPSHOTS[:] = args.snapshots
     if _BENCH is None:
         _BENCH = Bench(args)
     b = _BENCH
@@ -310,6 +312,38 @@ def plots(res: dict, folder: Path) -> list[Path]:
     return [path]
 
 
+def figure(args, path: Path) -> None:
+    """The README's figure: three new people's photos, their instant identity and 25 warm steps, two prompts each."""
+    from PIL import Image, ImageDraw
+
+    b = Bench(args)
+    net = PretrainedNetwork.load(args.ship) if args.ship else cb.pretrain.resolve_pretrained("auto", b.toy.pipe)
+    cell, pad, head = 112, 6, 34
+    prompts = ["<p> person on a green background", "<p> person smiling wearing a red shirt"]
+    short = [p.replace("<p> person ", "") for p in prompts]
+    titles = ["photo (new person)", *[f"instant: {p}" for p in short], *[f"25 steps: {p}" for p in short]]
+    people = new_people(3)
+    sheet = Image.new("RGB", (5 * (cell + pad) + pad, 3 * (cell + pad) + head + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 4), "toy world: one photo of a new person -> <p> person, instantly (0 steps) and after 25 steps",
+              fill="black")
+    for c, t in enumerate(titles):
+        words = t.split()
+        draw.multiline_text((pad + c * (cell + pad), 16), " ".join(words[:3]) + "\n" + " ".join(words[3:]), fill="black",
+                            spacing=0)
+    for r, person in enumerate(people):
+        photo = photos_of(person, 1, 1000 + r, b.toy.tmp)[0]
+        snaps = b.learn(photo, 0, 25, [0, 25], net)
+        tiles = [Image.open(photo).convert("RGB")]
+        for steps in (0, 25):
+            ident = snaps[steps][0]
+            tiles += b.draw([p.replace("<p>", ident.token) for p in prompts], [ident], seed=r)
+        for c, im in enumerate(tiles):
+            sheet.paste(im.resize((cell, cell), Image.NEAREST), (pad + c * (cell + pad), head + pad + r * (cell + pad)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 people, 1 seed, 6 celebrities")
@@ -318,6 +352,8 @@ def main() -> None:
     p.add_argument("--celebrities", type=int, default=20)
     p.add_argument("--drawings", type=int, default=PretrainConfig.drawings)
     p.add_argument("--mixes", type=int, default=400, help="synthetic people drawn for the mixes arm")
+    p.add_argument("--max-names", type=int, default=0, help=argparse.SUPPRESS)  # smoke tests: fewer celebrities
+    p.add_argument("--snapshots", type=int, nargs="+", default=SNAPSHOTS, help=argparse.SUPPRESS)
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per evaluated image")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -326,14 +362,22 @@ def main() -> None:
     p.add_argument("--plots", type=Path)
     p.add_argument("--ship", type=Path, help="write the shipped arm's network here")
     p.add_argument("--ship-arm", default="mlp", choices=list(ARMS))
+    p.add_argument("--figure", type=Path, help="the README's figure (instant and warm drawings beside the photo)")
+    p.add_argument("--figure-only", action="store_true", help="only draw the figure, with the shipped network")
     args = p.parse_args()
+    if args.figure_only:
+        figure(args, args.figure)
+        return
     if args.quick:
         args.people, args.seeds, args.celebrities = 3, 1, 6
+    SNAPSHOTS[:] = args.snapshots
     WORK.mkdir(exist_ok=True)
     res = run(args)
     write_results(res, markdown(res), args.json, args.markdown)
     if args.plots:
         print("plots:", *plots(res, args.plots))
+    if args.figure:
+        figure(args, args.figure)
 
 
 if __name__ == "__main__":
