@@ -124,9 +124,9 @@ def test_a_network_is_refused_on_another_model_or_face_network(quick_net, tiny_p
 
 
 def test_instant_needs_a_network(tiny_pipe, astronaut):
-    with pytest.raises(InputError, match="steps=0") as e:
+    with pytest.raises(InputError, match="instant identity") as e:
         cb.personalize(tiny_pipe, [astronaut], ["p"], config=cb.TrainConfig(steps=0), show_progress=False)
-    assert e.value.field == "steps"
+    assert e.value.field == "pretrained"
     with pytest.raises(InputError, match="steps=0"):
         cb.TrainConfig(steps=0, pretrained="none")
 
@@ -177,3 +177,20 @@ def test_a_random_network_fails_the_instant_check(toy_pipe, analyzer, tmp_path):
         h.linear.weight.copy_(torch.randn(h.linear.weight.shape, generator=g))
     net.save(tmp_path / "random.safetensors")
     assert _instant_likeness(toy_pipe, analyzer, tmp_path / "random.safetensors") < INSTANT_GATE
+
+
+def test_the_command_line_pretrains_and_adds_instantly(tmp_path, capsys):
+    from celebbasis.cli import main
+
+    net = tmp_path / "net.safetensors"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "filter"] + ["--no-filter", "--toy", "-q"]
+    assert main(["pretrain", "-o", str(net), *flags]) == 0
+    assert main(["pretrain", "-o", str(net), *flags]) == 2  # no overwrite
+    assert "already exists" in capsys.readouterr().err
+    photo = str(toy.toy_photo(2))
+    assert main(["add", photo, "--name", "p", "--toy", "--steps", "0", "--pretrained", str(net), "-o", str(tmp_path), "-q"]) == 0
+    ident = cb.Identity.load(tmp_path / "p.safetensors")
+    assert ident.metadata["steps"] == 0 and ident.metadata["pretrained"] == "net.safetensors"
+    assert main(["add", photo, "--name", "q", "--toy", "--preset", "paper", "--steps", "0", "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("celebbasis: error: --steps 0") and "\n" not in err

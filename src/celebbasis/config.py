@@ -198,8 +198,8 @@ class TrainConfig(_Settings):
         if self.steps is not None and self.steps < 0:
             raise InputError(f"steps must be >= 0, got {self.steps}.", field="steps")
         if self.steps == 0 and self.pretrained == "none":
-            raise InputError("steps=0 is the instant identity of a pretrained network, but pretrained=none. "
-                             "Give a network made by `celebbasis pretrain`, or steps >= 1.", field="steps")
+            raise InputError("steps=0 is the instant identity of a pretrained network, but the pretrained setting is none "
+                             "(the paper's recipe). Give a network made by `celebbasis pretrain`, or steps >= 1.", field="steps")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.", field="batch_size")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):

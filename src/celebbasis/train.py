@@ -774,15 +774,16 @@ def personalize(
     bases = _resolve_bases(pipe, basis, basis_config, base_model)
     pretrained = resolve_pretrained(cfg.pretrained, pipe)
     if cfg.steps == 0 and pretrained is None:
-        raise InputError("steps=0 is the instant identity of a pretrained network, and this model has none. Make one "
-                         "with `celebbasis pretrain` and pass it (pretrained=FILE), or train with steps >= 1.", field="steps")
+        raise InputError("The instant identity (0 steps) needs a pretrained network, and this model ships none: pass "
+                         "pretrained=FILE, a network made by `celebbasis pretrain`, or train for some steps.", field="pretrained")
     people, face_analyzer = _analyse_photos(groups, names, face_analyzer, face_index)
     total = cfg.total_steps(len(names), warm=pretrained is not None)
     with Personalizer(pipe, people, names, cfg, bases, base_model, face_encoder=face_analyzer,
                       pretrained=pretrained) as trainer:
-        logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
-                    trainer.device)
-        elapsed = _train(trainer, total, show_progress, callback)
+        if total:
+            logger.info("Training %s: %d steps at %d px on %s%s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
+                        trainer.device, f", from the pretrained {pretrained.name}" if pretrained is not None else "")
+        elapsed = _train(trainer, total, show_progress and total > 0, callback)
         identities = trainer.identities()
     for ident in identities:  # the placeholder rows were never used in training; fill them for drawing now
         load_identity(pipe, ident)
