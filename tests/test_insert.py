@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from celebbasis.basis import build_basis
 from celebbasis.errors import FileFormatError, InputError
-from celebbasis.identity import Identity
+from celebbasis.identity import Identity, IdentityPart
 from celebbasis.insert import check_prompt_tokens, expand_prompt, load_identity, token_override
 
 
@@ -64,7 +64,7 @@ def test_rows_written_and_others_untouched(tiny_pipe, identity):
 
 def test_loading_twice_replaces_rows(tiny_pipe, identity):
     load_identity(tiny_pipe, identity)
-    other = Identity("<alice>", identity.coefficients, identity.embeddings * 2)
+    other = Identity("<alice>", [IdentityPart(identity.coefficients, identity.embeddings * 2)])
     load_identity(tiny_pipe, other)
     assert len(tiny_pipe.tokenizer) == 49410
     w = tiny_pipe.text_encoder.get_input_embeddings().weight
@@ -72,7 +72,7 @@ def test_loading_twice_replaces_rows(tiny_pipe, identity):
 
 
 def test_width_mismatch_is_refused(tiny_pipe):
-    wide = Identity("<x>", torch.zeros(2, 8), torch.zeros(2, 768))
+    wide = Identity("<x>", [IdentityPart(torch.zeros(2, 8), torch.zeros(2, 768))])
     with pytest.raises(FileFormatError, match="768-wide embeddings but this model's text encoder is 32 wide"):
         load_identity(tiny_pipe, wide)
 
