@@ -28,7 +28,7 @@ from .errors import InputError, ModelLoadError
 from .pooling import eos_pooling
 
 TINY_MODEL = "tiny"  # the in-process tiny random model's name, recorded in what it makes (``tiny-sdxl``, ...)
-FAMILY_METADATA_KEY = "model_family"  # identity metadata naming the family it was made for (absent before 0.4)
+FAMILY_METADATA_KEY = "model_family"  # identity metadata naming the family it was made for (older files lack it)
 
 
 def slot_suffix(i: int) -> str:
@@ -54,7 +54,7 @@ class ModelFamily:
             its width is checked against the configuration. Empty: no single files.
         native_width: the real model's (first) text encoder width: tells one-encoder identities apart.
         architecture: ``modelspec.architecture`` of its embeddings (before ``/textual-inversion``).
-        built_in: identities of built-in families written before 0.4, which record no family, are told
+        built_in: older identities of built-in families, which record no family, are told
             apart by their slots and width; every identity now records its family (``FAMILY_METADATA_KEY``).
     """
 
@@ -261,7 +261,7 @@ def checkpoint_family_of(shapes: dict[str, tuple[int, ...]]) -> ModelFamily | No
 def identity_family(metadata: dict, n_encoders: int, width: int) -> ModelFamily:
     """The family an identity (or an export) was made for, from its metadata, encoder count and first width.
 
-    The metadata names it (``FAMILY_METADATA_KEY``). Files that do not, written before 0.4 for a
+    The metadata names it (``FAMILY_METADATA_KEY``). Older files that do not, made for a
     built-in family, are told apart by the number of encoders and, for one encoder, the width (SD 2.x
     is 1024 wide; a width of no real model reads as SD 1.x, which behaves the same).
 
