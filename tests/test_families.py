@@ -69,11 +69,11 @@ TWIN = TwinClip(name="twin-clip", title="Twin-CLIP SD", pipeline_class="TwinClip
 
 
 @pytest.fixture
-def twin():
+def twin(monkeypatch):
     families.register(TWIN)
+    monkeypatch.setattr(testing, "TINY_PIPELINES", dict(testing.TINY_PIPELINES))  # the registration ends with the test
     testing.register_tiny_pipeline(TWIN.name, tiny_twin_clip)
     yield TWIN
-    testing.unregister_tiny_pipeline(TWIN.name)
     families.unregister(TWIN.name)
 
 

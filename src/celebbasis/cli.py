@@ -367,7 +367,7 @@ def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, over
 
 def cmd_build_basis(args) -> int:
     from .basis import build_basis
-    from .families import text_encoders
+    from .families import slot_suffix, text_encoders
     from .models import model_name
     from .signatures import format_signature, table_signature
 
@@ -382,7 +382,7 @@ def cmd_build_basis(args) -> int:
     cfg = config_from(BasisConfig, vars(args))
     pipe = _load(args)
     pairs = text_encoders(pipe)
-    paths = [out if i == 0 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(len(pairs))]
+    paths = [out.with_name(f"{out.stem}{slot_suffix(i)}{out.suffix}") for i in range(len(pairs))]
     for path in paths[1:]:  # SDXL: the second encoder's file is checked before anything is built or written
         check_new_file(path, args.overwrite, what=f"{path} (the second text encoder's basis)")
     bases = [build_basis(tok, te, names, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,

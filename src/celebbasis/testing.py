@@ -211,8 +211,3 @@ TINY_PIPELINES: dict[str, Callable] = {
 def register_tiny_pipeline(family: str, builder: Callable) -> None:
     """Make ``tiny_pipeline(family=...)`` and ``load_pipeline(tiny=True, family=...)`` build ``builder(seed, **kwargs)``."""
     TINY_PIPELINES[family] = builder
-
-
-def unregister_tiny_pipeline(family: str) -> None:
-    """Remove a builder added with ``register_tiny_pipeline`` (tests)."""
-    TINY_PIPELINES.pop(family, None)
