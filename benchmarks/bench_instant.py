@@ -45,7 +45,8 @@ from celebbasis.config import PretrainConfig  # noqa: E402
 from celebbasis.pretrain import PretrainData, PretrainedNetwork, collect, fit_network  # noqa: E402
 from celebbasis.resources import celeb_names  # noqa: E402
 from celebbasis.toy import ToyFaceEncoder, world, world_info  # noqa: E402
-from celebbasis.train import Personalizer, _resolve_bases  # noqa: E402
+from celebbasis.models import resolve_bases
+from celebbasis.train import Personalizer  # noqa: E402
 
 SNAPSHOTS = [5, 10, 25, 50, 100]
 WORK = Path(__file__).parent / ".work"
@@ -124,7 +125,7 @@ class Bench:
         quiet()
         self.toy = Toy()
         self.analyzer = self.toy.analyzer
-        self.bases = _resolve_bases(self.toy.pipe, None, None, "toy")
+        self.bases = resolve_bases(self.toy.pipe, None, None, "toy")
         self.sample_steps = args.sample_steps
         self.count = 0
 
@@ -145,7 +146,7 @@ class Bench:
         cfg = cb.TrainConfig.preset("toy", steps=steps, seed=seed, pretrained=pretrained.name if pretrained else "none")
         out = {}
         trainer = partial(Personalizer, pretrained=pretrained) if pretrained is not None else Personalizer
-        with trainer(self.toy.pipe, people, [f"i{self.count}"], cfg, self.bases, "toy", face_encoder=self.analyzer) as t:
+        with trainer(self.toy.pipe, people, [f"i{self.count}"], cfg, self.bases, "toy", face_net=self.analyzer.encoder) as t:
             if 0 in snapshots:
                 out[0] = (t.identities()[0], time.perf_counter() - t0)
             while t.steps_done < steps:
@@ -213,7 +214,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     quiet()
     toy = Toy()
-    res["arms"] = arms = networks(toy, _resolve_bases(toy.pipe, None, None, "toy"), args)
+    res["arms"] = arms = networks(toy, resolve_bases(toy.pipe, None, None, "toy"), args)
     del toy
     res["rows"] = rows = {}
     todo = tasks(args)

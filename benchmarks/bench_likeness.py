@@ -45,10 +45,11 @@ from _toy import Toy, mean_sd, new_people, photos_of, prompts_for, quiet, write_
 
 import celebbasis as cb  # noqa: E402
 from celebbasis.face import FaceAnalyzer, WholeImageDetector  # noqa: E402
-from celebbasis.identity import Identity  # noqa: E402
+from celebbasis.identity import Identity, IdentityPart  # noqa: E402
 from celebbasis.resources import celeb_names  # noqa: E402
 from celebbasis.toy import ToyFaceEncoder, world, world_info  # noqa: E402
-from celebbasis.train import Personalizer, _resolve_bases  # noqa: E402
+from celebbasis.train import Personalizer  # noqa: E402
+from celebbasis.models import resolve_bases  # noqa: E402
 
 SNAPSHOTS = [25, 50, 100, 200, 400]  # --snapshots: steps at which the recipe and textual inversion are drawn
 DECIDE_AT = 100  # --decide-at: the goal's step budget, where the decisions that cost a run each are made
@@ -106,14 +107,13 @@ class TextualInversion(Personalizer):
         from contextlib import ExitStack
 
         from celebbasis.insert import token_override
-        from celebbasis.train import pipeline_conditioning
 
         person = F.one_hot(torch.tensor(who), self.n_id).float()
         with ExitStack() as stack:
             for (_, te), ids, emb in zip(self.encoders, self.token_ids, coeffs):
                 rows = person.to(emb)[:, :, None, None] * emb[None]  # (B, n_id, K, d)
                 stack.enter_context(token_override(te.get_input_embeddings(), ids))["rows"] = rows.flatten(1, 2)
-            return pipeline_conditioning(self.pipe, captions, self.cfg.resolution)
+            return self.family.conditioning(self.pipe, captions, self.cfg.resolution)
 
     def step(self, batch=None):
         batch = self.sample_batch() if batch is None else batch
@@ -126,7 +126,7 @@ class TextualInversion(Personalizer):
         return self.losses[-1]
 
     def identities(self):
-        return [Identity(tok, torch.zeros(self.k, 1), self.heads[0][i].detach().float().clone(),
+        return [Identity(tok, [IdentityPart(torch.zeros(self.k, 1), self.heads[0][i].detach().float().clone())],
                          {"base_model": self.base_model})
                 for i, tok in enumerate(self.tokens)]
 
@@ -135,7 +135,7 @@ class TextualInversion(Personalizer):
 class Bench:
     def __init__(self, toy: Toy, sample_steps: int):
         self.toy, self.sample_steps = toy, sample_steps
-        self.bases = _resolve_bases(toy.pipe, None, None, "toy")
+        self.bases = resolve_bases(toy.pipe, None, None, "toy")
         self.analyzers = {cls: FaceAnalyzer(WholeImageDetector(), cls()) for cls in (ToyFaceEncoder, Toy128, Correlated)}
         self.facenet = self.analyzers[ToyFaceEncoder].encoder
         self.count = 0
@@ -150,7 +150,7 @@ class Bench:
         self.count += len(photos)
         steps = config.total_steps(len(photos))
         out: dict = {}
-        with trainer(self.toy.pipe, people, names, config, self.bases, "toy", face_encoder=analyzer) as t:
+        with trainer(self.toy.pipe, people, names, config, self.bases, "toy", face_net=analyzer.encoder) as t:
             while t.steps_done < steps:
                 t.step()
                 if t.steps_done in snapshots or t.steps_done == steps:

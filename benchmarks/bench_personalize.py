@@ -37,7 +37,10 @@ def run_recipe(pipe, analysis, steps: int, batch: int, resolution: int, seed: in
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from celebbasis.train import TEMPLATES, TrainConfig, augment, to_tensor
+    from celebbasis.config import TrainConfig
+    from celebbasis.prompts import TEMPLATES
+    from celebbasis.train.augment import augment_view
+    from celebbasis.train.views import to_tensor
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -65,7 +68,7 @@ def run_recipe(pipe, analysis, steps: int, batch: int, resolution: int, seed: in
     te.train()
     losses = []
     for _ in range(steps):
-        views = [augment(crop, resolution, rng, cfg) for _ in range(batch)]
+        views = [augment_view(crop, resolution, rng, cfg)[0] for _ in range(batch)]
         caps = [TEMPLATES[int(rng.integers(len(TEMPLATES)))].format("face of <alice> <alice>_1 person") for _ in range(batch)]
         latents = vae.encode(to_tensor(views).to(device)).latent_dist.sample().detach() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
@@ -93,7 +96,8 @@ def run_one(which: str, args) -> dict:
     from celebbasis.face import FaceAnalyzer
     from celebbasis.models import load_pipeline
     from celebbasis.resources import example_face
-    from celebbasis.train import TrainConfig, personalize
+    from celebbasis.config import TrainConfig
+    from celebbasis.train import personalize
 
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype="float32" if which == "recipe" else args.dtype)

@@ -35,7 +35,8 @@ def train_one(args, n: int) -> dict:
     from celebbasis.face import FaceAnalyzer
     from celebbasis.models import load_pipeline
     from celebbasis.resources import example_face
-    from celebbasis.train import TrainConfig, personalize
+    from celebbasis.config import TrainConfig
+    from celebbasis.train import personalize
 
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device=device)
@@ -78,7 +79,8 @@ def train_photos(args, k: int) -> dict:
     from _models import peak_memory_mb
 
     from celebbasis.models import load_pipeline
-    from celebbasis.train import TrainConfig, personalize
+    from celebbasis.config import TrainConfig
+    from celebbasis.train import personalize
 
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device=device)

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 def train(model: Path, photo: Path, args, *, views: int, seed: int) -> dict:
     """One personalization run; returns the saved coefficients and the seconds it took."""
     from celebbasis.models import load_pipeline
-    from celebbasis.train import TrainConfig, personalize
+    from celebbasis.config import TrainConfig
+    from celebbasis.train import personalize
 
     pipe = load_pipeline(str(model), device=args.device, dtype="float32")
     cfg = TrainConfig(steps=args.steps, resolution=args.resolution, views=views, seed=seed)
@@ -62,7 +63,8 @@ class HeldOut:
         self.args = args
 
     def _personalizer(self, seed: int):
-        from celebbasis.train import Personalizer, TrainConfig
+        from celebbasis.config import TrainConfig
+        from celebbasis.train import Personalizer
 
         cfg = TrainConfig(steps=1, resolution=self.args.resolution, views=0, seed=seed)
         return Personalizer(self.pipe, self.analyses, ["alice"], cfg, self.bases, "bench")

@@ -142,6 +142,6 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
 def tiny_single_file(tmp_path_factory):
     """The tiny SD 1.x pipeline (seed 0, the same weights as ``tiny_model_dir``) as one A1111/ComfyUI-style
     ``.safetensors`` checkpoint; load it with ``config=tiny_model_dir`` (``--model-config``)."""
-    from celebbasis.testing import save_tiny_single_file
+    from helpers import save_tiny_single_file
 
     return save_tiny_single_file(tmp_path_factory.mktemp("checkpoints") / "tinyVision.safetensors")

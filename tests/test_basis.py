@@ -176,7 +176,7 @@ def test_cache_builds_once_for_every_dtype_of_a_model(tokenizer, tiny_pipe, monk
 
 
 def test_table_signature_is_dtype_independent_and_tells_models_apart(tokenizer, tiny_pipe):
-    from celebbasis.models import same_signature, table_signature
+    from celebbasis.signatures import same_signature, table_signature
 
     te = tiny_pipe.text_encoder
     base = table_signature(tokenizer, te)

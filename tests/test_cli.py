@@ -145,12 +145,12 @@ def test_bad_input_one_line_errors(tmp_path, monkeypatch, capsys, args, match):
 @pytest.mark.parametrize("error, said", [(RuntimeError("boom\nsecond line"), "internal error: RuntimeError: boom. "),
                                           (RuntimeError(), "internal error: RuntimeError. ")])
 def test_a_bug_is_one_line_and_v_shows_the_traceback(tmp_path, monkeypatch, capsys, error, said):
-    import celebbasis.evaluate
+    import celebbasis.prompts
 
     def broken(names):
         raise error
 
-    monkeypatch.setattr(celebbasis.evaluate, "benchmark_prompt_lines", broken)
+    monkeypatch.setattr(celebbasis.prompts, "benchmark_prompt_lines", broken)
     args = ["benchmark-prompts", "alice", "-o", str(tmp_path / "p.txt")]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from celebbasis.basis import build_basis
 from celebbasis.identity import Identity
 from celebbasis.insert import load_identity
-from celebbasis.models import text_encoders
+from celebbasis.families import text_encoders
 from celebbasis.testing import tiny_pipeline
-from celebbasis.train import TEMPLATES, Personalizer, TrainConfig
+from celebbasis.config import TrainConfig
+from celebbasis.prompts import TEMPLATES
+from celebbasis.train import Personalizer
 
 CFG = TrainConfig(resolution=64, steps=1, views=1, face_per_photo=True, seed=0)
 FAMILIES = ["sd1", "sd2", "sdxl"]

@@ -17,13 +17,12 @@ from PIL import Image
 from celebbasis.cli import main
 from conftest import side_by_side
 from celebbasis.errors import InputError, ModelLoadError
-from celebbasis.evaluate import (
-    ImageResult, Report, benchmark_prompt_lines, best_assignment, benchmark_prompts, categorize, clip_text,
-    evaluate, negative_prompt_for, reference_embedding, write_report,
-)
+from celebbasis.evaluate import ImageResult, Report, best_assignment, clip_text, evaluate, reference_embedding, write_report
 from celebbasis.face import Face
-from celebbasis.prompts import PromptLine, prompt_file_text, read_prompt_file
-from celebbasis.testing import save_tiny_clip
+from celebbasis.prompts import (
+    PromptLine, benchmark_prompt_lines, benchmark_prompts, categorize, negative_prompt_for, prompt_file_text, read_prompt_file,
+)
+from helpers import save_tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,11 @@ from celebbasis.basis import build_basis
 from celebbasis.cli import main
 from celebbasis.errors import InputError
 from celebbasis.export import export_identity, import_embedding
-from celebbasis.identity import Identity
-from celebbasis.insert import eos_pooling, load_identity, text_encoders
+from celebbasis.families import family_of, text_encoders
+from celebbasis.identity import Identity, IdentityPart
+from celebbasis.insert import load_identity
 from celebbasis.mix import celebrity_coefficients, mix
+from celebbasis.pooling import eos_pooling
 from celebbasis.testing import save_tiny_pipeline, tiny_pipeline
 
 FAST = ["--steps", "2", "--resolution", "64", "-q"]
@@ -100,7 +102,7 @@ def test_sdxl_export_loads_per_encoder(tmp_path, sdxl, fmt):
     assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape == (2, 32) and state["clip_g"].shape == (2, 64)
     theirs.load_textual_inversion(state["clip_l"], token="<alice>", text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
     theirs.load_textual_inversion(state["clip_g"], token="<alice>", text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2)
-    with eos_pooling(theirs):  # as ComfyUI and A1111/Forge pool SDXL prompts (diffusers alone pools at argmax)
+    with eos_pooling(family_of(theirs).pooled_encoder(theirs)):  # as ComfyUI and A1111/Forge pool SDXL prompts (diffusers alone pools at argmax)
         (a, pa), (b, pb) = embeds(ours, PROMPT), embeds(theirs, PROMPT)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(pa, pb, atol=1e-5)
     plain, _ = embeds(copy.deepcopy(sdxl), "a photo of person and Barack Obama")
@@ -157,7 +159,7 @@ def test_add_export_generate_every_family(tmp_path, astronaut_path, family):
     ids, out = tmp_path / "ids", tmp_path / "out"
     assert main(["add", str(astronaut_path), "--name", "alice", "--model", str(model), "-o", str(ids), *FAST]) == 0
     ident = Identity.load(ids / "alice.safetensors")
-    assert ident.is_sdxl == (family == "sdxl")
+    assert len(ident.parts) == (2 if family == "sdxl" else 1)
     run = json.loads((ids / "alice.run.json").read_text())
     assert len(run["losses"]) == 2
     assert main(["export", str(ids / "alice.safetensors"), "--format", "diffusers", "-o", str(tmp_path / "ti"), "-q"]) == 0
@@ -279,7 +281,7 @@ def test_a1111_pt_passes_a1111_safe_loader(tmp_path, sd1):
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask022", "umask077"])
 def test_written_files_get_the_users_mode(tmp_path, sd1, umask, mode):
     from celebbasis.files import atomic_write
-    from celebbasis.testing import save_single_file
+    from celebbasis.single_file import save_single_file
 
     ident, _ = random_identity(sd1)
     before = os.umask(umask)
@@ -364,9 +366,9 @@ def test_readme_identity_size_is_true(tmp_path):
     assert claim, "the README's identity size sentence changed; update this test"
     meta = {"basis_sha256": "a" * 64, "created": "2025-01-01T00:00:00+00:00", "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "face_encoder": "dlib", "steps": 400, "seed": 0, "text_encoder_sha256": "b" * 64, "source_photo": "alice.jpg"}
-    sd15 = Identity("<alice>", torch.randn(2, 512), torch.randn(2, 768), meta).save(tmp_path / "sd15.safetensors")
-    xl = Identity("<alice>", torch.randn(2, 512), torch.randn(2, 768), {**meta, "basis_sha256": "a" * 64 + "," + "c" * 64},
-                  torch.randn(2, 512), torch.randn(2, 1280)).save(tmp_path / "xl.safetensors")
+    sd15 = Identity("<alice>", [IdentityPart(torch.randn(2, 512), torch.randn(2, 768))], meta).save(tmp_path / "sd15.safetensors")
+    xl = Identity("<alice>", [IdentityPart(torch.randn(2, 512), torch.randn(2, 768)), IdentityPart(torch.randn(2, 512), torch.randn(2, 1280))],
+                  {**meta, "basis_sha256": "a" * 64 + "," + "c" * 64}).save(tmp_path / "xl.safetensors")
     for path, kb in ((sd15, claim[1]), (xl, claim[2])):
         assert kb is not None and abs(path.stat().st_size / 1024 - int(kb)) <= 1, (path.name, path.stat().st_size, kb)
 

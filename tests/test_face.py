@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from celebbasis.errors import InputError, NoFaceFoundError
-from celebbasis.face import CROP_TEMPLATE, crop_face, load_image, similarity_transform
+from celebbasis.face import crop_face, load_image
+from celebbasis.face.geometry import CROP_TEMPLATE, similarity_transform
 
 
 def test_astronaut_one_face_landmarks_inside_box(astronaut):

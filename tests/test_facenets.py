@@ -11,11 +11,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from celebbasis.errors import InputError
-from celebbasis.face import (
-    ARCFACE_TEMPLATE, FIVE_POINT, PAPER_ENCODER_TEMPLATE, ArcFaceEncoder, Face, FaceAnalyzer, MTCNNDetector,
-    OnnxFaceEncoder, arcface_align, similarity_transform,
-)
-from celebbasis.facenets import IRESNET_LAYERS, IResNet
+from celebbasis.face import FIVE_POINT, ArcFaceEncoder, Face, FaceAnalyzer, MTCNNDetector, OnnxFaceEncoder
+from celebbasis.face.geometry import ARCFACE_TEMPLATE, PAPER_ENCODER_TEMPLATE, arcface_align, similarity_transform
+from celebbasis.face.nets import IRESNET_LAYERS, IResNet
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +193,12 @@ def test_onnx_runtime_errors_name_the_model(tmp_path, astronaut_path):
 
 
 def test_face_encoder_spec_errors(tmp_path):
-    from celebbasis.face import face_encoder
+    from celebbasis.face import make_face_encoder
 
     with pytest.raises(InputError, match="Unknown face encoder"):
-        face_encoder("facenet")
+        make_face_encoder("facenet")
     with pytest.raises(InputError, match="no such file"):
-        face_encoder(f"onnx:{tmp_path}/missing.onnx")
+        make_face_encoder(f"onnx:{tmp_path}/missing.onnx")
 
 
 def test_add_with_arcface_records_the_encoder(tmp_path, tiny_model_dir, astronaut_path):
@@ -219,7 +217,7 @@ def test_add_with_arcface_records_the_encoder(tmp_path, tiny_model_dir, astronau
 def test_a_face_network_added_from_outside_trains_and_is_recorded(tiny_pipe, astronaut_path):
     """The face-network extension point: one class and one registration, no change to the package."""
     import celebbasis as cb
-    from celebbasis.face import DLIB5, FACE_ENCODERS, face_encoder, register_face_encoder
+    from celebbasis.face import DLIB5, FACE_ENCODERS, make_face_encoder, register_face_encoder
 
     class MeanColour:  # a stand-in network: the aligned crop's mean colour per quadrant, 12 numbers
         name, embedding_dim, landmarks = "mean-colour", 12, DLIB5
@@ -238,6 +236,6 @@ def test_a_face_network_added_from_outside_trains_and_is_recorded(tiny_pipe, ast
                                 config=cb.TrainConfig(steps=2, resolution=64, views=2))
         assert result.identities[0].metadata["face_encoder"] == "mean-colour"
         with pytest.raises(InputError, match="mean-colour"):  # listed among the kinds
-            face_encoder("nothing")
+            make_face_encoder("nothing")
     finally:
         del FACE_ENCODERS["mean-colour"]

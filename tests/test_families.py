@@ -13,17 +13,16 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from celebbasis import families, personalize
-from celebbasis.config import EXPORT_FORMATS
+from celebbasis import families, personalize, testing
+from celebbasis.config import EXPORT_FORMATS, TrainConfig
 from celebbasis.errors import InputError
 from celebbasis.export import export_identity, import_embedding, read_embedding_file
-from celebbasis.families import SD1, SD2, SDXL, ModelFamily, family_of, identity_family
+from celebbasis.families import SD1, SD2, SDXL, ModelFamily, family_of, identity_family, text_encoders
 from celebbasis.identity import Identity
 from celebbasis.insert import expand_prompt, load_identity
-from celebbasis.models import load_pipeline, pipeline_bases, text_encoders
+from celebbasis.models import load_pipeline, pipeline_bases
 from celebbasis.resources import clip_tokenizer
 from celebbasis.testing import TINY_WIDTH, _tiny_text_encoder, _tiny_unet, tiny_pipeline
-from celebbasis.train import TrainConfig, pipeline_conditioning
 
 CFG = TrainConfig(resolution=64, steps=2, views=1, face_per_photo=True, seed=0)
 
@@ -49,17 +48,19 @@ class TwinClip(ModelFamily):
             hidden.append(te(ids.to(te.device))[0])  # (B, T, 32)
         return torch.cat(hidden, dim=-1), {}  # (B, T, 64)
 
-    def tiny_pipeline(self, seed: int = 0, **kwargs):
-        base = tiny_pipeline(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 10)
-            unet = _tiny_unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=2 * TINY_WIDTH,
-                              attention_head_dim=4)
-            torch.manual_seed(seed + 11)
-            text_encoder_2 = _tiny_text_encoder(base.tokenizer, TINY_WIDTH)
-        return TwinClipPipeline(base.vae, base.text_encoder, base.tokenizer, unet, base.scheduler, text_encoder_2,
-                                clip_tokenizer())
+
+def tiny_twin_clip(seed: int = 0, **kwargs):
+    """The family's tiny model: the tiny SD 1.x with a second tiny CLIP and a UNet for both."""
+    base = tiny_pipeline(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 10)
+        unet = _tiny_unet(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=2 * TINY_WIDTH,
+                          attention_head_dim=4)
+        torch.manual_seed(seed + 11)
+        text_encoder_2 = _tiny_text_encoder(base.tokenizer, TINY_WIDTH)
+    return TwinClipPipeline(base.vae, base.text_encoder, base.tokenizer, unet, base.scheduler, text_encoder_2,
+                            clip_tokenizer())
 
 
 TWIN = TwinClip(name="twin-clip", title="Twin-CLIP SD", pipeline_class="TwinClipPipeline", default_model="example/twin-clip",
@@ -68,8 +69,10 @@ TWIN = TwinClip(name="twin-clip", title="Twin-CLIP SD", pipeline_class="TwinClip
 
 
 @pytest.fixture
-def twin():
+def twin(monkeypatch):
     families.register(TWIN)
+    monkeypatch.setattr(testing, "TINY_PIPELINES", dict(testing.TINY_PIPELINES))  # the registration ends with the test
+    testing.register_tiny_pipeline(TWIN.name, tiny_twin_clip)
     yield TWIN
     families.unregister(TWIN.name)
 
@@ -84,7 +87,7 @@ def test_built_in_families_are_told_apart():
 
 def test_sdxl_time_ids_are_the_pipelines():
     pipe = tiny_pipeline(family="sdxl")
-    _, added = pipeline_conditioning(pipe, ["a photo", "a face"], 64)
+    _, added = SDXL.conditioning(pipe, ["a photo", "a face"], 64)
     ref = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), dtype=torch.float32,
                                  text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
     assert torch.equal(added["time_ids"], ref.repeat(2, 1))
@@ -100,8 +103,8 @@ def test_a_family_defined_here_trains_saves_loads_and_exports(twin, tmp_path, as
     alice = Identity.load(tmp_path / "ids" / "alice.safetensors")
     assert alice.family is twin and alice.metadata["model_family"] == twin.name
     assert alice.metadata["base_model"] == "tiny-twin-clip"
-    assert [e.shape for _, e in alice.parts()] == [(2, TINY_WIDTH), (2, TINY_WIDTH)]
-    assert torch.equal(alice.embeddings_2, result.identities[0].embeddings_2)
+    assert [e.shape for _, e in alice.parts] == [(2, TINY_WIDTH), (2, TINY_WIDTH)]
+    assert torch.equal(alice.parts[1].embeddings, result.identities[0].parts[1].embeddings)
 
     bases = pipeline_bases(pipe)
     for fmt in EXPORT_FORMATS:
@@ -110,13 +113,13 @@ def test_a_family_defined_here_trains_saves_loads_and_exports(twin, tmp_path, as
             assert list(f.keys()) == ["clip_a", "clip_b"]
             assert f.metadata()["format"] == "pt" and f.metadata()["modelspec.architecture"] == "stable-diffusion/textual-inversion"
         found = read_embedding_file(path)
-        assert list(found) == ["clip_a", "clip_b"] and torch.equal(found["clip_b"], alice.embeddings_2)
+        assert list(found) == ["clip_a", "clip_b"] and torch.equal(found["clip_b"], alice.parts[1].embeddings)
         back, residuals = import_embedding(path, "alice2", bases)
         assert back.family is twin and max(residuals) < 1e-4
 
-    fresh = twin.tiny_pipeline()  # the identity in another copy of the model: its words condition the UNet
+    fresh = tiny_pipeline(family=twin.name)  # the identity in another copy of the model: its words condition the UNet
     assert load_identity(fresh, alice) == "<alice>"
-    cond, added = pipeline_conditioning(fresh, ["face of <alice> person"], 64)
+    cond, added = twin.conditioning(fresh, ["face of <alice> person"], 64)
     assert cond.shape == (1, 77, 2 * TINY_WIDTH) and added == {}
 
 

@@ -15,9 +15,10 @@ import torch
 
 from celebbasis.basis import build_basis
 from celebbasis.errors import InputError
-from celebbasis.models import text_encoders
+from celebbasis.config import TrainConfig
+from celebbasis.families import text_encoders
 from celebbasis.testing import tiny_pipeline
-from celebbasis.train import Personalizer, TrainConfig, personalize
+from celebbasis.train import Personalizer, personalize
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -42,14 +43,14 @@ def test_half_precision_training(family, dtype, astronaut):
     bases = [build_basis(tok, te) for tok, te in text_encoders(pipe)]
     with Personalizer(pipe, [astronaut], ["alice"], TrainConfig(steps=3, **CFG), bases, "tiny") as trainer:
         assert (trainer.scaler is not None) == (dtype == torch.float16)  # loss scaling for float16 only
-        assert trainer.mlp.linear.weight.dtype == torch.float32 and trainer.mlp.linear.weight.is_cuda
+        assert trainer.heads[0].linear.weight.dtype == torch.float32 and trainer.heads[0].linear.weight.is_cuda
         assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        w0 = trainer.mlp.linear.weight.detach().clone()
+        w0 = trainer.heads[0].linear.weight.detach().clone()
         losses = []
-        while len(losses) < 8 and torch.equal(trainer.mlp.linear.weight, w0):  # the scaler may skip its first steps
+        while len(losses) < 8 and torch.equal(trainer.heads[0].linear.weight, w0):  # the scaler may skip its first steps
             losses.append(trainer.step())
         assert all(math.isfinite(x) for x in losses)
-        assert not torch.equal(trainer.mlp.linear.weight, w0)  # it learns
+        assert not torch.equal(trainer.heads[0].linear.weight, w0)  # it learns
         ident = trainer.identities()[0]
     assert torch.isfinite(ident.coefficients).all()
     assert flags(pipe) == before and pipe.unet.dtype == dtype  # given back: contiguous again, frozen as found

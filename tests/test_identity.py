@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from celebbasis.basis import build_basis
+from celebbasis.config import TrainConfig
 from celebbasis.errors import FileFormatError, InputError
 from celebbasis.identity import FACE_DIM, Identity, IdentityEncoder, check_name, face_lift
+from celebbasis.testing import tiny_pipeline
 
 
 def test_encoder_init_and_unit_rows():
@@ -170,3 +175,68 @@ def test_encoder_weights_come_from_its_seed_not_the_global_rng():
     assert torch.equal(IdentityEncoder(16, 2, 8).linear.weight, IdentityEncoder(16, 2, 8, seed=0).linear.weight)  # default seed 0
     given = IdentityEncoder(16, 2, 8, generator=torch.Generator().manual_seed(3))
     assert torch.equal(given.linear.weight, a.linear.weight)  # a generator given is used, seeded the same
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy-identities"
+
+
+@pytest.mark.parametrize("name, family", [("legacy_sd1", "sd1"), ("legacy_sdxl", "sdxl")])
+def test_identity_files_written_before_load_unchanged(name, family):
+    """Files written by the code before identities held one part per encoder (``tests/data/legacy-identities``):
+    the same token, family, tensors and metadata, and the same prompt embeddings on their tiny model."""
+    from safetensors.torch import load_file
+
+    from celebbasis.families import family_of
+    from celebbasis.insert import load_identity
+    from celebbasis.models import load_pipeline
+    from celebbasis.pooling import eos_pooling
+
+    expected = json.loads((LEGACY / "expected.json").read_text())[name]
+    path = LEGACY / f"{name}.safetensors"
+    ident = Identity.load(path)
+    raw = load_file(str(path))
+    assert ident.token == expected["token"] and ident.family.name == expected["family"] == family
+    assert [[list(c.shape), list(e.shape)] for c, e in ident.parts] == expected["shapes"]
+    for i, (coeffs, emb) in enumerate(ident.parts):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        assert torch.equal(coeffs, raw["coefficients" + suffix]) and torch.equal(emb, raw["embeddings" + suffix])
+    assert ident.metadata == expected["metadata"]
+
+    pipe = load_pipeline(tiny=True, family=family, device="cpu")
+    load_identity(pipe, ident)
+    with torch.no_grad(), eos_pooling(family_of(pipe).pooled_encoder(pipe)):
+        out = pipe.encode_prompt([f"a photo of {ident.token} person"], device="cpu", num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)  # (embeds, negative[, pooled, negative pooled])
+    embeds = out[0]
+    assert float(embeds.double().abs().sum()) == pytest.approx(expected["prompt_embeds_abs_sum"], rel=1e-5)
+    assert [round(float(x), 6) for x in embeds[0, 1:6, :4].flatten()] == pytest.approx(expected["slice"], abs=2e-6)
+    if expected["pooled_sum"] is not None:
+        assert float(out[2].double().sum()) == pytest.approx(expected["pooled_sum"], rel=1e-5)
+
+
+def test_an_identity_holds_one_part_per_encoder_any_number(tmp_path, tiny_pipe):
+    """Three text encoders: three parts, saved as ``_2`` and ``_3`` beside the first, read back in order."""
+    basis = build_basis(tiny_pipe.tokenizer, tiny_pipe.text_encoder)
+    coeffs = [torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(i)), dim=-1)
+              for i in range(3)]
+    ident = Identity.from_coefficients("<trio>", coeffs, [basis] * 3, model_family="three-clips")
+    assert [type(p).__name__ for p in ident.parts] == ["IdentityPart"] * 3
+    path = ident.save(tmp_path / "trio.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["coefficients", "coefficients_2", "coefficients_3", "embeddings", "embeddings_2",
+                                    "embeddings_3"]
+    back = Identity.load(path)
+    assert len(back.parts) == 3 and all(torch.equal(a.coefficients, c) for a, c in zip(back.parts, coeffs))
+    assert torch.equal(back.coefficients, coeffs[0]) and torch.equal(back.parts[2].embeddings, ident.parts[2].embeddings)
+
+
+def test_identities_record_their_family(tiny_pipe, astronaut):
+    from celebbasis.train import personalize
+
+    for family in ("sd1", "sd2"):
+        pipe = tiny_pipe if family == "sd1" else tiny_pipeline(family="sd2")
+        cfg = TrainConfig(steps=1, resolution=64, views=1, face_per_photo=True)
+        ident = personalize(pipe, [astronaut], ["a"], config=cfg, show_progress=False).identities[0]
+        assert ident.metadata["model_family"] == family and ident.family.name == family  # tiny SD 2 is 32 wide, as tiny SD 1

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from celebbasis.basis import build_basis
 from celebbasis.errors import FileFormatError, InputError
-from celebbasis.identity import Identity
-from celebbasis.insert import check_prompt_tokens, expand_prompt, load_identity, token_override
+from celebbasis.identity import Identity, IdentityPart
+from celebbasis.insert import check_prompt_tokens, expand_prompt, load_identity, loaded_placeholders, token_override
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_rows_written_and_others_untouched(tiny_pipe, identity):
 
 def test_loading_twice_replaces_rows(tiny_pipe, identity):
     load_identity(tiny_pipe, identity)
-    other = Identity("<alice>", identity.coefficients, identity.embeddings * 2)
+    other = Identity("<alice>", [IdentityPart(identity.coefficients, identity.embeddings * 2)])
     load_identity(tiny_pipe, other)
     assert len(tiny_pipe.tokenizer) == 49410
     w = tiny_pipe.text_encoder.get_input_embeddings().weight
@@ -72,7 +72,7 @@ def test_loading_twice_replaces_rows(tiny_pipe, identity):
 
 
 def test_width_mismatch_is_refused(tiny_pipe):
-    wide = Identity("<x>", torch.zeros(2, 8), torch.zeros(2, 768))
+    wide = Identity("<x>", [IdentityPart(torch.zeros(2, 8), torch.zeros(2, 768))])
     with pytest.raises(FileFormatError, match="768-wide embeddings but this model's text encoder is 32 wide"):
         load_identity(tiny_pipe, wide)
 
@@ -136,3 +136,52 @@ def test_missing_token_message_lists_only_identities(tiny_pipe):
     with pytest.raises(InputError) as e:
         check_prompt_tokens(tiny_pipe.tokenizer, "<carol> person")
     assert "(loaded: none)" in str(e.value)  # not <|endoftext|> and <|startoftext|>
+
+
+def _tokenizer_state(tokenizer) -> tuple:
+    return len(tokenizer), dict(tokenizer.get_vocab()), dict(tokenizer.get_added_vocab())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_unload_identity_gives_the_pipeline_back_as_before(family):
+    """``unload_identity`` undoes ``load_identity``: every tokenizer and every prompt's embeddings (and, for SDXL,
+    its pooled vector and hooks) as before; a second identity loaded beside it keeps working."""
+    from celebbasis.families import family_of, text_encoders
+    from celebbasis.insert import unload_identity
+    from celebbasis.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(family=family)
+    bases = [build_basis(tok, te) for tok, te in text_encoders(pipe)]
+    g = torch.Generator().manual_seed(2)
+    alice, bob = (Identity.from_coefficients(t, [torch.nn.functional.normalize(torch.randn(2, b.n_components, generator=g), dim=-1)
+                                                 for b in bases], bases) for t in ("<alice>", "<bob>"))
+    prompts = ["a photo of <alice> person", "<alice> person and Barack Obama", "a photo of a person"]
+
+    def encode(prompt):
+        with torch.no_grad():
+            return [t for t in pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False) if t is not None]
+
+    before = [_tokenizer_state(tok) for tok, _ in text_encoders(pipe)], [encode(p) for p in prompts]
+    sizes = [te.get_input_embeddings().num_embeddings for _, te in text_encoders(pipe)]
+    load_identity(pipe, alice)
+    with_alice = [encode(p) for p in prompts]
+    assert not torch.allclose(with_alice[0][0], before[1][0][0])
+    load_identity(pipe, bob)
+    bob_embeds = encode("a photo of <bob> person")
+
+    unload_identity(pipe, "<alice>")
+    assert loaded_placeholders(pipe.tokenizer) == ["<bob>"] and "<alice>_1" not in pipe.tokenizer.get_added_vocab()
+    for a, b in zip(encode("a photo of <bob> person"), bob_embeds):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the other identity is untouched
+    with pytest.raises(InputError, match=r"No identity <alice> is loaded .*loaded: <bob>"):
+        unload_identity(pipe, "alice")
+
+    unload_identity(pipe, "bob")
+    assert [_tokenizer_state(tok) for tok, _ in text_encoders(pipe)] == before[0]
+    assert [te.get_input_embeddings().num_embeddings for _, te in text_encoders(pipe)] == sizes
+    for now, then in zip([encode(p) for p in prompts], before[1]):
+        for a, b in zip(now, then):
+            assert torch.equal(a, b)  # "<alice>" is plain text again: the model's own words
+    pooled = family_of(pipe).pooled_encoder(pipe)
+    assert pooled is None or not hasattr(pooled[1], "_celebbasis_eos_pooling")  # SDXL's hook left with the last one

@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from celebbasis.evaluate import (
+from celebbasis.prompts import (
     CATEGORIES, PAPER_PROMPT_FILES, benchmark_prompt_lines, benchmark_prompts, categorize, negative_prompt_for,
     paper_prompts,
 )
-from celebbasis.face import (
-    CROP_TEMPLATE, DLIB5, FIVE_POINT, PAPER_ENCODER_TEMPLATE, WHOLE, ArcFaceEncoder, Face, OnnxFaceEncoder,
-    arcface_align, crop_face, similarity_transform, warp_affine,
-)
+from celebbasis.face import DLIB5, FIVE_POINT, WHOLE, ArcFaceEncoder, Face, OnnxFaceEncoder, crop_face
+from celebbasis.face.geometry import CROP_TEMPLATE, PAPER_ENCODER_TEMPLATE, arcface_align, similarity_transform, warp_affine
 from celebbasis.resources import data_path
 
 # evaluation/face_align/PIPNet/alignment/alignment.py: ``ffhq`` (left eye, right eye, nose tip, mouth corners)
@@ -138,10 +136,10 @@ def test_dlib_and_toy_crops_are_unchanged():
     np.testing.assert_allclose(CROP_TEMPLATE, [[0.375, 0.47], [0.625, 0.47], [0.5, 0.625]])
     want = warp_affine(photo, similarity_transform(face.key_points(), CROP_TEMPLATE * 128), 128)
     assert np.array_equal(np.asarray(crop_face(photo, face, 128)), np.asarray(want))
-    from celebbasis.toy.world import frame
+    from celebbasis.face.geometry import frame_whole
 
     whole = Face((0.0, 0.0, 400.0, 300.0), np.zeros((5, 2)), 1.0, WHOLE)
-    assert np.array_equal(np.asarray(crop_face(photo, whole, 64)), np.asarray(frame(photo, size=64)))
+    assert np.array_equal(np.asarray(crop_face(photo, whole, 64)), np.asarray(frame_whole(photo, 64)))
 
 
 # -- the face network's input -----------------------------------------------------------------------
@@ -179,7 +177,7 @@ def test_encoder_input_puts_dots_where_the_official_pipeline_does(landmarks):
 
 
 def test_the_papers_encoder_aligns_the_official_way_onnx_the_insightface_way(tmp_path):
-    from celebbasis.face import insightface_align
+    from celebbasis.face.geometry import insightface_align
 
     points = exact_face()
     photo = dots(640, 480, points, sigma=5.0)
@@ -252,7 +250,8 @@ def test_onnx_models_keep_insightface_layout():
     """insightface's recognition models were trained on its standard layout, not the paper's warp."""
     from PIL import ImageDraw
 
-    from celebbasis.face import ARCFACE_TEMPLATE, FIVE_POINT, Face, insightface_align
+    from celebbasis.face import FIVE_POINT, Face
+    from celebbasis.face.geometry import ARCFACE_TEMPLATE, insightface_align
 
     points = ARCFACE_TEMPLATE * 2.0 + np.array([100.0, 60.0])
     img = Image.new("RGB", (512, 512))

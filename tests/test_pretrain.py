@@ -146,13 +146,14 @@ def test_the_toy_world_ships_its_network(toy_pipe):
 
 
 def test_a_warm_start_begins_at_the_instant_identity(toy_pipe, analyzer):
-    from celebbasis.train import Personalizer, _resolve_bases
+    from celebbasis.models import resolve_bases
+from celebbasis.train import Personalizer
 
     net = resolve_pretrained("auto", toy_pipe)
     face = analyzer(toy.toy_photo(2))
     cfg = cb.TrainConfig.preset("toy", steps=2)
-    with Personalizer(toy_pipe, [[face]], ["w"], cfg, _resolve_bases(toy_pipe, None, None, "toy"), "toy",
-                      face_encoder=analyzer, pretrained=net) as t:
+    with Personalizer(toy_pipe, [[face]], ["w"], cfg, resolve_bases(toy_pipe, None, None, "toy"), "toy",
+                      face_net=analyzer.encoder, pretrained=net) as t:
         before = t.identities()[0].coefficients
         torch.testing.assert_close(before, net.predict(face.embedding)[0][0])
         t.step()

@@ -23,7 +23,7 @@ from celebbasis.cli import main
 from conftest import png_header_only, side_by_side
 from celebbasis.errors import InputError
 from celebbasis.face import load_image
-from celebbasis.identity import Identity, check_name
+from celebbasis.identity import Identity, IdentityPart, check_name
 from celebbasis.insert import add_placeholder, expand_prompt
 
 FAST = ["--steps", "2", "--resolution", "64", "-q"]
@@ -164,7 +164,7 @@ def bad_identities(tmp_path, good_identity, tiny_model_dir):
     data = good_identity.read_bytes()
     (d / "cut.safetensors").write_bytes(data[: len(data) // 2])
     assert main(["build-basis", "--model", str(tiny_model_dir), "-o", str(d / "basis.safetensors"), "-q"]) == 0
-    Identity("<wide>", torch.zeros(2, 8), torch.zeros(2, 768)).save(d / "wide.safetensors")
+    Identity("<wide>", [IdentityPart(torch.zeros(2, 8), torch.zeros(2, 768))]).save(d / "wide.safetensors")
     return {
         "not-safetensors": (d / "text.safetensors", "not a readable safetensors file"),
         "pickle": (d / "pickle.pt", "never loads pickles"),

@@ -79,7 +79,7 @@ def test_reproduce_paper_usage_errors(tmp_path):
 
 @pytest.mark.e2e
 def test_reproduce_paper_end_to_end_on_the_tiny_model(tmp_path, astronaut_path):
-    from celebbasis.testing import save_tiny_clip
+    from helpers import save_tiny_clip
 
     refs = tmp_path / "refs"
     refs.mkdir()

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from celebbasis.basis import build_basis
+from celebbasis.config import TrainConfig
+from celebbasis.families import family_of, text_encoders
 from celebbasis.identity import Identity
-from celebbasis.insert import eos_pooling, expand_prompt, load_identity, remove_eos_pooling, use_eos_pooling
-from celebbasis.models import text_encoders
+from celebbasis.insert import expand_prompt, load_identity
+from celebbasis.pooling import eos_pooling, remove_eos_pooling, use_eos_pooling
 from celebbasis.testing import TINY_WIDTH_2, _tiny_text_encoder, tiny_pipeline
-from celebbasis.train import Personalizer, TrainConfig, pipeline_conditioning
+from celebbasis.train import Personalizer
 
 PROMPTS = ["a photo of <alice> person", "<alice> person and Barack Obama cooking dinner in a small kitchen"]
 PLAIN = ["a photo of a person", "", "a painting of " + "a very long river, " * 30]  # the last one is cut at 77 tokens
@@ -33,6 +35,11 @@ def sdxl():
 @pytest.fixture(scope="module")
 def bases(sdxl):
     return [build_basis(tok, te) for tok, te in text_encoders(sdxl)]
+
+
+def pooled_encoder(pipe):
+    """The (tokenizer, text encoder) whose pooled vector conditions the pipeline's UNet, or ``None``."""
+    return family_of(pipe).pooled_encoder(pipe)
 
 
 def coefficients(bases, seed):
@@ -105,7 +112,7 @@ def test_prompts_without_new_words_are_unchanged(sdxl, alice):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), prompt
     # in a batch, the prompt without new words keeps the model's own vector, bit for bit
     argmax = copy.deepcopy(pipe)
-    remove_eos_pooling(argmax)
+    remove_eos_pooling(pooled_encoder(argmax))
     assert forward_hooks(argmax) == [{}, {}]
     batch = [PROMPTS[0], PLAIN[0]]
     (e1, p1), (e2, p2) = encode(pipe, batch), encode(argmax, batch)
@@ -127,7 +134,7 @@ def test_training_and_generation_condition_alike(sdxl, bases, astronaut):
     load_identity(reference, Identity.from_coefficients("<alice>", coeffs, bases))
     with torch.no_grad():
         embeds, pooled = encode(reference, PROMPTS)
-        ref_cond, ref_added = pipeline_conditioning(reference, PROMPTS, 64)
+        ref_cond, ref_added = family_of(reference).conditioning(reference, PROMPTS, 64)
     torch.testing.assert_close(cond, embeds, rtol=0, atol=1e-5)
     torch.testing.assert_close(added["text_embeds"], pooled, rtol=0, atol=1e-5)
     torch.testing.assert_close(ref_added["text_embeds"], pooled, rtol=0, atol=0)
@@ -137,9 +144,9 @@ def test_training_and_generation_condition_alike(sdxl, bases, astronaut):
 def test_the_hook_is_undone(sdxl, alice):
     pipe = copy.deepcopy(sdxl)
     before = forward_hooks(pipe)
-    with eos_pooling(pipe):
+    with eos_pooling(pooled_encoder(pipe)):
         assert len(pipe.text_encoder_2._forward_hooks) == 1
-        with eos_pooling(pipe):  # nested: still one hook
+        with eos_pooling(pooled_encoder(pipe)):  # nested: still one hook
             assert len(pipe.text_encoder_2._forward_hooks) == 1
         assert len(pipe.text_encoder_2._forward_hooks) == 1
     assert forward_hooks(pipe) == before
@@ -147,14 +154,14 @@ def test_the_hook_is_undone(sdxl, alice):
     load_identity(pipe, alice)
     load_identity(pipe, alice)  # loading again adds no second hook
     assert len(pipe.text_encoder_2._forward_hooks) == 1 and pipe.text_encoder._forward_hooks == {}
-    with eos_pooling(pipe):  # a block inside loaded identities leaves them their hook
+    with eos_pooling(pooled_encoder(pipe)):  # a block inside loaded identities leaves them their hook
         pass
     assert len(pipe.text_encoder_2._forward_hooks) == 1
-    remove_eos_pooling(pipe)
+    remove_eos_pooling(pooled_encoder(pipe))
     assert forward_hooks(pipe) == before
 
     # identities unloaded the diffusers way: the hook goes with them, on the next prompt
-    use_eos_pooling(pipe)
+    use_eos_pooling(pooled_encoder(pipe))
     pipe.unload_textual_inversion(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
     pipe.unload_textual_inversion(text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
     assert pipe.text_encoder_2.get_input_embeddings().num_embeddings == len(pipe.tokenizer_2) == 49408
@@ -165,8 +172,8 @@ def test_the_hook_is_undone(sdxl, alice):
 
 def test_nothing_to_do_elsewhere(alice, bases):
     sd1 = tiny_pipeline()
-    assert not use_eos_pooling(sd1)  # SD 1.x/2.x: the pooled vector conditions nothing
-    with eos_pooling(sd1):
+    assert not use_eos_pooling(pooled_encoder(sd1))  # SD 1.x/2.x: the pooled vector conditions nothing
+    with eos_pooling(pooled_encoder(sd1)):
         assert sd1.text_encoder._forward_hooks == {}
     # a config that names the real end token (eos_token_id 49407): transformers pools there by itself
     modern = tiny_pipeline(family="sdxl")

@@ -21,10 +21,12 @@ from celebbasis import generate, load_identity, personalize
 from celebbasis.errors import ModelLoadError
 from celebbasis.identity import Identity
 from celebbasis.families import family_named
-from celebbasis.models import encoders_signature
-from celebbasis.models import checkpoint_family, load_pipeline, model_name
-from celebbasis.testing import save_single_file, save_tiny_pipeline, save_tiny_single_file, tiny_pipeline
-from celebbasis.train import TrainConfig
+from celebbasis.config import TrainConfig
+from celebbasis.models import load_pipeline, model_name
+from celebbasis.signatures import encoders_signature
+from celebbasis.single_file import save_single_file
+from celebbasis.testing import save_tiny_pipeline, tiny_pipeline
+from helpers import checkpoint_family, save_tiny_single_file
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
 ENCODERS = ("unet", "vae", "text_encoder", "text_encoder_2")

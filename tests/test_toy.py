@@ -96,7 +96,7 @@ def test_a_new_person_is_learned(toy_pipe, analyzer):
 @pytest.mark.parametrize("breakage", ["gradients cut", "wrong token"])
 def test_learning_breaks_when_training_does(toy_pipe, analyzer, breakage, monkeypatch):
     """Each way of breaking training takes likeness below the gate that the learning test asserts."""
-    from celebbasis import train
+    from celebbasis import prompts, train
 
     person, photo = _truth(1), toy.toy_photo(1)
     if breakage == "gradients cut":  # the loss no longer reaches the identity network
@@ -104,5 +104,5 @@ def test_learning_breaks_when_training_does(toy_pipe, analyzer, breakage, monkey
         monkeypatch.setattr(train.Personalizer, "loss", lambda self, batch, coeffs=None: loss(
             self, batch, [c.detach() for c in coeffs]) + 0 * sum(c.sum() for c in coeffs))
     else:  # the captions never name the word the network writes
-        monkeypatch.setattr(train, "TEMPLATES", [t.replace("{}", "face of a person") for t in train.TEMPLATES])
+        monkeypatch.setattr(prompts, "TEMPLATES", [t.replace("{}", "face of a person") for t in prompts.TEMPLATES])
     assert _likeness(toy_pipe, analyzer, photo, person) < LIKENESS_GATE

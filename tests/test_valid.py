@@ -12,7 +12,7 @@ import torch
 from celebbasis.basis import build_basis
 from celebbasis.config import BasisConfig, GenerateConfig, TrainConfig
 from celebbasis.errors import InputError, NoFaceFoundError
-from celebbasis.identity import Identity
+from celebbasis.identity import Identity, IdentityPart
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_defaults_have_one_home():
     from celebbasis.cli import build_parser
     from celebbasis.config import WEBUI_HOST, WEBUI_PORT
     from celebbasis.identity import IdentityEncoder
-    from celebbasis.models import cached_basis
+    from celebbasis.basis import cached_basis
     from celebbasis.webui import launch
 
     cfg = BasisConfig()
@@ -111,7 +111,7 @@ def test_offload_is_checked_by_the_one_entry_check(tiny_pipe):
 def test_generate_with_bad_input_leaves_the_pipeline_unchanged(tiny_pipe, alice, bad):
     from celebbasis.generate import generate
 
-    other = dataclasses.replace(alice, token="<bob>", embeddings=torch.zeros(2, 7))  # another model's width
+    other = dataclasses.replace(alice, token="<bob>", parts=[IdentityPart(alice.coefficients, torch.zeros(2, 7))])  # another width
     ids, prompt = ([alice], "<carol> person") if bad == "prompt" else ([alice, other], "<alice> person")
     vocab, table = dict(tiny_pipe.tokenizer.get_vocab()), tiny_pipe.text_encoder.get_input_embeddings().weight.clone()
     with pytest.raises(InputError):

@@ -19,12 +19,12 @@ from .export import export_identity, import_embedding
 from .face import FaceAnalyzer, FaceEncoder, load_image
 from .generate import GeneratedImage, generate, save_images
 from .identity import Identity, IdentityEncoder
-from .insert import load_identity
+from .insert import load_identity, unload_identity
 from .mix import mix
 from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, load_pipeline
 from .config import BasisConfig, GenerateConfig, TrainConfig
 from .train import PersonalizeResult, personalize
-from . import toy  # noqa: E402  the toy world (cb.toy.score, cb.toy.world, ...)
+from . import toy  # noqa: E402  the toy world plugs in here (cb.toy.score, cb.toy.world, load_pipeline(toy=True), ...)
 
 __all__ = [
     "__version__",
@@ -57,4 +57,5 @@ __all__ = [
     "personalize",
     "save_images",
     "toy",
+    "unload_identity",
 ]

@@ -11,6 +11,7 @@ what is about the command line itself (files, model choice, logging).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -22,7 +23,8 @@ from .cli_flags import Parser, config_flags, config_from, config_values, flag, m
 from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WEBUI_HOST, WEBUI_PORT,
                      BasisConfig, GenerateConfig, PretrainConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
-from .families import SD1, SDXL
+from .families import FAMILIES, SD1, SDXL, TINY_MODEL, family_named, family_of_tiny
+from .files import check_new_file
 
 logger = logging.getLogger("celebbasis")
 
@@ -73,7 +75,9 @@ def _common(p: Parser, model: bool = True) -> None:
              help="for a single-file --model (.safetensors/.ckpt): diffusers folder or hub id of the same architecture to "
                   "take the configuration from (default: the family's, from the HF cache or the Hub)")
         flag(p, g, "--sdxl", default=False, action="store_true",
-             help=f"SDXL: default model {SDXL.default_model} (and a tiny SDXL with --tiny)")
+             help=f"SDXL: default model {SDXL.default_model} (and a tiny SDXL with --tiny); the same as --family sdxl")
+        flag(p, g, "--family", choices=tuple(FAMILIES),
+             help="model family of the default model and of --tiny: sd1 (default), sd2 or sdxl")
         flag(p, g, "--tiny", default=False, action="store_true",
              help="use a tiny random model built in-process (for trying things out; images are noise)")
         flag(p, g, "--toy", default=False, action="store_true",
@@ -243,13 +247,19 @@ def _load(args, device: str | None = None):
 
     logger.info("Loading %s ...", "the tiny random model" if args.tiny else _model_label(args))
     return load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
-                         revision=args.revision, tiny=args.tiny, sdxl=args.sdxl, toy=args.toy)
+                         revision=args.revision, tiny=args.tiny, sdxl=args.sdxl, toy=args.toy, family=args.family)
 
 
 def _model_label(args) -> str:
     if args.toy:
         return "the toy world"
-    return "tiny random model" if args.tiny else args.model or (SDXL if args.sdxl else SD1).default_model
+    family = family_named(args.family) if args.family else SDXL if args.sdxl else SD1
+    return "tiny random model" if args.tiny else args.model or family.default_model
+
+
+def _with(args, **changes) -> argparse.Namespace:
+    """A copy of the parsed arguments with ``changes``: what the command line said stays as it was parsed."""
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def _face_spec(args) -> str:
@@ -270,7 +280,7 @@ def _model_flags(args) -> str:
     for name in ("tiny", "sdxl", "toy"):
         if getattr(args, name, False):
             out.append(f"--{name}")
-    for name in ("model", "model_config", "revision"):
+    for name in ("family", "model", "model_config", "revision"):
         value = getattr(args, name, None)
         if value:
             out.append(f"--{name.replace('_', '-')} {_quote(value)}")
@@ -302,7 +312,7 @@ def _basis(args):
 
 
 def _warn_cpu(pipe) -> None:
-    from .models import TINY_MODEL, model_name
+    from .models import model_name
 
     if pipe.unet.device.type == "cpu" and not model_name(pipe).startswith(TINY_MODEL) and pipe.unet.config.sample_size >= 32:
         logger.warning("Training a full-size model on the CPU takes hours; a GPU (--device cuda) takes minutes.")
@@ -372,12 +382,11 @@ def _personalize(args, pipe, people: list, names: list[str], out_dir: Path, over
 
 def cmd_build_basis(args) -> int:
     from .basis import build_basis
-    from .models import model_name, text_encoders
+    from .families import slot_suffix, text_encoders
+    from .models import model_name
     from .signatures import format_signature, table_signature
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out} already exists. Pass --overwrite to replace it.")
+    out = check_new_file(args.output, args.overwrite)
     _check_output_dir(out.parent)
     names = None
     if args.names:
@@ -388,10 +397,9 @@ def cmd_build_basis(args) -> int:
     cfg = config_from(BasisConfig, vars(args))
     pipe = _load(args)
     pairs = text_encoders(pipe)
-    paths = [out if i == 0 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}") for i in range(len(pairs))]
+    paths = [out.with_name(f"{out.stem}{slot_suffix(i)}{out.suffix}") for i in range(len(pairs))]
     for path in paths[1:]:  # SDXL: the second encoder's file is checked before anything is built or written
-        if path.exists() and not args.overwrite:
-            raise InputError(f"{path} (the second text encoder's basis) already exists. Pass --overwrite to replace it.")
+        check_new_file(path, args.overwrite, what=f"{path} (the second text encoder's basis)")
     bases = [build_basis(tok, te, names, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
                          source=model_name(pipe), signature=format_signature(table_signature(tok, te))) for tok, te in pairs]
     for path, basis in zip(paths, bases):
@@ -410,8 +418,7 @@ def cmd_add(args) -> int:
     _train_config(args)  # bad settings fail before any photo or model is read
     _check_output_dir(out)
     for n in names:
-        if (out / f"{n}.safetensors").exists() and not args.overwrite:
-            raise InputError(f"{out / (n + '.safetensors')} already exists. Pass --overwrite to replace it, or choose another --name.")
+        check_new_file(out / f"{n}.safetensors", args.overwrite)
     analyzer = _analyzer(args)
     analyses = [[analyzer(p, face_index=args.face_index) for p in photos] for photos in people]  # before the model loads
     pipe = _load(args)
@@ -515,7 +522,7 @@ def cmd_generate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import ClipScorer, evaluate, find_images, write_report
-    from .face import FaceAnalyzer, face_encoder
+    from .face import FaceAnalyzer, make_face_encoder
     from .identity import Identity
     from .prompts import read_prompt_file
 
@@ -527,7 +534,7 @@ def cmd_evaluate(args) -> int:
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     out = Path(args.output)
     _check_output_dir(out)
-    encoder = face_encoder(args.eval_encoder)  # a missing network file is reported first
+    encoder = make_face_encoder(args.eval_encoder)  # a missing network file is reported first
     clip = None if args.no_clip else ClipScorer(args.clip_model)  # an offline CLIP fails before the detector loads
     analyzer = FaceAnalyzer(encoder=encoder)
     for p in args.identity:
@@ -545,14 +552,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark_prompts(args) -> int:
-    from .evaluate import benchmark_prompt_lines
     from .files import atomic_write
     from .identity import check_name
-    from .prompts import prompt_file_text
+    from .prompts import benchmark_prompt_lines, prompt_file_text
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out} already exists. Pass --overwrite to replace it.")
+    out = check_new_file(args.output, args.overwrite)
     _check_output_dir(out.parent)
     rows = benchmark_prompt_lines([check_name(n) for n in args.names])
     text = prompt_file_text(rows)
@@ -563,11 +567,10 @@ def cmd_benchmark_prompts(args) -> int:
 
 
 def cmd_webui(args) -> int:
-    from .webui import WebApp, check_address, launch
+    from .webui import WebApp, launch
 
     out = Path(args.output)
     _check_output_dir(out)
-    check_address(args.host, args.port)  # before the model loads
     app = WebApp(lambda: _load(args), out, model_label=_model_label(args), face_encoder=_face_spec(args),
                  train_config=_train_config(args), generate_config=_generate_config(args))
     launch(app, host=args.host, port=args.port, share=args.share)
@@ -596,11 +599,11 @@ def cmd_demo(args) -> int:
             print(f"\n{BANNER}\n  NO MODEL: {e}\n  Running the same pipeline in the TOY WORLD instead: a small model of cartoon\n"
                   f"  people that ships with celebbasis (64 px). Pass --model PATH for real pictures.\n{BANNER}\n",
                   file=sys.stderr)
-            args.toy = True
+            args = _with(args, toy=True)
     if args.tiny or args.toy:
         pipe = _load(args)
     if args.tiny and config.steps is None:
-        args.steps = 100 * len(args.photo or [None])
+        args = _with(args, steps=100 * len(args.photo or [None]))
     photos = args.photo or [str(toy_photo(0) if args.toy else example_face())]
     all_prompts = TOY_PROMPTS if args.toy else example_prompts()
     names = ["id1", "id2"][: len(photos)]
@@ -624,9 +627,16 @@ def cmd_demo(args) -> int:
 
 
 def _demo_sampling(args, seed: int) -> GenerateConfig:
-    """The demo's sampling: ``GenerateConfig``'s defaults (its ``tiny`` preset with --tiny), the training seed."""
+    """The demo's sampling: ``GenerateConfig``'s defaults (its ``tiny`` preset with --tiny), the training seed.
+
+    Its ``steps`` are the demo's --sample-steps (--steps is training's), and errors say so."""
     given = {k: v for k, v in (("num_images", args.num_images), ("steps", args.sample_steps)) if v is not None}
-    return GenerateConfig.preset("tiny", **given, seed=seed) if args.tiny else GenerateConfig(**given, seed=seed)
+    try:
+        return GenerateConfig.preset("tiny", **given, seed=seed) if args.tiny else GenerateConfig(**given, seed=seed)
+    except InputError as e:
+        if e.field != "steps":
+            raise
+        raise InputError(str(e).replace("steps", "sample_steps", 1), field="sample_steps") from None
 
 
 def _bases(args, pipe):
@@ -639,10 +649,7 @@ def _bases(args, pipe):
 def _identity_target(args, name: str) -> Path:
     out = Path(args.output)
     _check_output_dir(out)
-    target = out / f"{name}.safetensors"
-    if target.exists() and not args.overwrite:
-        raise InputError(f"{target} already exists. Pass --overwrite to replace it, or choose another --name.")
-    return target
+    return check_new_file(out / f"{name}.safetensors", args.overwrite)
 
 
 def cmd_export(args) -> int:
@@ -657,20 +664,25 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _follow_recorded_model(args, recorded: str | None) -> None:
-    """With no model flag given, use the model an input file records (``base_model``)."""
-    from .models import TINY_MODEL
+def _follow_recorded_model(args, recorded: str | None) -> argparse.Namespace:
+    """With no model flag given, the arguments with the model an input file records (``base_model``): the toy
+    world, the tiny model of the recorded family ("tiny-sd2" is SD 2.x's), or the model itself."""
     from .toy import TOY_MODEL
 
-    if args.model or args.tiny or args.sdxl or args.toy or not recorded:
-        return
+    if args.model or args.tiny or args.sdxl or args.toy or args.family or not recorded:
+        return args
+    tiny = family_of_tiny(recorded)
     if recorded == TOY_MODEL:
-        args.toy = True
-    elif recorded.startswith(TINY_MODEL):  # "tiny" or "tiny-sdxl"
-        args.tiny, args.sdxl = True, recorded.endswith("sdxl")
+        followed = _with(args, toy=True)
+    elif tiny is not None:
+        followed = _with(args, tiny=True, family=tiny.name)
+    elif recorded.startswith(TINY_MODEL):  # the tiny model of a family not registered here
+        raise InputError(f"The input was made on {recorded}, the tiny model of a model family not registered here. "
+                         "Pass --model (or --tiny with --family).")
     else:
-        args.model = recorded
+        followed = _with(args, model=recorded)
     logger.info("Using %s, the model the input was made for (pass --model to choose another).", recorded)
+    return followed
 
 
 def cmd_import_embedding(args) -> int:
@@ -682,7 +694,7 @@ def cmd_import_embedding(args) -> int:
     target = _identity_target(args, name)
     read_embedding_file(args.embedding)  # a bad file fails before the model loads
     recorded = load_safetensors(args.embedding)[1].get("base_model") if args.embedding.endswith(".safetensors") else None
-    _follow_recorded_model(args, recorded)
+    args = _follow_recorded_model(args, recorded)
     pipe = _load(args)
     identity, residuals = import_embedding(args.embedding, name, _bases(args, pipe), pipe=pipe)
     identity.save(target)
@@ -699,7 +711,7 @@ def cmd_mix(args) -> int:
     target = _identity_target(args, name)
     identities = [Identity.load(p) for p in args.identities]
     pairs = ingredients(identities + list(args.celebrity), args.weights)  # before the model loads
-    _follow_recorded_model(args, next((i.metadata.get("base_model") for i in identities), None))
+    args = _follow_recorded_model(args, next((i.metadata.get("base_model") for i in identities), None))
     pipe = _load(args)
     identity = mix(pairs, name, _bases(args, pipe), pipe)
     identity.save(target)

@@ -90,9 +90,6 @@ def _kind(action: argparse.Action):
     return action.type or str
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
 def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of the config dataclass ``cls``: type, help and choices from the field.
 

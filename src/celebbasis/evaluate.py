@@ -7,19 +7,16 @@
   Images without a face are counted in the detection rate and left out of the mean.
 - Prompt fidelity: CLIP score, ``100 * max(cos(image, text), 0)``, the text being the prompt with
   each identity word replaced by "person".
-- Protocol prompts: the paper's four categories, with the official evaluation's prompts (CelebBasis
-  ``infer_images/exp_*.txt``, shipped in ``data/paper_prompts/``) and negative prompts
-  (``evaluation/prompt_templates.py``).
+- Categories: the paper's four (``prompts.CATEGORIES``); an image's comes from its prompt
+  (``prompts.categorize``). The protocol prompts themselves are in ``prompts``.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,170 +27,18 @@ from .face import IMAGE_SUFFIXES, FaceAnalyzer, load_image, photos_in
 from .files import atomic_write
 from .insert import PLACEHOLDER_RE
 from .models import load_clip
-from .prompts import PromptLine
-from .resources import celeb_names, data_path
+from .prompts import PromptLine, categorize
 from .sheet import contact_sheet
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIP = DEFAULT_CLIP_MODEL
-CATEGORIES = ("style", "single action", "with a celebrity", "two identities")
 UNKNOWN_CATEGORY = "unknown"  # images without a prompt: nothing to guess a category from
-
-# The official evaluation's negative prompts, copied verbatim from CelebBasis (557531b)
-# evaluation/prompt_templates.py, missing commas between some lines included.
-_STYLE_NEGATIVE = "blurry face, overexpose, highlight on face, " \
-                  "only eyes, extra fingers, fewer fingers, divider line, "
-_ACTION_SINGLE_NEGATIVE = "only object, only person, close-up, no face, only head, no hand, no upper body, " \
-                          "blurry face, with beard, old, " \
-                          "overexpose, naked, multiple persons, " \
-                          "paintings, highlight on face, high contrast ratio, " \
-                          "only eyes, extra fingers, fewer fingers, " \
-                          "grayscale, monochrome, normal quality, " \
-                          "skin spots, acnes, skin blemishes, age spot, glans, " \
-                          "bad hands, missing fingers, missing arms, extra arms, malformed limbs, " \
-                          "fused fingers, too many fingers, mutated hands, multi nipples, " \
-                          "missing legs, extra legs, extra digit, fewer digits," \
-                          "bad anatomy, text, error, cross-eyed, polar lowres" \
-                          "blurry, poorly drawn hands, poorly drawn face, mutation, deformed" \
-                          "EasyNegative, bad proportion body to legs, " \
-                          "big head, wrong toes, extra toes, missing toes, weird toes"
-_ACTION_TWO_NEGATIVE = "blurry face, blurry eyes, mixed faces, close-up, only object, only background, no hand, " \
-                       "overexpose, fat face, " \
-                       "no person, single person, no upper body, only face, only eyes, " \
-                       "no face, only head, extra fingers, fewer fingers, " \
-                       "highlight on face, high contrast ratio, " \
-                       "grayscale, monochrome, paintings, normal quality, " \
-                       "skin spots, acnes, skin blemishes, age spot, glans, " \
-                       "bad hands, missing fingers, missing arms, extra arms, malformed limbs, " \
-                       "fused fingers, too many fingers, mutated hands, multi nipples, " \
-                       "missing legs, extra legs, extra digit, fewer digits," \
-                       "bad anatomy, text, error, cross-eyed, polar lowres" \
-                       "blurry, poorly drawn hands, poorly drawn face, mutation, deformed" \
-                       "EasyNegative, bad proportion body to legs, " \
-                       "big head, wrong toes, extra toes, missing toes, weird toes" \
-                       "aged up, old,"
-# The official code picks a template by file name: style -> style, single -> action_single,
-# celeb and two -> action_two.
-NEGATIVE_PROMPTS = {
-    "style": _STYLE_NEGATIVE,
-    "single action": _ACTION_SINGLE_NEGATIVE,
-    "with a celebrity": _ACTION_TWO_NEGATIVE,
-    "two identities": _ACTION_TWO_NEGATIVE,
-}
-# Celebrities the example and benchmark prompts use that the basis name list lacks.
-_PROMPT_CELEBRITIES = ("Barack Obama", "Emma Watson")
-_STYLE_WORDS = ("painting", "sketch", "style", "drawing", "watercolor", "watercolour", "anime", "cartoon", "illustration",
-                "render", "pixel art", "mosaic", "pop art", "ukiyo-e", "comic", "statue", "sculpture", "oil")
 
 
 def clip_text(prompt: str) -> str:
     """The prompt CLIP scores against: ``<alice> person`` (or a bare ``<alice>``) becomes ``person``."""
     text = re.sub(r"<[^<>\s]+>(\s+person)?", "person", prompt)
     return re.sub(r"\s+", " ", text).strip()
-
-
-# The official evaluation's prompt file per category (CelebBasis 557531b infer_images/, shipped
-# verbatim in data/paper_prompts/): "sks" is the first person, "ks" the second. The style prompts
-# are all of two people.
-PAPER_PROMPT_FILES = {
-    "style": "exp_two_style.txt",
-    "single action": "exp_action_single.txt",
-    "with a celebrity": "exp_action_celeb.txt",
-    "two identities": "exp_action_two.txt",
-}
-_OFFICIAL_PLACEHOLDER = re.compile(r"\b(sks|ks)\b")
-
-
-@lru_cache(maxsize=None)
-def paper_prompts(category: str) -> tuple[str, ...]:
-    """The official evaluation's prompts for one of ``CATEGORIES``, as written there (``sks``, ``ks``)."""
-    try:
-        name = PAPER_PROMPT_FILES[category]
-    except KeyError:
-        raise InputError(f"Unknown prompt category {category!r}. Use one of: {', '.join(CATEGORIES)}.") from None
-    lines = data_path(f"paper_prompts/{name}").read_text(encoding="utf-8").splitlines()
-    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
-
-
-def _fill(prompt: str, first: str, second: str | None = None) -> str:
-    """An official prompt with ``sks`` -> ``first`` and ``ks`` -> ``second``: ``sks person`` -> ``<alice> person``."""
-    return _OFFICIAL_PLACEHOLDER.sub(lambda m: first if m.group(1) == "sks" else second, prompt)
-
-
-@lru_cache(maxsize=1)
-def _paper_categories() -> dict[str, str]:
-    """Every official prompt, its people as ``<>``, -> its category."""
-    return {_fill(p, "<>", "<>"): c for c in CATEGORIES for p in paper_prompts(c)}
-
-
-def categorize(prompt: str, n_identities: int) -> str:
-    """One of the paper's four prompt categories: an official evaluation prompt's own, else guessed."""
-    official = _paper_categories().get(re.sub(r"<[^<>\s]+>", "<>", prompt.strip()))
-    if official is not None:
-        return official
-    if n_identities >= 2:
-        return "two identities"
-    low = prompt.lower()
-    if any(name.lower() in low for name in (*celeb_names(), *_PROMPT_CELEBRITIES)):
-        return "with a celebrity"
-    if any(w in low for w in _STYLE_WORDS):
-        return "style"
-    return "single action"
-
-
-def negative_prompt_for(category: str) -> str:
-    """The official evaluation's negative prompt for one of the paper's ``CATEGORIES``.
-
-    Example:
-        >>> negative_prompt_for("style")
-        'blurry face, overexpose, highlight on face, only eyes, extra fingers, fewer fingers, divider line, '
-    """
-    try:
-        return NEGATIVE_PROMPTS[category]
-    except KeyError:
-        raise InputError(f"Unknown prompt category {category!r}. Use one of: {', '.join(CATEGORIES)}.") from None
-
-
-def benchmark_prompt_lines(names: list[str]) -> list[PromptLine]:
-    """The paper's protocol prompts for the given identities, each with its category's official negative prompt.
-
-    Example:
-        >>> Path("benchmark_prompts.txt").write_text(prompt_file_text(benchmark_prompt_lines(["alice"])))
-    """
-    return [PromptLine(p, c, negative_prompt_for(c)) for c, p in benchmark_prompts(names)]
-
-
-def benchmark_prompts(names: list[str]) -> list[tuple[str, str]]:
-    """The official evaluation's prompts for the given identities: (category, prompt) pairs.
-
-    Category by category (``CATEGORIES``' order), the official prompt files with ``sks`` -> the
-    identity and ``ks`` -> the second one: ``a sks person on the beach`` -> ``a <alice> person on
-    the beach``. Prompts of one person are written for every name, prompts of two (all of "style"
-    and "two identities") for every pair of names, first name first; person by person, then in the
-    official files' order. With one name there are no two-person prompts (a warning says so).
-    ``negative_prompt_for(category)`` gives each one's negative prompt; ``benchmark_prompt_lines``
-    gives both together.
-    """
-    if not names:
-        raise InputError("Pass at least one identity name for the benchmark prompts.")
-    tokens = [f"<{n.strip('<>')}>" for n in names]
-    pairs = list(itertools.combinations(tokens, 2))
-    if not pairs:
-        logger.warning("The official style and two-identity prompts each show two people: pass two or more names "
-                       "to get them. Writing the single-action and celebrity prompts only.")
-    out = []
-    for category in CATEGORIES:
-        prompts = paper_prompts(category)
-        for two, groups in ((False, [(t,) for t in tokens]), (True, pairs)):
-            for people in groups:
-                out += [(category, _fill(p, *people)) for p in prompts if _needs_two(p) == two]
-    return out
-
-
-def _needs_two(prompt: str) -> bool:
-    """Whether an official prompt shows a second person (``ks``)."""
-    return any(m.group(1) == "ks" for m in _OFFICIAL_PLACEHOLDER.finditer(prompt))
 
 
 class ClipScorer:
@@ -206,7 +51,7 @@ class ClipScorer:
         ModelLoadError: a missing or broken folder, or a hub id neither cached nor downloadable.
     """
 
-    def __init__(self, model: str = DEFAULT_CLIP):
+    def __init__(self, model: str = DEFAULT_CLIP_MODEL):
         import torch
 
         self.model, self.processor = load_clip(model)

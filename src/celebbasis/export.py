@@ -30,13 +30,11 @@ from ._version import __version__
 from .config import EXPORT_FORMATS
 from .errors import FileFormatError, InputError
 from .families import export_families
-from .files import atomic_write, load_safetensors
+from .files import atomic_write, check_new_file, load_safetensors
 from .identity import Identity, check_name
 from .models import model_metadata
 
 logger = logging.getLogger(__name__)
-
-FORMATS = EXPORT_FORMATS
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,8 @@ def architecture(identity: Identity) -> str:
 def export_tensors(identity: Identity, fmt: str) -> dict[str, torch.Tensor]:
     """The tensors of an export in layout ``fmt`` (see the module docstring)."""
     if fmt not in EXPORTERS:
-        raise InputError(f"Unknown export format {fmt!r}. Choose one of: {', '.join(FORMATS)}.", field="format")
-    parts = identity.parts()
+        raise InputError(f"Unknown export format {fmt!r}. Choose one of: {', '.join(EXPORT_FORMATS)}.", field="format")
+    parts = identity.parts
     if len(parts) > 1:
         keys = identity.family.export_keys
         if len(keys) != len(parts):
@@ -115,14 +113,13 @@ def export_identity(identity: Identity | str | Path, fmt: str = "diffusers", pat
     if source is not None:
         identity = Identity.load(source)
     tensors = export_tensors(identity, fmt)
-    if pt and (fmt == "diffusers" or len(identity.parts()) > 1):
+    if pt and (fmt == "diffusers" or len(identity.parts) > 1):
         raise InputError("A1111's classic .pt layout holds one SD 1.x/2.x embedding: use it with the a1111 or comfyui format on a non-SDXL identity.",
                          field="pt")
     path = export_path(identity, path, pt)
     if source is not None and path.exists() and path.resolve() == source.resolve():
         raise InputError(f"{path} is the identity being exported. Pass another path (e.g. exports/).", field="path")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists. Pass overwrite=True to replace it, or another path.", field="overwrite")
+    check_new_file(path, overwrite)
     base = str(identity.metadata.get("base_model", ""))
     if pt:
         emb = tensors["emb_params"].clone()  # its own storage: torch.save writes whole storages

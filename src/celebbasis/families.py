@@ -5,16 +5,19 @@ A ``ModelFamily`` (the strategy objects of sd-scripts' ``library/strategy_*.py``
 - its diffusers pipeline class and default hub model (also the configuration its single files load with);
 - how a folder (``model_index.json``'s class) and a single-file checkpoint (its keys) are recognised;
 - its text encoders, as (tokenizer, text encoder) pipeline attributes in order: ``encoders(pipe)``.
-  Encoder ``i`` is the identity file's slot ``coefficients``/``embeddings`` with suffix ``""``, ``"_2"``
-  (``Identity.parts()``), and the basis file ``NAME.safetensors``, ``NAME_2.safetensors``;
+  Encoder ``i`` is the identity's part ``i`` (``Identity.parts``; in its file the tensors
+  ``coefficients``/``embeddings`` with suffix ``slot_suffix(i)``: ``""``, ``"_2"``, ...), and the basis
+  file ``NAME.safetensors``, ``NAME_2.safetensors``; the first tokenizer checks prompts (``tokenizer``);
 - the keys of its textual-inversion exports when it has several encoders (SDXL: ``clip_l``, ``clip_g``);
 - how captions become the UNet's conditioning (``conditioning``: SDXL adds the pooled vector and time ids),
   and which encoder's pooled vector that uses (``pooled_encoder``);
-- its default training size, its ``modelspec.architecture``, and its tiny random test model.
+- its native image size (``native_size``), its ``modelspec.architecture``, and the name of its tiny
+  random test model (built by ``celebbasis.testing``, which this module does not import).
 
 The rest of the package iterates over ``family_of(pipe).encoders(pipe)`` and never asks which family
-it is. To add a family, subclass ``ModelFamily`` and ``register`` an instance: ``tests/test_families.py``
-defines and trains one in the test file alone.
+it is. To add a family, subclass ``ModelFamily`` and ``register`` an instance (and, for ``tiny=True``, its
+tiny model with ``testing.register_tiny_pipeline``): ``tests/test_families.py`` defines and trains one in
+the test file alone.
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError, ModelLoadError
+from .pooling import eos_pooling
 
 TINY_MODEL = "tiny"  # the in-process tiny random model's name, recorded in what it makes (``tiny-sdxl``, ...)
-FAMILY_METADATA_KEY = "model_family"  # identity metadata naming a family that cannot be told from the file's slots
+FAMILY_METADATA_KEY = "model_family"  # identity metadata naming the family it was made for (older files lack it)
+
+
+def slot_suffix(i: int) -> str:
+    """What the tensors and files of text encoder ``i`` (0-based, in slot order) are suffixed with: ``""``, ``"_2"``, ..."""
+    return "" if i == 0 else f"_{i + 1}"
 
 
 @dataclass(frozen=True)
@@ -45,8 +54,8 @@ class ModelFamily:
             its width is checked against the configuration. Empty: no single files.
         native_width: the real model's (first) text encoder width: tells one-encoder identities apart.
         architecture: ``modelspec.architecture`` of its embeddings (before ``/textual-inversion``).
-        built_in: identities of built-in families are told apart by their slots and width, as files
-            always were; identities of any other family record its name (``FAMILY_METADATA_KEY``).
+        built_in: older identities of built-in families, which record no family, are told
+            apart by their slots and width; every identity now records its family (``FAMILY_METADATA_KEY``).
     """
 
     name: str
@@ -99,6 +108,10 @@ class ModelFamily:
     def tokenizer_attributes(self) -> list[str]:
         return [tok for tok, _ in self.encoder_attributes]
 
+    def tokenizer(self, pipe):
+        """The first encoder's tokenizer: the one prompts are checked and expanded with."""
+        return getattr(pipe, self.encoder_attributes[0][0])
+
     def pooled_encoder(self, pipe):
         """(tokenizer, text encoder) whose pooled output conditions the UNet, or ``None``."""
         return None
@@ -114,14 +127,14 @@ class ModelFamily:
         embeds, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return embeds, {}
 
-    def default_resolution(self, pipe) -> int:
-        """The model's native size in pixels: what training uses when no resolution is set."""
+    def native_size(self, pipe) -> int:
+        """The model's native image size in pixels: what training and generation use when no size is set."""
         return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     # -- identities and exports -------------------------------------------------------------------------
     def identity_metadata(self) -> dict[str, str]:
-        """What an identity made on this family records to name it (nothing for the built-in families)."""
-        return {} if self.built_in else {FAMILY_METADATA_KEY: self.name}
+        """What an identity made on this family records to name it."""
+        return {FAMILY_METADATA_KEY: self.name}
 
     def modelspec_architecture(self, width: int) -> str:
         """``modelspec.architecture`` of an embedding whose (first) vectors are ``width`` wide."""
@@ -132,10 +145,6 @@ class ModelFamily:
     def tiny_name(self) -> str:
         """``_name_or_path`` of the in-process tiny model, recorded as the base model of what it makes."""
         return TINY_MODEL if self.name == "sd1" else f"{TINY_MODEL}-{self.name}"
-
-    def tiny_pipeline(self, seed: int = 0, **kwargs):
-        """A tiny, seeded, random pipeline of this family on the CPU in float32 (``celebbasis.testing``)."""
-        raise NotImplementedError(f"The {self.title} family has no tiny test model.")
 
 
 @dataclass(frozen=True)
@@ -150,11 +159,6 @@ class OneEncoderFamily(ModelFamily):
     def modelspec_architecture(self, width: int) -> str:
         return self.architecture if width == self.native_width else "stable-diffusion"
 
-    def tiny_pipeline(self, seed: int = 0, **kwargs):
-        from .testing import tiny_sd_pipeline
-
-        return tiny_sd_pipeline(seed, sd2=self.pad_token == "!", **kwargs)
-
 
 @dataclass(frozen=True)
 class XLFamily(ModelFamily):
@@ -165,23 +169,16 @@ class XLFamily(ModelFamily):
         return getattr(pipe, tok, None), getattr(pipe, te, None)
 
     def conditioning(self, pipe, captions, size):
-        """``pipe.encode_prompt``, its pooled vector read at the end-of-text token (``insert.eos_pooling``), and
+        """``pipe.encode_prompt``, its pooled vector read at the end-of-text token (``pooling.eos_pooling``), and
         the time ids ``pipe.__call__`` adds for a ``size``² image, uncropped: (original, crop corner, target)."""
         import torch
 
-        from .insert import eos_pooling
-
         device = self.encoders(pipe)[0][1].device
-        with eos_pooling(pipe):
+        with eos_pooling(self.pooled_encoder(pipe)):
             embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=pooled.device)  # (1, 6)
         return embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(captions), 1)}
-
-    def tiny_pipeline(self, seed: int = 0, **kwargs):
-        from .testing import tiny_sdxl_pipeline
-
-        return tiny_sdxl_pipeline(seed)
 
 
 SD1 = OneEncoderFamily(
@@ -228,6 +225,11 @@ def family_named(name: str) -> ModelFamily:
     return FAMILIES[name]
 
 
+def family_of_tiny(name: str) -> ModelFamily | None:
+    """The family whose tiny model is called ``name`` (``"tiny"``, ``"tiny-sd2"``, ...), or ``None``."""
+    return next((f for f in FAMILIES.values() if f.tiny_name == name), None)
+
+
 def family_of(pipe) -> ModelFamily:
     """The family of a pipeline: the last registered one that ``matches`` it.
 
@@ -239,6 +241,11 @@ def family_of(pipe) -> ModelFamily:
             return family
     raise ModelLoadError(f"{type(pipe).__name__} is not a pipeline of a supported model family "
                          f"({', '.join(f.title for f in FAMILIES.values())}).")
+
+
+def text_encoders(pipe) -> list[tuple]:
+    """(tokenizer, text_encoder) pairs of a pipeline, in its family's order: one for SD 1.x/2.x, two for SDXL."""
+    return family_of(pipe).encoders(pipe)
 
 
 def supported_pipelines() -> list[str]:
@@ -254,9 +261,9 @@ def checkpoint_family_of(shapes: dict[str, tuple[int, ...]]) -> ModelFamily | No
 def identity_family(metadata: dict, n_encoders: int, width: int) -> ModelFamily:
     """The family an identity (or an export) was made for, from its metadata, encoder count and first width.
 
-    Built-in families are told apart by the number of encoders and, for one encoder, the width (SD 2.x
-    is 1024 wide; a width of no real model reads as SD 1.x, which behaves the same). Others are named
-    in the metadata.
+    The metadata names it (``FAMILY_METADATA_KEY``). Older files that do not, made for a
+    built-in family, are told apart by the number of encoders and, for one encoder, the width (SD 2.x
+    is 1024 wide; a width of no real model reads as SD 1.x, which behaves the same).
 
     Raises:
         InputError: the metadata names a family that is not registered in this process.

@@ -1,7 +1,8 @@
 """Reading and writing celebbasis artifacts: safetensors only, written atomically, checked on load.
 
 Every artifact carries string metadata: ``format`` (what kind of file it is), ``version`` and the
-settings that made it. Non-string values are JSON-encoded. Nothing here ever unpickles.
+settings that made it. Non-string values are JSON-encoded. Nothing here ever unpickles. The one
+rule about replacing files (``check_new_file``) is here too, for the library and both front ends.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,6 +56,64 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+OVERWRITE_FIX = "Pass overwrite=True to replace it, or choose another name."
+
+
+def check_new_file(path, overwrite: bool = False, *, what: str | None = None, fix: str = OVERWRITE_FIX) -> Path:
+    """Refuse to write ``path`` where a folder is, or where a file is unless ``overwrite``: the one overwrite rule.
+
+    The error's field is ``overwrite``, so the command line names its ``--overwrite`` flag. A front end
+    without that setting names the file and the remedy in its own words: ``what`` (default: the path)
+    and ``fix``, e.g. the web UI's "An identity named 'alice'" and "Pick another name.".
+
+    Raises:
+        InputError: ``path`` is a folder, or an existing file and ``overwrite`` is off.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder. Remove it or choose another name.")
+    if path.exists() and not overwrite:
+        raise InputError(f"{what or path} already exists. {fix}", field="overwrite")
+    return path
+
+
+def write_all(writers: dict[Path, Callable[[Path], object]]) -> list[Path]:
+    """Write several files as one: all of them, or none.
+
+    Each ``writers[path](tmp)`` writes beside its target under a temporary name; only when every one
+    of them succeeded are they renamed into place. Files being replaced are set aside first and put
+    back if any rename fails, so the targets end either all old or all new.
+
+    Returns:
+        The paths written, in ``writers``' order.
+    """
+    staged: list[tuple[Path, Path]] = []  # (temporary, final)
+    placed: list[Path] = []  # finals written by this call
+    set_aside: list[tuple[Path, Path]] = []  # (old file's temporary name, final)
+    try:
+        for final, write in writers.items():
+            final = Path(final)
+            tmp = final.with_name(f".{final.name}.staged")
+            staged.append((tmp, final))
+            write(tmp)
+        for tmp, final in staged:
+            if final.exists():
+                old = final.with_name(f".{final.name}.replaced")
+                os.replace(final, old)
+                set_aside.append((old, final))
+            os.replace(tmp, final)
+            placed.append(final)
+    except BaseException:
+        for p in [t for t, _ in staged] + placed:
+            p.unlink(missing_ok=True)
+        for old, final in set_aside:
+            os.replace(old, final)
+        raise
+    for old, _ in set_aside:
+        old.unlink(missing_ok=True)
+    return [final for _, final in staged]
 
 
 def _create_temp(path: Path) -> tuple[str, int]:

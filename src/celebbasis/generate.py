@@ -7,6 +7,7 @@ identities in its text chunks, so any image can be made again.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -22,11 +23,13 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .config import SCHEDULERS, GenerateConfig
 from .errors import InputError
+from .families import family_of
 from .files import atomic_write
 from .models import model_name
+from .pooling import eos_pooling
 from .sheet import contact_sheet
 from .identity import Identity
-from .insert import PLACEHOLDER_RE, check_identity, check_prompt_tokens, eos_pooling, expand_prompt, load_identity
+from .insert import PLACEHOLDER_RE, check_identity, check_prompt_tokens, expand_prompt, load_identity
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +76,13 @@ def check_inputs(pipe, prompts: list[str], negatives: list[str | None], identiti
     identities = [i if isinstance(i, Identity) else Identity.load(i) for i in identities]
     coming = {check_identity(pipe, i) for i in identities}
     for p in prompts:
-        check_prompt_tokens(pipe.tokenizer, p, coming)
+        check_prompt_tokens(family_of(pipe).tokenizer(pipe), p, coming)
     return identities
 
 
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
     """Say which part of a prompt the text encoder cannot read (once the identities' words are loaded)."""
-    tok = pipe.tokenizer
+    tok = family_of(pipe).tokenizer(pipe)
     for p in prompts:
         ids = tok(expand_prompt(tok, p)).input_ids
         if len(ids) > tok.model_max_length:
@@ -111,7 +114,8 @@ def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateC
     negative = settings.pop("negative_prompt", (config or GenerateConfig()).negative_prompt)
     negatives = list(negative) if isinstance(negative, (list, tuple)) else [negative] * len(prompts)
     cfg = dataclasses.replace(config or GenerateConfig(), **settings)
-    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    family = family_of(pipe)
+    default = family.native_size(pipe)
     cfg = dataclasses.replace(cfg, height=cfg.height or default, width=cfg.width or default)
     for ident in check_inputs(pipe, prompts, negatives, identities):  # nothing changes before every check passed
         load_identity(pipe, ident)
@@ -119,15 +123,14 @@ def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateC
     per_call = max(1, cfg.batch_images // cfg.num_images)  # prompts per pipeline call
     batches = [list(range(i, min(len(prompts), i + per_call))) for i in range(0, len(prompts), per_call)]
     results = []
-    bars = dict(getattr(pipe, "_progress_bar_config", {}))  # the caller's progress-bar settings, put back below
-    with scheduler_swapped(pipe, cfg.scheduler), eos_pooling(pipe):  # SDXL: pooled at the end token, as everywhere
-        try:
-            # one labelled bar: the denoising steps of a single batch, else the batches
-            pipe.set_progress_bar_config(disable=not show_progress or len(batches) > 1, desc="generate", unit="step")
-            for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
-                results += _draw(pipe, [prompts[i] for i in batch], [negatives[i] for i in batch], cfg)
-        finally:
-            pipe._progress_bar_config = bars
+    # SDXL: pooled at the end token, as everywhere
+    with scheduler_swapped(pipe, cfg.scheduler), eos_pooling(family.pooled_encoder(pipe)):
+        # one labelled bar: the denoising steps of a single batch, else the batches. Set on a shallow copy of the
+        # pipeline (same components), so the caller's own progress-bar settings are never touched.
+        drawing = copy.copy(pipe)
+        drawing.set_progress_bar_config(disable=not show_progress or len(batches) > 1, desc="generate", unit="step")
+        for batch in tqdm(batches, desc="generate", disable=not show_progress or len(batches) < 2, unit="batch"):
+            results += _draw(drawing, [prompts[i] for i in batch], [negatives[i] for i in batch], cfg)
     return results
 
 
@@ -141,7 +144,7 @@ def _draw(pipe, prompts: list[str], negatives: list[str | None], cfg: GenerateCo
     out = pipe(prompts, negative_prompt=[n or "" for n in negatives] if use_negative else None,
                num_images_per_prompt=cfg.num_images, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                height=cfg.height, width=cfg.width, generator=gens)
-    known = set(pipe.tokenizer.get_added_vocab())
+    known = set(family_of(pipe).tokenizer(pipe).get_added_vocab())
     results = []
     for j, image in enumerate(out.images):
         k, i = divmod(j, cfg.num_images)

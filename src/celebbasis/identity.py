@@ -3,8 +3,8 @@
 ``IdentityEncoder``: one linear layer (face dim -> K·n) + LeakyReLU(0.2), each of the K rows then
 L2-normalised. Those rows are the coefficients of a person in the celeb basis. What is kept per
 person is the moving average of those coefficients over training, as it is (a little shorter than
-unit length where the predictions varied, as the official code samples with it): ``Identity``,
-about 11 KB (SDXL about 25 KB).
+unit length where the predictions varied, as the official code samples with it): ``Identity``, one
+``IdentityPart`` per text encoder of its model family, about 11 KB (SDXL about 25 KB).
 
 Face vectors smaller than the paper's 512 (dlib's are 128-d) can be lifted to 512 by a fixed map
 with orthonormal columns (``face_lift``): lengths and angles stay, but each vector is spread over
@@ -19,6 +19,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from .config import BasisConfig
 from .errors import FileFormatError, InputError
-from .families import ModelFamily, identity_family
+from .families import ModelFamily, identity_family, slot_suffix
 from .files import decode_json, load_artifact, save_artifact
 
 logger = logging.getLogger(__name__)
@@ -114,31 +115,49 @@ def token_for(name: str) -> str:
     return f"<{check_name(name)}>"
 
 
+class IdentityPart(NamedTuple):
+    """A person's words for one text encoder.
+
+    Attributes:
+        coefficients: (K, n) rows in that encoder's celeb basis: training's moving average of the network's
+            unit rows (length <= 1), or unit rows for a mix.
+        embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
+    """
+
+    coefficients: Tensor
+    embeddings: Tensor
+
+
 @dataclass
 class Identity:
-    """One person: coefficients in the celeb basis and the token embeddings they give.
+    """One person: per text encoder of its model family, coefficients in the celeb basis and the token embeddings they give.
 
     Attributes:
         token: the prompt word, e.g. ``"<alice>"``.
-        coefficients: (K, n) rows, for the (first) text encoder: training's moving average of the
-            network's unit rows (length <= 1), or unit rows for a mix.
-        embeddings: (K, d) ``= coefficients @ components + mean``: the word's K token vectors.
-        metadata: base model, basis hash, face encoder, steps, seed, creation date, and for a trained
-            identity ``train_config``, the ``TrainConfig.to_dict()`` of its training, ...
-        coefficients_2, embeddings_2: the same for the second text encoder of a family with two (SDXL's
-            OpenCLIP-G), else None. ``parts()`` lists them per encoder, in the family's order.
+        parts: one ``IdentityPart`` per text encoder, in the family's slot order (``ModelFamily.encoders``):
+            one for SD 1.x/2.x, two for SDXL. In the file, part ``i``'s tensors are ``coefficients`` and
+            ``embeddings`` with suffix ``families.slot_suffix(i)`` (``""``, ``"_2"``, ...).
+        metadata: base model, model family, basis hash, face encoder, steps, seed, creation date, and for a
+            trained identity ``train_config``, the ``TrainConfig.to_dict()`` of its training, ...
     """
 
     token: str
-    coefficients: Tensor
-    embeddings: Tensor
+    parts: list[IdentityPart]
     metadata: dict = field(default_factory=dict)
-    coefficients_2: Tensor | None = None
-    embeddings_2: Tensor | None = None
 
     @property
     def name(self) -> str:
         return self.token.strip("<>")
+
+    @property
+    def coefficients(self) -> Tensor:
+        """(K, n): the first text encoder's coefficients."""
+        return self.parts[0].coefficients
+
+    @property
+    def embeddings(self) -> Tensor:
+        """(K, d): the first text encoder's token vectors."""
+        return self.parts[0].embeddings
 
     @property
     def n_tokens(self) -> int:
@@ -146,6 +165,7 @@ class Identity:
 
     @property
     def embedding_dim(self) -> int:
+        """d of the first text encoder."""
         return self.embeddings.shape[1]
 
     @property
@@ -159,56 +179,45 @@ class Identity:
         return value if isinstance(value, dict) else None
 
     @property
-    def is_sdxl(self) -> bool:
-        """Whether the identity has a second text encoder's vectors (SDXL's, or another two-encoder family's)."""
-        return self.embeddings_2 is not None
-
-    @property
     def family(self) -> ModelFamily:
         """The model family the identity was made for (``families.identity_family``)."""
-        return identity_family(self.metadata, len(self.parts()), self.embedding_dim)
-
-    def parts(self) -> list[tuple[Tensor, Tensor]]:
-        """(coefficients, embeddings) per text encoder of its family: one pair, or two (SDXL)."""
-        out = [(self.coefficients, self.embeddings)]
-        if self.embeddings_2 is not None:
-            out.append((self.coefficients_2, self.embeddings_2))
-        return out
+        return identity_family(self.metadata, len(self.parts), self.embedding_dim)
 
     @classmethod
     def from_coefficients(cls, token: str, coefficients, basis, **metadata) -> "Identity":
         """Identity from (K, n) coefficients and the ``CelebBasis`` they live in.
 
-        For SDXL pass lists: ``[coeffs_l, coeffs_g]`` and ``[basis_l, basis_g]``.
+        For a family with several text encoders pass lists, in slot order: ``[coeffs_l, coeffs_g]`` and
+        ``[basis_l, basis_g]`` for SDXL.
         """
         coeffs = [c.detach().float().cpu() for c in (coefficients if isinstance(coefficients, (list, tuple)) else [coefficients])]
         bases = list(basis) if isinstance(basis, (list, tuple)) else [basis]
-        if len(coeffs) != len(bases) or len(coeffs) not in (1, 2):
-            raise ValueError("one coefficient tensor per basis, one or two of them")
-        embs = [b.reconstruct(c) for c, b in zip(coeffs, bases)]
+        if len(coeffs) != len(bases) or not coeffs:
+            raise ValueError(f"one coefficient tensor per basis: {len(coeffs)} coefficient tensor(s), {len(bases)} bases")
         meta = {"basis_sha256": ",".join(b.fingerprint for b in bases),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         meta.update(metadata)
-        second = (coeffs[1], embs[1]) if len(coeffs) == 2 else (None, None)
-        return cls(token, coeffs[0], embs[0], meta, *second)
+        return cls(token, [IdentityPart(c, b.reconstruct(c)) for c, b in zip(coeffs, bases)], meta)
 
     def save(self, path) -> Path:
-        """Write ``NAME.safetensors``: tensors ``coefficients``, ``embeddings`` (+ ``_2`` for a second encoder) + metadata."""
+        """Write ``NAME.safetensors``: per part ``i``, ``coefficients``/``embeddings`` + ``slot_suffix(i)``; + metadata."""
         meta = {"token": self.token, **self.metadata}
-        tensors = {"coefficients": self.coefficients.float(), "embeddings": self.embeddings.float()}
-        if self.embeddings_2 is not None:
-            tensors.update(coefficients_2=self.coefficients_2.float(), embeddings_2=self.embeddings_2.float())
+        tensors = {}
+        for i, (coeffs, emb) in enumerate(self.parts):
+            tensors[f"coefficients{slot_suffix(i)}"] = coeffs.float()
+            tensors[f"embeddings{slot_suffix(i)}"] = emb.float()
         return save_artifact(path, tensors, IDENTITY_FORMAT, meta)
 
     @classmethod
     def load(cls, path) -> "Identity":
         """Read an identity file; raises ``FileFormatError`` for anything else."""
         tensors, meta = load_artifact(path, IDENTITY_FORMAT, ("coefficients", "embeddings"))
-        parts = [(tensors["coefficients"].float(), tensors["embeddings"].float())]
-        if "embeddings_2" in tensors and "coefficients_2" in tensors:
-            parts.append((tensors["coefficients_2"].float(), tensors["embeddings_2"].float()))
+        parts = []
+        while all(f"{kind}{slot_suffix(len(parts))}" in tensors for kind in ("coefficients", "embeddings")):
+            suffix = slot_suffix(len(parts))
+            parts.append(IdentityPart(tensors[f"coefficients{suffix}"].float(), tensors[f"embeddings{suffix}"].float()))
         for coeffs, emb in parts:
-            if emb.ndim != 2 or coeffs.ndim != 2 or coeffs.shape[0] != emb.shape[0] or emb.shape[0] != parts[0][1].shape[0]:
+            if emb.ndim != 2 or coeffs.ndim != 2 or coeffs.shape[0] != emb.shape[0] or emb.shape[0] != parts[0].embeddings.shape[0]:
                 raise FileFormatError(
                     f"{path}: inconsistent shapes coefficients {tuple(coeffs.shape)}, embeddings {tuple(emb.shape)}. Re-create the identity."
                 )
@@ -216,11 +225,10 @@ class Identity:
         if not (token.startswith("<") and token.endswith(">") and _NAME_RE.match(token[1:-1])):
             raise FileFormatError(f"{path}: its token {token!r} is not <name> (1-64 letters, digits, '_' or '-'). "
                                   "Re-create the identity.")  # the name becomes file names: never a path
-        if parts[0][1].shape[0] == 0 or not all(bool(torch.isfinite(t).all()) for pair in parts for t in pair):
+        if parts[0].embeddings.shape[0] == 0 or not all(bool(torch.isfinite(t).all()) for part in parts for t in part):
             raise FileFormatError(f"{path}: no vectors, or values that are not finite (NaN/inf). Re-create the identity.")
         meta.pop("format", None)
         for key in ("steps", "seed", "source_photos", "train_config"):
             if key in meta:
                 meta[key] = decode_json(meta[key], meta[key])
-        second = parts[1] if len(parts) == 2 else (None, None)
-        return cls(token, *parts[0], meta, *second)
+        return cls(token, parts, meta)

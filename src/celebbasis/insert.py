@@ -3,9 +3,10 @@
 An identity's K token vectors become K new words, named the way diffusers names multi-vector
 textual inversions: ``<alice>``, ``<alice>_1``, ... Any diffusers SD pipeline then expands
 ``<alice>`` in a prompt to ``<alice> <alice>_1`` by itself, so the model runs unchanged.
+``unload_identity`` takes them out again, as diffusers' ``unload_textual_inversion`` does.
 
 One thing does change, for SDXL: its pooled prompt vector is read at the prompt's end-of-text
-token, as ComfyUI and A1111/Forge read it, also when the prompt holds new words (``eos_pooling``).
+token, as ComfyUI and A1111/Forge read it, also when the prompt holds new words (``pooling``).
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from .errors import FileFormatError, InputError
-from .families import family_of, identity_family
+from .families import family_of, identity_family, text_encoders
 from .identity import Identity, token_for
-from .models import text_encoders
+from .pooling import remove_eos_pooling, use_eos_pooling
 from .signatures import trained_on_other_encoder
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
     After this, ``pipe("<alice> person at the beach")`` draws the person, as if the same vectors
     had been loaded with ``pipe.load_textual_inversion`` (into both text encoders for SDXL), except
     that SDXL's pooled prompt vector is read at the end-of-text token, as in training, ComfyUI and
-    A1111/Forge (see ``eos_pooling``; prompts without new words are not affected).
+    A1111/Forge (see ``pooling``; prompts without new words are not affected). ``unload_identity``
+    undoes it.
 
     Args:
         pipe: a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline.
@@ -112,13 +113,47 @@ def load_identity(pipe, identity_or_path, token: str | None = None) -> str:
             "Identity %s was trained with a different text encoder (base model %s); it may not look like the person.",
             identity.token, identity.metadata.get("base_model", "unknown"),
         )
-    for (tokenizer, text_encoder), (_, embeddings) in zip(text_encoders(pipe), identity.parts()):
+    family = family_of(pipe)
+    for (tokenizer, text_encoder), (_, embeddings) in zip(family.encoders(pipe), identity.parts):
         ids = add_placeholder(tokenizer, text_encoder, token, embeddings.shape[0])
         weight = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             weight[ids] = embeddings.to(weight.device, weight.dtype)
-    use_eos_pooling(pipe)
+    use_eos_pooling(family.pooled_encoder(pipe))
     return token
+
+
+def unload_identity(pipe, token: str) -> None:
+    """Take an identity out of a pipeline: the inverse of ``load_identity``, as diffusers' ``unload_textual_inversion``.
+
+    Its words (``<alice>``, ``<alice>_1``, ...) leave every tokenizer of the pipeline's family and their rows
+    every token table (through diffusers' own ``pipe.unload_textual_inversion``); other identities stay
+    loaded. When none is left, SDXL's pooled vector is read as transformers reads it again. Afterwards the
+    tokenizers and the prompt embeddings are as they were before the identity was loaded.
+
+    Args:
+        pipe: the pipeline ``load_identity`` loaded the identity into.
+        token: its token, ``"<alice>"`` or ``"alice"``.
+
+    Raises:
+        InputError: no identity with that token is loaded (the loaded ones are named); nothing changes then.
+
+    Example:
+        >>> load_identity(pipe, "identities/alice.safetensors")
+        '<alice>'
+        >>> unload_identity(pipe, "<alice>")  # pipe("<alice> person") no longer knows her
+    """
+    token = token_for(token)
+    family = family_of(pipe)
+    found = [(tok, te, loaded_words(tok, token)) for tok, te in family.encoders(pipe)]
+    if not all(words for _, _, words in found):
+        loaded = ", ".join(loaded_placeholders(family.tokenizer(pipe))) or "none"
+        raise InputError(f"No identity {token} is loaded in this pipeline (loaded: {loaded}).", field="name")
+    for tok, te, words in found:
+        pipe.unload_textual_inversion(tokens=words, tokenizer=tok, text_encoder=te)
+    pooled = family.pooled_encoder(pipe)
+    if pooled is not None and not loaded_placeholders(pooled[0]):
+        remove_eos_pooling(pooled)
 
 
 def check_identity(pipe, identity: Identity, token: str | None = None) -> str:
@@ -130,7 +165,7 @@ def check_identity(pipe, identity: Identity, token: str | None = None) -> str:
     """
     token = token_for(token) if token else identity.token
     pairs = text_encoders(pipe)
-    parts = identity.parts()
+    parts = identity.parts
     family = identity.metadata.get("base_model", "unknown")
     if len(parts) != len(pairs):
         kind = identity_family(identity.metadata, len(parts), identity.embedding_dim).title
@@ -167,17 +202,24 @@ def check_prompt_tokens(tokenizer, prompt: str, coming: set[str] = frozenset()) 
         )
 
 
+def loaded_words(tokenizer, token: str) -> list[str]:
+    """The words ``token`` is loaded as in ``tokenizer``: ``["<alice>", "<alice>_1"]``, or ``[]`` when it is not."""
+    words = set(tokenizer.get_added_vocab())
+    if token not in words:
+        return []
+    out = [token]
+    while f"{token}_{len(out)}" in words:
+        out.append(f"{token}_{len(out)}")
+    return out
+
+
 def expand_prompt(tokenizer, prompt: str) -> str:
     """``"<alice> person"`` -> ``"<alice> <alice>_1 person"``, as diffusers' TI loader does."""
-    words = set(tokenizer.get_added_vocab())
     out = prompt
-    for token in sorted(set(PLACEHOLDER_RE.findall(prompt)) & words):
-        extra = []
-        i = 1
-        while f"{token}_{i}" in words:
-            extra.append(f"{token}_{i}")
-            i += 1
-        out = re.sub(re.escape(token) + r"(?!_\d)", " ".join([token] + extra), out)
+    for token in sorted(set(PLACEHOLDER_RE.findall(prompt))):
+        words = loaded_words(tokenizer, token)
+        if words:
+            out = re.sub(re.escape(token) + r"(?!_\d)", " ".join(words), out)
     return out
 
 
@@ -240,133 +282,3 @@ def borrowed_tokenizers(pipe):
     finally:
         for n, tok in originals.items():
             setattr(pipe, n, tok)
-
-
-# --- SDXL's pooled prompt vector -----------------------------------------------------------------
-# transformers' CLIP text model reads its pooled output at ``input_ids.argmax()`` when its config has
-# the legacy ``eos_token_id`` 2, as both of SDXL's text encoder configs do. That is the end-of-text
-# token only while it is the largest id in the prompt: the ids of added words lie above it, so in
-# diffusers a prompt with ``<alice>`` is pooled at ``<alice>_1``. ComfyUI (``comfy/sd1_clip.py`` and
-# ``clip_model.py``: at the end token, counted by the attention mask, or the id remapped to be the
-# largest) and A1111/Forge (argmax over the prompt's ids, embedding slots written as id 0) read it at
-# the end token, which is also what the model was trained with. A forward hook on SDXL's second
-# text encoder gives diffusers the same: for prompts with ids above the end-of-text id (and only
-# those), ``text_embeds`` (``pooler_output`` for a ``CLIPTextModel``) is recomputed from the last hidden
-# state at the first end-of-text token. Training (``train.pipeline_conditioning``) and generation
-# (``load_identity``) both use it, so an identity meets the same pooled vector everywhere.
-
-
-class _EosPooling:
-    """The forward hook: pooled output at the first ``eos_id`` of every prompt that holds a new word.
-
-    ``persistent``: installed by ``load_identity`` (until ``remove_eos_pooling``, or until the
-    identities are unloaded from the text encoder); ``scopes``: ``eos_pooling`` blocks using it.
-    """
-
-    def __init__(self, eos_id: int):
-        self.eos_id = eos_id
-        self.persistent = False
-        self.scopes = 0
-
-    def __call__(self, module, args, kwargs, output):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if not torch.is_tensor(ids) or ids.ndim != 2:
-            return None
-        at_eos = ids == self.eos_id
-        rows = (ids > self.eos_id).any(-1) & at_eos.any(-1)  # prompts with new words (and an end token)
-        if not bool(rows.any()):
-            if self.persistent and not self.scopes and module.get_input_embeddings().num_embeddings <= self.eos_id + 1:
-                _drop_eos_pooling(module)  # the identities were unloaded (the table shrank back): nothing left to do
-            return None
-        projected = hasattr(module, "text_projection")  # CLIPTextModelWithProjection: text_embeds, else pooler_output
-        as_tuple = isinstance(output, tuple)  # return_dict=False
-        hidden = output[1 if projected else 0] if as_tuple else output.last_hidden_state
-        pos = at_eos.int().argmax(-1).to(hidden.device)  # first end-of-text token of each prompt
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-        if projected:
-            pooled = module.text_projection(pooled)
-        index, key = (0, "text_embeds") if projected else (1, "pooler_output")
-        old = output[index] if as_tuple else output[key]
-        new = torch.where(rows.to(old.device)[:, None], pooled.to(old.dtype), old)  # other prompts: the model's own
-        if as_tuple:
-            return output[:index] + (new,) + output[index + 1:]
-        output[key] = new
-        return output
-
-
-def _pooling_encoder(pipe):
-    """(tokenizer, text encoder) whose pooled vector the family uses (SDXL's second), when transformers would not
-    pool it at the end token by itself, else ``None``."""
-    tok, te = family_of(pipe).pooled_encoder(pipe) or (None, None)
-    if te is None or tok is None or tok.eos_token_id is None:
-        return None
-    if getattr(te.config, "eos_token_id", None) == tok.eos_token_id:  # newer configs: already the first end token
-        return None
-    return tok, te
-
-
-def _eos_pooling_hook(module) -> _EosPooling | None:
-    return next((h for h in module._forward_hooks.values() if isinstance(h, _EosPooling)), None)
-
-
-def _drop_eos_pooling(module) -> None:
-    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, _EosPooling)]:
-        for hooks in (module._forward_hooks, getattr(module, "_forward_hooks_with_kwargs", {}),
-                      getattr(module, "_forward_hooks_always_called", {})):
-            hooks.pop(key, None)
-
-
-def _add_eos_pooling(pipe):
-    """(text encoder, its hook), the hook added if it was not there yet; ``None`` where nothing is needed."""
-    found = _pooling_encoder(pipe)
-    if found is None:
-        return None
-    tok, te = found
-    hook = _eos_pooling_hook(te)
-    if hook is None:
-        hook = _EosPooling(int(tok.eos_token_id))
-        te.register_forward_hook(hook, with_kwargs=True)
-    return te, hook
-
-
-def use_eos_pooling(pipe) -> bool:
-    """Read SDXL's pooled prompt vector at the end-of-text token from now on, also for prompts with new words.
-
-    ``load_identity`` calls this. Prompts without new words give exactly what they gave before. Undone
-    by ``remove_eos_pooling``, and by itself once the new words are gone from the second text encoder
-    (``pipe.unload_textual_inversion``). Returns whether the pipeline needed it (SDXL with a legacy config).
-    """
-    found = _add_eos_pooling(pipe)
-    if found is not None:
-        found[1].persistent = True
-    return found is not None
-
-
-def remove_eos_pooling(pipe) -> None:
-    """Undo ``use_eos_pooling``: the text encoder pools as transformers does (after any ``eos_pooling`` block)."""
-    _, te = _pooling_encoder(pipe) or (None, None)
-    hook = _eos_pooling_hook(te) if te is not None else None
-    if hook is not None:
-        hook.persistent = False
-        if not hook.scopes:
-            _drop_eos_pooling(te)
-
-
-@contextmanager
-def eos_pooling(pipe) -> Iterator:
-    """Inside the block, SDXL's pooled prompt vector is read at the end-of-text token (see ``use_eos_pooling``).
-
-    Training conditions on this; on leaving, the pipeline pools as it did before the block.
-    """
-    found = _add_eos_pooling(pipe)
-    if found is None:
-        yield pipe
-        return
-    te, hook = found
-    hook.scopes += 1
-    try:
-        yield pipe
-    finally:
-        hook.scopes -= 1
-        if not hook.scopes and not hook.persistent:
-            _drop_eos_pooling(te)

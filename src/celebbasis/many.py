@@ -16,9 +16,9 @@ from typing import Callable
 
 from .config import GROUP_SIZE, BasisConfig, TrainConfig
 from .errors import InputError
-from .face import FaceAnalyzer, photos_in
+from .face import photos_in
 from .identity import name_from_filename
-from .train import personalize
+from .train import default_analyzer, default_config, personalize
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ class AddManyResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # names that already had an identity
     failed: list[str] = field(default_factory=list)  # one-line reasons, naming the photo
-
-    @property
-    def complete(self) -> bool:
-        return not self.failed
 
 
 def people_in(folder) -> list[Person]:
@@ -91,11 +87,11 @@ def add_many(load_pipe: Callable[[str | None], object], folder, out_dir, *, conf
             use (``None``: the caller's choice); returns the diffusers pipeline.
         folder: photos (one person each) and/or subfolders (one person with several photos).
         out_dir: where ``NAME.safetensors`` and ``NAME.run.json`` are written.
-        config: training settings (default ``TrainConfig()``); steps are per group.
+        config: training settings (default: the model's, ``train.default_config``); steps are per group.
         bases, basis_config: as in ``personalize``.
         group_size: people trained jointly, sharing one network (2, as the paper).
         overwrite: learn again people who already have an identity.
-        analyzer: the ``FaceAnalyzer`` (dlib's when ``None``).
+        analyzer: the ``FaceAnalyzer`` (default: the model's, ``train.default_analyzer``: dlib's, or the toy world's).
         face_index: which face to use in photos with several (0 = largest).
         process: (index, count) of this process; ``None`` asks accelerate.
         show_progress: one bar over every training step of this process.
@@ -107,7 +103,6 @@ def add_many(load_pipe: Callable[[str | None], object], folder, out_dir, *, conf
 
     if group_size < 1:
         raise InputError(f"group_size must be >= 1, got {group_size}.")
-    config = config or TrainConfig()
     out_dir = Path(out_dir)
     people = people_in(folder)
     result = AddManyResult()
@@ -126,8 +121,8 @@ def add_many(load_pipe: Callable[[str | None], object], folder, out_dir, *, conf
         logger.info("Process %d of %d: %d of %d groups.", index + 1, count, len(mine), len(groups))
     if not mine:
         return result
-    analyzer = analyzer or FaceAnalyzer()
     pipe = load_pipe(device)
+    config, analyzer = config or default_config(pipe), analyzer or default_analyzer(pipe)  # the model's own, or the paper's
     total = sum(config.total_steps(len(g)) for g in mine)
     bar = tqdm(total=total, desc="add-many", unit="step", disable=not show_progress or index != 0)
     try:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .families import FAMILY_METADATA_KEY
+from .families import FAMILY_METADATA_KEY, text_encoders
 from .identity import Identity, check_name
-from .models import model_metadata, text_encoders
+from .models import model_metadata
 from .resources import celeb_names, names_sha256
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def mix(ingredients: list[tuple[Identity | str, float]], name: str, bases, pipe=
     sources = []
     for item, weight in ingredients:
         if isinstance(item, Identity):
-            parts = [c for c, _ in item.parts()]
+            parts = [c for c, _ in item.parts]
             if len(parts) != len(bases):
                 raise InputError(f"{item.token} was made for another model family ({len(parts)} text encoder(s), model has {len(bases)}).")
             sources.append(item.token)

@@ -2,8 +2,12 @@
 
 A model is a hub id, a local diffusers folder, or a single-file checkpoint as A1111 and ComfyUI keep
 them (``v1-5-pruned-emaonly.safetensors``, SDXL base, fine-tunes), loaded through diffusers'
-``from_single_file`` with the configuration of its model family. Pickled ``.ckpt`` files are read
-only with ``torch.load(weights_only=True)``; nothing else is ever unpickled.
+``from_single_file`` with the configuration of its model family (``single_file``). Pickled ``.ckpt``
+files are read only with ``torch.load(weights_only=True)``; nothing else is ever unpickled.
+
+Models that ship with a plug-in (the toy world) load by name: the plug-in registers a
+``PackagedModel`` with its loader and what suits its pictures (a face network, a training preset),
+which ``personalize`` uses when the caller chose none. This module knows no plug-in by import.
 """
 
 from __future__ import annotations
@@ -11,17 +15,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .basis import cached_basis  # noqa: F401 (also its old home)
+from .basis import cached_basis
 from .config import BasisConfig
 from .errors import InputError, ModelLoadError, first_line
-from .families import TINY_MODEL  # noqa: F401 (its old home)
-from .families import SD1, SDXL, checkpoint_family_of, family_named, family_of, supported_pipelines
-from .signatures import (built_from_other_table, encoders_signature, format_signature,  # noqa: F401 (their old home)
-                         legacy_table_sha256, parse_signature, same_signature, table_signature, trained_on_other_encoder)
+from .families import SD1, SDXL, family_named, family_of, supported_pipelines, text_encoders
+from .signatures import built_from_other_table, encoders_signature
+from .single_file import checkpoint_shapes, family_of_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,42 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model a plug-in ships and registers (``register_packaged_model``), loaded by its name.
+
+    Attributes:
+        name: what ``load_pipeline`` loads it by (``toy=True`` is ``"toy"``) and records as the base model.
+        title: how messages name it, e.g. ``"the toy world"``.
+        load: ``load(device, dtype)`` -> the diffusers pipeline, named ``name`` (``_name_or_path``).
+        face_encoder: spec of the face network its people are recognised with (``face.make_face_encoder``).
+        train_preset: the ``TrainConfig`` preset its training starts from (``config.TRAIN_PRESETS``), or ``None``.
+        pretrained: the identity network pretrained on its celebrities (``celebbasis pretrain``), which
+            ``TrainConfig.pretrained="auto"`` starts from, or ``None``.
+    """
+
+    name: str
+    title: str
+    load: Callable[[torch.device, torch.dtype], object]
+    face_encoder: str = "dlib"
+    train_preset: str | None = None
+    pretrained: Path | None = None
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {}
+
+
+def register_packaged_model(model: PackagedModel) -> PackagedModel:
+    """Add (or replace) a model that ``load_pipeline`` loads by name, and its recommended settings."""
+    PACKAGED_MODELS[model.name] = model
+    return model
+
+
+def packaged_model(pipe) -> PackagedModel | None:
+    """The registered ``PackagedModel`` a pipeline was loaded as, or ``None`` (any other model)."""
+    return PACKAGED_MODELS.get(model_name(pipe))
+
+
 def load_pipeline(model: str | None = None, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                   revision: str | None = None, tiny: bool = False, sdxl: bool = False, config: str | None = None,
                   toy: bool = False, family: str | None = None):
@@ -82,7 +123,9 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         sdxl: the default model and the tiny model are SDXL (``family="sdxl"``).
         family: a registered model family's name (``celebbasis.families``): the default model and the
             tiny model are that family's. ``None``: SD 1.x, or SDXL with ``sdxl``.
-        toy: ignore ``model`` and load the packaged toy world (cartoon people, 64 px; ``celebbasis.toy``).
+        toy: ignore ``model`` and load the packaged toy world (cartoon people, 64 px), registered by
+            ``celebbasis.toy`` as the ``PackagedModel`` ``"toy"``; its face network and training preset
+            come with it (``packaged_model``).
         config: for a single file only: a diffusers folder or hub id of the same architecture, whose
             configuration (layers, scheduler, tokenizer) the file's weights are loaded into. ``None``
             uses its family's ``default_model`` (``celebbasis.families``), from the local Hugging Face cache or the Hub.
@@ -98,14 +141,19 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
         >>> model_name(pipe)
         'v1-5-pruned-emaonly.safetensors'
     """
+    if sdxl and family not in (None, "sdxl"):
+        raise InputError(f"sdxl asks for SDXL but family={family} for {family_named(family).title}. Pass one of them.",
+                         field="family")
     fam = family_named(family or ("sdxl" if sdxl else "sd1"))
     model = model or fam.default_model
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     if toy:
-        return _load_toy(dev, dt)
+        return _load_packaged("toy", dev, dt)
     if tiny:
-        pipe = fam.tiny_pipeline()
+        from .testing import tiny_pipeline
+
+        pipe = tiny_pipeline(family=fam.name)
         pipe.register_to_config(_name_or_path=fam.tiny_name)
         pipe.to(dev)
         return pipe if dt == torch.float32 else pipe.to(dtype=dt)  # built in float32: cast only when asked
@@ -120,22 +168,12 @@ def load_pipeline(model: str | None = None, *, device: str | torch.device = "aut
     return _load_pretrained(str(path) if looks_local else model, looks_local, dev, dt, revision)
 
 
-def _load_toy(device: torch.device, dtype: torch.dtype):
-    """The packaged toy world (``celebbasis.toy``) as a ``StableDiffusionPipeline`` with the package's CLIP tokenizer."""
-    from diffusers import StableDiffusionPipeline
-
-    from .resources import clip_tokenizer
-    from .toy import TOY_MODEL, require, toy_dir
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(require(toy_dir() / "pipeline")), tokenizer=clip_tokenizer(),
-                                                   safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, local_files_only=True)
-    pipe.register_to_config(_name_or_path=TOY_MODEL)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # stored in float16; each part as asked
-        module.to(device)
-        if module.dtype != dtype:
-            module.to(dtype=dtype)
-    return pipe
+def _load_packaged(name: str, device: torch.device, dtype: torch.dtype):
+    """A registered ``PackagedModel``, loaded."""
+    if name not in PACKAGED_MODELS:
+        raise ModelLoadError(f"No packaged model {name!r} is registered here (registered: {', '.join(PACKAGED_MODELS) or 'none'}). "
+                             "Import the plug-in that ships it first (import celebbasis does for the toy world).")
+    return PACKAGED_MODELS[name].load(device, dtype)
 
 
 def _check_folder(path: Path) -> None:
@@ -322,75 +360,6 @@ def _dtype_kwarg(dt: torch.dtype) -> dict:
     return {"dtype": dt} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dt}
 
 
-def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """``{key: shape}`` of a single-file checkpoint; pickles are read with ``weights_only=True`` or refused."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # SafetensorError: truncated download, not safetensors at all
-            raise ModelLoadError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]}); "
-                                 "download it again.") from None
-    import pickle
-    import zipfile
-
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError:
-        raise ModelLoadError(
-            f"{path} is a pickle checkpoint that holds more than tensors, and celebbasis does not unpickle that "
-            "(it could run code). Convert it to .safetensors (e.g. A1111's Checkpoint Merger, or a trusted "
-            "conversion script) and pass that file."
-        ) from None
-    except Exception as e:
-        raise ModelLoadError(f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}). "
-                             "Download it again, or use its .safetensors version.") from None
-    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning / SD training checkpoints
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ModelLoadError(f"{path} holds a {type(sd).__name__}, not a model state dict. Pass an SD checkpoint.")
-    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
-def checkpoint_family(path) -> str:
-    """``"sd1"``, ``"sd2"`` or ``"sdxl"``: the family of a single-file checkpoint, from its keys.
-
-    ``conditioner.embedders.1.model.*`` (OpenCLIP-G beside CLIP-L) is SDXL, ``cond_stage_model.model.*``
-    (OpenCLIP-H) SD 2.x, ``cond_stage_model.transformer.*`` (CLIP-L) SD 1.x.
-
-    Raises:
-        ModelLoadError: unreadable, a refused pickle, or not a full SD 1.x/2.x/SDXL text-to-image checkpoint.
-    """
-    path = Path(path).expanduser()
-    return _family(path, _checkpoint_shapes(path))
-
-
-def _family(path: Path, shapes: dict[str, tuple[int, ...]]) -> str:
-    if not any(k.startswith("model.diffusion_model.") for k in shapes):
-        raise ModelLoadError(f"{path.name} has no UNet (model.diffusion_model.*): it is not a full Stable Diffusion "
-                             "checkpoint (a LoRA, an embedding or a VAE?). Pass the base model's checkpoint.")
-    found = checkpoint_family_of(shapes)
-    if found is not None:
-        family = found.name
-    elif any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
-        raise ModelLoadError(f"{path.name} is an SDXL refiner, which has no CLIP-L text encoder to learn a word in. "
-                             "Pass the SDXL base model (or a fine-tune of it).")
-    elif any(k.startswith("cond_stage_model.transformer.") for k in shapes):
-        raise ModelLoadError(f"{path.name} is an SD 1.x checkpoint whose text encoder has the old key layout "
-                             "(cond_stage_model.transformer.embeddings.*, no text_model.), which diffusers cannot read. "
-                             "Re-save it with a current tool (e.g. A1111's Checkpoint Merger) and pass that file.")
-    else:
-        raise ModelLoadError(f"{path.name} holds no SD 1.x/2.x or SDXL text encoder (cond_stage_model.* or conditioner.*): "
-                             "it is a UNet-only file or another model family. Pass a full SD 1.x/2.x or SDXL checkpoint.")
-    in_channels = shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))[1]
-    if in_channels != 4:
-        raise ModelLoadError(f"{path.name} is an inpainting or instruct-pix2pix model (its UNet takes {in_channels} channels); "
-                             "celebbasis needs a text-to-image model.")
-    return family
-
-
 def _resolve_config(config: str | None, family: str, path: Path, revision: str | None) -> str:
     """The local folder holding the family configuration for ``path``: given, cached, or fetched (configs only)."""
     from huggingface_hub import snapshot_download
@@ -450,8 +419,8 @@ def _load_single_file(path: Path, config: str | None, dev: torch.device, dt: tor
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{path.name}: celebbasis reads single-file checkpoints ending in "
                              f"{', '.join(SINGLE_FILE_SUFFIXES)}; pass one of those, a diffusers folder or a hub id.")
-    shapes = _checkpoint_shapes(path)
-    family = family_named(_family(path, shapes))
+    shapes = checkpoint_shapes(path)
+    family = family_of_checkpoint(path, shapes)
     config_dir = _resolve_config(config, family.name, path, revision)
     _check_config(config_dir, family.name, path, shapes, config or family.default_model)
     logger.info("Loading %s as %s with the configuration of %s.", path.name, family.title, config or family.default_model)
@@ -465,16 +434,11 @@ def _load_single_file(path: Path, config: str | None, dev: torch.device, dt: tor
     return pipe.to(dev)
 
 
-# -- text encoders (their fingerprints: signatures.py) ----------------------------------------------
-
-def text_encoders(pipe) -> list[tuple]:
-    """(tokenizer, text_encoder) pairs of a pipeline, in its family's order: one for SD 1.x/2.x, two for SDXL."""
-    return family_of(pipe).encoders(pipe)
-
+# -- what identities record about the model ----------------------------------------------------------
 
 def model_metadata(pipe) -> dict[str, str]:
-    """What an identity made on ``pipe`` records about it: the model's name, its text encoders, and its
-    family where the identity's slots cannot tell it (``ModelFamily.identity_metadata``)."""
+    """What an identity made on ``pipe`` records about it: the model's name, its text encoders and its
+    family (``ModelFamily.identity_metadata``)."""
     return {"base_model": model_name(pipe), "text_encoder_signature": encoders_signature(pipe),
             **family_of(pipe).identity_metadata()}
 
@@ -486,3 +450,25 @@ def pipeline_bases(pipe, config=None, source: str | None = None) -> list:
     cfg = config or BasisConfig()
     return [cached_basis(tok, te, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
                          source=source or model_name(pipe)) for tok, te in text_encoders(pipe)]
+
+
+def resolve_bases(pipe, basis, basis_config, base_model: str) -> list:
+    """The given bases, checked against the pipeline's text encoders, or the cached ones built for it."""
+    bases = list(basis) if isinstance(basis, (list, tuple)) else [basis] if basis is not None else []
+    pairs = text_encoders(pipe)
+    if bases and basis_config is not None:
+        raise InputError("Pass either a basis or the settings to build one (basis_config), not both.")
+    if not bases:
+        bases = pipeline_bases(pipe, basis_config, source=base_model)
+    if len(bases) != len(pairs):
+        raise InputError(f"This model has {len(pairs)} text encoder(s) but {len(bases)} basis file(s) were given; "
+                         "pass one per encoder or none.")
+    for b, (tok, te) in zip(bases, pairs):
+        width = te.get_input_embeddings().embedding_dim
+        if b.embedding_dim != width:
+            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. "
+                             "Build the basis from this model.")
+        if built_from_other_table(b.metadata, tok, te):
+            logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
+                           "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")
+    return bases

@@ -29,6 +29,7 @@ so a resumed run gives what an uninterrupted one gives.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -45,7 +46,8 @@ from .errors import FileFormatError, InputError
 from .families import family_of
 from .files import decode_json, load_artifact, save_artifact
 from .identity import IdentityEncoder
-from .insert import add_placeholder, borrowed_tokenizers, eos_pooling, token_override
+from .insert import add_placeholder, borrowed_tokenizers, token_override
+from .pooling import eos_pooling
 from .signatures import encoders_signature
 
 logger = logging.getLogger(__name__)
@@ -106,17 +108,16 @@ def draw_coefficients(pipe, bases, coefficients: list[torch.Tensor], captions: l
             ids = add_placeholder(tok, te, _WORD, k, resize=False)
             states.append((stack.enter_context(token_override(te.get_input_embeddings(), ids)), te))
         if family.pooled_encoder(pipe) is not None:
-            stack.enter_context(eos_pooling(pipe))
-        bars = dict(getattr(pipe, "_progress_bar_config", {}))
-        pipe.set_progress_bar_config(disable=True)
-        stack.callback(lambda: setattr(pipe, "_progress_bar_config", bars))
+            stack.enter_context(eos_pooling(family.pooled_encoder(pipe)))
+        drawing = copy.copy(pipe)  # same components; its own progress-bar settings, so the caller's stay as they are
+        drawing.set_progress_bar_config(disable=True)
         for start in range(0, len(captions), batch):
             j = range(start, min(start + batch, len(captions)))
             for (state, te), c, b in zip(states, coefficients, bases):
                 state["rows"] = b.reconstruct(c[list(j)]).to(te.device, te.dtype)  # (B, K, d): each drawing its own
             gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in j]
             with torch.no_grad():
-                images = pipe([captions[i].format(f"{_WORD} person") for i in j], num_inference_steps=steps,
+                images = drawing([captions[i].format(f"{_WORD} person") for i in j], num_inference_steps=steps,
                               guidance_scale=guidance, height=size[0], width=size[1], generator=gens).images
             yield from zip(j, images)
 
@@ -275,25 +276,17 @@ _JSON_KEYS = ("pretrain_config", "names_kept", "counts", "validation_cosine")
 
 
 # -- which network a run starts from ----------------------------------------------------------------
-_FINDERS: list = []  # callables pipe -> path of the model's own pretrained network, or None
-
-
-def register_pretrained(finder) -> None:
-    """Let ``pretrained="auto"`` find a model's own network: ``finder(pipe)`` returns its path, or ``None``.
-
-    The toy world registers the network it ships; a package that ships a model can do the same."""
-    if finder not in _FINDERS:
-        _FINDERS.append(finder)
-
-
 def resolve_pretrained(spec: str, pipe) -> PretrainedNetwork | None:
-    """``TrainConfig.pretrained``: ``"none"`` -> ``None``; ``"auto"`` -> the model's own network, if a registered
-    finder knows one; else the file at ``spec``."""
+    """``TrainConfig.pretrained``: ``"none"`` -> ``None``; ``"auto"`` -> the network a packaged model ships
+    (``models.PackagedModel.pretrained``: the toy world's), else ``None``; anything else: the file at ``spec``."""
+    from .models import packaged_model
+
     if spec == "none":
         return None
     if spec == "auto":
-        path = next((p for p in (f(pipe) for f in _FINDERS) if p is not None), None)
-        return PretrainedNetwork.load(path) if path is not None else None
+        packaged = packaged_model(pipe)
+        path = packaged.pretrained if packaged is not None else None
+        return PretrainedNetwork.load(path) if path is not None and Path(path).exists() else None
     return PretrainedNetwork.load(spec)
 
 
@@ -332,7 +325,7 @@ def celebrity_targets(pipe, bases, max_names: int = 0, seed: int = 0) -> tuple[l
 
 
 def _captions(n: int, seed: int) -> list[str]:
-    from .train import TEMPLATES
+    from .prompts import TEMPLATES
 
     rng = np.random.default_rng(seed)
     return [TEMPLATES[int(i)] for i in rng.integers(len(TEMPLATES), size=n)]
@@ -351,7 +344,7 @@ def collect(pipe, analyzer, bases, config: PretrainConfig, work: Path | None = N
     every = [torch.cat([t, m]) for t, m in zip(targets, blends)]
     group = np.repeat(np.arange(every[0].shape[0]), cfg.drawings)
     captions, seeds = _captions(len(group), cfg.seed), [cfg.seed * 1_000_003 + i for i in range(len(group))]
-    size = family_of(pipe).default_resolution(pipe)
+    size = family_of(pipe).native_size(pipe)
     n = len(group)
     faces, found, done = np.zeros((n, analyzer.encoder.embedding_dim), np.float32), np.zeros(n, bool), 0
     if work is not None and work.exists():
@@ -439,14 +432,15 @@ def pretrain(pipe, analyzer, out, *, config: PretrainConfig | None = None, bases
         overwrite: replace an existing ``out``.
         progress: ``progress(done, total, seconds)`` after each chunk of drawings.
     """
-    from .train import _check_targets, _resolve_bases
+    from .files import check_new_file
+    from .models import resolve_bases
 
     cfg = config or PretrainConfig()
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InputError(f"{out}: the pretrained network is a .safetensors file; name it so.", field="out")
-    _check_targets([out], overwrite)
-    bases = _resolve_bases(pipe, bases, None, base_model)
+    check_new_file(out, overwrite)
+    bases = resolve_bases(pipe, bases, None, base_model)
     work = out.with_name(out.name.removesuffix(".safetensors") + ".work.safetensors")
     data = collect(pipe, analyzer, bases, cfg, work, progress)
     net = fit_network(data, cfg, analyzer.encoder, pipe=pipe, bases=bases, base_model=base_model)

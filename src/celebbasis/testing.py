@@ -1,17 +1,20 @@
-"""A tiny, seeded, random Stable Diffusion pipeline with the real CLIP tokenizer.
+"""Tiny, seeded, random Stable Diffusion pipelines with the real CLIP tokenizer, one per model family.
 
-Same classes and code paths as a real SD 1.x/2.x model, only the sizes differ, so tests, the demo
-and the web UI run on a CPU in seconds without downloading anything. Its images are noise by design.
+Same classes and code paths as a real SD 1.x/2.x or SDXL model, only the sizes differ, so tests, the
+demo and the web UI run on a CPU in seconds without downloading anything (``load_pipeline(tiny=True)``,
+``--tiny``). Their images are noise by design. Each family's builder is registered here by the family's
+name (``TINY_PIPELINES``); a family defined elsewhere registers its own with ``register_tiny_pipeline``.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .files import atomic_write
+from .families import FAMILIES
 from .resources import clip_tokenizer
 
 TINY_WIDTH = 32  # text embedding width of the tiny model
@@ -29,7 +32,7 @@ def _own_rng(build):
 
 
 def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: str = "sd1"):
-    """Build the tiny random pipeline of a model family in memory (``ModelFamily.tiny_pipeline``).
+    """Build the tiny random pipeline of a model family in memory (its builder in ``TINY_PIPELINES``).
 
     Args:
         seed: seeds every random weight, so two calls give identical models.
@@ -46,11 +49,12 @@ def tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", family: st
         >>> pipe.tokenizer("sks", add_special_tokens=False).input_ids
         [48136]
     """
-    from .families import FAMILIES
-
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    return FAMILIES[family].tiny_pipeline(seed, prediction_type=prediction_type)
+    if family not in TINY_PIPELINES:
+        raise NotImplementedError(f"The {FAMILIES[family].title} family has no tiny test model "
+                                  "(celebbasis.testing.register_tiny_pipeline adds one).")
+    return TINY_PIPELINES[family](seed, prediction_type=prediction_type)
 
 
 @_own_rng
@@ -196,209 +200,14 @@ def save_tiny_pipeline(path, seed: int = 0, *, prediction_type: str = "epsilon",
     return path
 
 
-@_own_rng
-def save_tiny_clip(path, seed: int = 0) -> Path:
-    """A tiny random CLIP (transformers ``CLIPModel`` + processor) folder for ``--clip-model PATH``."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    path = Path(path)
-    tokenizer = clip_tokenizer()
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                           num_hidden_layers=2),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(path)
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer,
-    )
-    processor.save_pretrained(path)
-    return path
-
-
-# --- single-file (A1111 / ComfyUI) checkpoints -------------------------------------------------
-# The inverse of diffusers' single-file loader, after diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py
-# and convert_diffusers_to_original_sdxl.py. Those hard-code SD's 4 (SDXL's 3) UNet stages with 2 layers each; here
-# the block numbers come from the model's config, so the tiny models convert too.
-
-_UNET_TOP = {  # diffusers -> original (LDM)
-    "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.",
-    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL's size/crop conditioning
-    "add_embedding.linear_2.": "label_emb.0.2.",
-    "conv_in.": "input_blocks.0.0.",
-    "conv_norm_out.": "out.0.",
-    "conv_out.": "out.2.",
+# Each family's tiny model, by the family's name: ``builder(seed, prediction_type=...)`` -> pipeline.
+TINY_PIPELINES: dict[str, Callable] = {
+    "sd1": tiny_sd_pipeline,
+    "sd2": functools.partial(tiny_sd_pipeline, sd2=True),
+    "sdxl": tiny_sdxl_pipeline,
 }
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-_VAE_ATTN = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
-_OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-              "self_attn.out_proj": "attn.out_proj"}
 
 
-def _unet_to_original(unet) -> dict:
-    """UNet2DConditionModel weights -> ``model.diffusion_model.*`` keys (input/middle/output blocks)."""
-    cfg = unet.config
-    layers = cfg.layers_per_block
-    if not isinstance(layers, int):
-        raise ValueError(f"layers_per_block must be one int for the original layout, got {layers!r}")
-    up_has_attention = ["CrossAttn" in t for t in cfg.up_block_types]
-    out = {}
-    for key, value in unet.state_dict().items():
-        parts = key.split(".")
-        new = None
-        for old, orig in _UNET_TOP.items():
-            if key.startswith(old):
-                new = orig + key[len(old):]
-        if new is None:
-            kind, rest = parts[0], parts[1:]
-            if kind == "mid_block":  # resnet, attention, resnet -> middle_block.0, .1, .2
-                sub, j, tail = rest[0], int(rest[1]), rest[2:]
-                new = f"middle_block.{2 * j if sub == 'resnets' else 1}." + ".".join(tail)
-            elif kind in ("down_blocks", "up_blocks"):
-                i, sub, j, tail = int(rest[0]), rest[1], int(rest[2]), rest[3:]
-                if kind == "down_blocks":  # input_blocks.0 is conv_in; each stage has `layers` layers, then its downsampler
-                    if sub == "downsamplers":
-                        new = f"input_blocks.{(layers + 1) * (i + 1)}.0.op." + ".".join(tail[1:])  # drop "conv"
-                    else:
-                        new = f"input_blocks.{(layers + 1) * i + j + 1}.{0 if sub == 'resnets' else 1}." + ".".join(tail)
-                elif sub == "upsamplers":  # after the last layer's resnet (and attention, if the stage has one)
-                    new = f"output_blocks.{(layers + 1) * i + layers}.{2 if up_has_attention[i] else 1}." + ".".join(tail)
-                else:  # up stages have layers + 1 layers
-                    new = f"output_blocks.{(layers + 1) * i + j}.{0 if sub == 'resnets' else 1}." + ".".join(tail)
-            else:
-                raise ValueError(f"No original-layout name for UNet weight {key}")
-            if "resnets" in key:
-                for d, o in _UNET_RESNET.items():
-                    new = new.replace(f".{d}.", f".{o}.")
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def _vae_to_original(vae) -> dict:
-    """AutoencoderKL weights -> ``first_stage_model.*`` (decoder stages numbered in reverse, 1x1-conv attention)."""
-    n = len(vae.config.up_block_types)
-    out = {}
-    for key, value in vae.state_dict().items():
-        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-        parts = new.split(".")
-        if parts[1] in ("down_blocks", "up_blocks"):  # encoder.down_blocks.i.resnets.j.* / .downsamplers.0.conv.*
-            down = parts[1] == "down_blocks"
-            i = int(parts[2]) if down else n - 1 - int(parts[2])
-            if parts[3] == "resnets":
-                where = ["block", *parts[4:]]  # keeps j
-            else:
-                where = ["downsample" if down else "upsample", *parts[5:]]  # drops the sampler's index 0
-            new = ".".join([parts[0], "down" if down else "up", str(i), *where])
-        elif parts[1] == "mid_block" and parts[2] == "resnets":
-            new = ".".join([parts[0], "mid", f"block_{int(parts[3]) + 1}", *parts[4:]])
-        elif parts[1] == "mid_block":  # the one attention block
-            tail = ".".join(parts[4:]) + "."
-            for d, o in _VAE_ATTN.items():
-                tail = tail.replace(d, o, 1) if tail.startswith(d) else tail
-            new = f"{parts[0]}.mid.attn_1.{tail[:-1]}"
-            if value.ndim == 2:  # linear -> 1x1 conv
-                value = value[:, :, None, None]
-        out["first_stage_model." + new] = value
-    return out
-
-
-def _clip_to_original(text_encoder, prefix: str) -> dict:
-    """OpenAI CLIP (SD 1.x, SDXL's first encoder): transformers' own names under ``prefix``."""
-    out = {}
-    for key, value in text_encoder.state_dict().items():
-        if key.endswith("position_ids"):
-            continue
-        if not key.startswith(("text_model.", "text_projection")):  # transformers >= 5.6 flattened CLIPTextModel
-            key = "text_model." + key
-        out[prefix + key] = value
-    return out
-
-
-def _open_clip_to_original(text_encoder, prefix: str) -> dict:
-    """OpenCLIP (SD 2.x, SDXL's second encoder): ``resblocks``, fused q/k/v ``in_proj``, transposed ``text_projection``."""
-    sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-          for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
-    out = {}
-    width = text_encoder.config.hidden_size
-    for key, value in sd.items():
-        if key == "text_model.embeddings.token_embedding.weight":
-            out[prefix + "token_embedding.weight"] = value
-        elif key == "text_model.embeddings.position_embedding.weight":
-            out[prefix + "positional_embedding"] = value
-        elif key.startswith("text_model.final_layer_norm."):
-            out[prefix + "ln_final." + key.rsplit(".", 1)[1]] = value
-        elif key == "text_projection.weight":
-            out[prefix + "text_projection"] = value.T.contiguous()
-        elif key.startswith("text_model.encoder.layers."):
-            i, rest = key[len("text_model.encoder.layers."):].split(".", 1)
-            if rest.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
-                if rest.startswith("self_attn.q_proj"):
-                    kind = rest.rsplit(".", 1)[1]  # weight or bias
-                    qkv = [sd[f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-                    out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv)  # (3W, W) / (3W,)
-                continue
-            for d, o in _OPEN_CLIP.items():
-                rest = rest.replace(d, o)
-            out[f"{prefix}transformer.resblocks.{i}.{rest}"] = value
-        else:
-            raise ValueError(f"No original-layout name for text encoder weight {key}")
-    if prefix + "text_projection" not in out:  # SD 2.x files carry OpenCLIP's projection; diffusers ignores it
-        out[prefix + "text_projection"] = torch.eye(width)
-    return out
-
-
-def original_state_dict(pipe, *, open_clip: bool | None = None) -> dict:
-    """A diffusers pipeline's weights in the original single-file layout (A1111, ComfyUI) of its family.
-
-    Args:
-        pipe: a pipeline of a family with single files (``ModelFamily.single_file_encoders``): SD 1.x/2.x, SDXL.
-        open_clip: for a one-encoder pipeline, write its text encoder in SD 2.x's OpenCLIP layout (``True``) or
-            SD 1.x's CLIP layout (``False``); ``None``: its family's (SD 2.x pads with "!").
-
-    Returns:
-        ``{key: tensor}`` with ``model.diffusion_model.*``, ``first_stage_model.*`` and
-        ``cond_stage_model.transformer.*`` (SD 1.x), ``cond_stage_model.model.*`` (SD 2.x) or
-        ``conditioner.embedders.{0,1}.*`` (SDXL) keys.
-    """
-    from .families import SD1, SD2, family_of
-
-    family = family_of(pipe)
-    layouts = family.single_file_encoders
-    if open_clip is not None and len(layouts) == 1:
-        layouts = (SD2 if open_clip else SD1).single_file_encoders
-    if not layouts:
-        raise ValueError(f"The {family.title} family has no single-file layout.")
-    writers = {"clip": _clip_to_original, "open_clip": _open_clip_to_original}
-    sd = {**_unet_to_original(pipe.unet), **_vae_to_original(pipe.vae)}
-    for (_, text_encoder), (prefix, layout) in zip(family.encoders(pipe), layouts):
-        sd.update(writers[layout](text_encoder, prefix))
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-
-
-def save_single_file(pipe, path, *, open_clip: bool | None = None) -> Path:
-    """Write a pipeline as one original-layout checkpoint: safetensors, or a tensors-only pickle for ``.ckpt``/``.pt``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    sd = original_state_dict(pipe, open_clip=open_clip)
-    if path.suffix == ".safetensors":
-        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    return atomic_write(path, lambda tmp: torch.save({"state_dict": sd, "global_step": 0}, tmp))  # as SD training scripts write
-
-
-def save_tiny_single_file(path, seed: int = 0, *, family: str = "sd1") -> Path:
-    """``tiny_pipeline(seed, family=...)`` as an A1111/ComfyUI-style single-file checkpoint at ``path``.
-
-    Example:
-        >>> save_tiny_single_file("tiny-sdxl.safetensors", family="sdxl")
-        PosixPath('tiny-sdxl.safetensors')
-    """
-    return save_single_file(tiny_pipeline(seed, family=family), path)
+def register_tiny_pipeline(family: str, builder: Callable) -> None:
+    """Make ``tiny_pipeline(family=...)`` and ``load_pipeline(tiny=True, family=...)`` build ``builder(seed, **kwargs)``."""
+    TINY_PIPELINES[family] = builder

@@ -30,6 +30,8 @@ from PIL import Image, ImageDraw
 from .config import EXPORT_FORMATS, WEBUI_HOST, WEBUI_PORT, GenerateConfig, TrainConfig, updated
 from .errors import CelebBasisError, InputError, NoFaceFoundError
 from .export import export_identity
+from .families import family_of
+from .files import check_new_file
 from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
 from .generate import generate, save_images
 from .identity import Identity, check_name
@@ -129,6 +131,10 @@ class Library:
     def path(self, name: str) -> Path:
         return self.dir / f"{check_name(name)}.safetensors"
 
+    def new_path(self, name: str, fix: str = "Pick another name.") -> Path:
+        """Where a new identity ``name`` goes; refused, in the page's words, when one of that name exists."""
+        return check_new_file(self.path(name), what=f"An identity named {name!r}", fix=fix)
+
     def get(self, name: str) -> Identity:
         path = self.path(name)
         found = next((ident for p, _, ident in self.scan() if p == path), None)
@@ -137,10 +143,8 @@ class Library:
         return found
 
     def rename(self, old: str, new: str) -> str:
-        src, dst = self.path(old), self.path(new)
+        src, dst = self.path(old), self.new_path(new)
         ident = self.get(old)
-        if dst.exists():
-            raise InputError(f"An identity named {new!r} already exists. Pick another name.")
         dataclasses.replace(ident, token=f"<{check_name(new)}>").save(dst)
         for suffix in (".thumb.png", ".run.json"):
             if src.with_suffix(suffix).exists():
@@ -252,9 +256,8 @@ class WebApp:
 
     @property
     def native_size(self) -> int:
-        """The model's own image size in pixels (loads the model)."""
-        pipe = self.pipe
-        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+        """The model's own image size in pixels, as its family says (loads the model)."""
+        return family_of(self.pipe).native_size(self.pipe)
 
     def defaults(self) -> Defaults:
         """The fields' starting values: the configs' defaults, sizes from the model when the config has none."""
@@ -322,8 +325,7 @@ class WebApp:
         names = check_people(names, len(people))
         config = updated(self.train_config, steps=int(steps_per_person) * len(names))
         for n in names:
-            if self.library.path(n).exists():
-                raise InputError(f"An identity named {n!r} already exists. Pick another name or delete it in the Library.")
+            self.library.new_path(n, fix="Pick another name or delete it in the Library.")
         analyses = [[self.photos(p)[1] for p in person] for person in people]
 
         def callback(step, total, loss):
@@ -395,8 +397,7 @@ class WebApp:
             settings: ``GenerateConfig`` fields for the preview (``seed=3, steps=20, ...``).
         """
         name = check_name(name)
-        if self.library.path(name).exists():
-            raise InputError(f"An identity named {name!r} already exists. Pick another name.")
+        self.library.new_path(name)
         if not a:
             raise InputError("Pick the first identity.")
         first = self.library.get(a)
@@ -804,7 +805,11 @@ def launch(app: WebApp, host: str = WEBUI_HOST, port: int = WEBUI_PORT, share: b
     """Start the server and print its address; share links only when asked, with a warning.
 
     Returns the running Gradio app (``.close()`` stops it) once it stops, or at once with ``block=False``.
+
+    Raises:
+        InputError: ``port`` is no port number or another program holds it (``check_address``), before the model loads.
     """
+    check_address(host, port)
     demo = build_ui(app)  # loads the model: a bad --model fails here, before any folder is made
     app.dir.mkdir(parents=True, exist_ok=True)
     if share:

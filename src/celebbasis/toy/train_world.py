@@ -373,7 +373,7 @@ def stage_text(work: Path, args, d):
     named person, the background and shirt colours and the smile when the caption says them. Stable Diffusion's
     text encoder comes pretrained; this gives ours informative features before the UNet learns to read them."""
     from ..resources import celeb_names, clip_tokenizer
-    from ..train import TEMPLATES
+    from ..prompts import TEMPLATES
 
     tokenizer, names = clip_tokenizer(), celeb_names()
     torch.manual_seed(args.seed + 60)
@@ -413,7 +413,7 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> No
     from diffusers import DDPMScheduler
 
     from ..resources import celeb_names, clip_tokenizer
-    from ..train import TEMPLATES
+    from ..prompts import TEMPLATES
 
     tokenizer = clip_tokenizer()
     names = celeb_names()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 from PIL import Image
 
+from ..face.geometry import frame_whole
+
 RESOLUTION = 64
 
 # Plain colour words the captions use, and the colour each one paints.
@@ -46,11 +48,6 @@ _EXPRESSIONS = {  # (eyes, mouth) choices for each value of "smiling"
 }
 # What the scorer reads: the identity attributes (likeness) and the prompt's colour words (fidelity).
 SCORED = {**IDENTITY, "background": PICTURE["background"], "shirt": PICTURE["shirt"], "smiling": PICTURE["smiling"]}
-
-
-def identity_space() -> int:
-    """How many different people the world can draw."""
-    return int(np.prod([len(v) for v in IDENTITY.values()]))
 
 
 @dataclass(frozen=True)
@@ -162,24 +159,13 @@ def avatar_svg(person: Person, picture: Picture) -> str:
     ).render()
 
 
-def frame(render: Image.Image, background: str = "#FFFFFF", size: int = RESOLUTION) -> Image.Image:
-    """The world's framing of any avatar render: whole, scaled to ``size`` high, centred on a square."""
-    render = render.convert("RGBA")
-    w = max(1, round(render.width * size / render.height))
-    scaled = render.resize((w, size), Image.LANCZOS)
-    canvas = Image.new("RGBA", (size, size), background)
-    canvas.alpha_composite(scaled, ((size - w) // 2, 0)) if w <= size else canvas.alpha_composite(
-        scaled.crop(((w - size) // 2, 0, (w - size) // 2 + size, size)))
-    return canvas.convert("RGB")
-
-
 def render(person: Person, picture: Picture, size: int = RESOLUTION) -> Image.Image:
     """One image of the world: ``person`` in ``picture`` at ``size`` pixels."""
     import resvg_py
 
     h = size * 4  # render large, then scale down with a good filter: crisp and the same on every machine
     png = bytes(resvg_py.svg_to_bytes(svg_string=avatar_svg(person, picture), height=h, width=round(h * 264 / 280)))
-    return frame(Image.open(io.BytesIO(png)), COLORS[PICTURE["background"][picture.background]], size)
+    return frame_whole(Image.open(io.BytesIO(png)), size, COLORS[PICTURE["background"][picture.background]])
 
 
 def caption(name: str, picture: Picture, rng: np.random.Generator, templates: list[str]) -> str:
