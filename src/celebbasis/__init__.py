@@ -13,18 +13,41 @@ Example:
 
 from ._version import __version__
 
-from .basis import CelebBasis, build_basis, cached_basis
-from .errors import CelebBasisError, FileFormatError, InputError, ModelLoadError, NoFaceFoundError
-from .export import export_identity, import_embedding
-from .face import FaceAnalyzer, FaceEncoder, load_image
-from .generate import GeneratedImage, generate, save_images
-from .identity import Identity, IdentityEncoder
-from .insert import load_identity
-from .mix import mix
-from .models import DEFAULT_MODEL, DEFAULT_SDXL_MODEL, load_pipeline
-from .config import BasisConfig, GenerateConfig, TrainConfig
-from .train import PersonalizeResult, personalize
-from . import toy  # noqa: E402  the toy world (cb.toy.score, cb.toy.world, ...)
+# Names of the public API -> the module that defines them. They are imported on first use (PEP 562), so
+# that ``import celebbasis`` and the command line start in milliseconds: the CLI checks its inputs
+# before torch and diffusers are imported.
+_EXPORTS = {
+    "CelebBasis": "basis", "build_basis": "basis", "cached_basis": "basis",
+    "CelebBasisError": "errors", "FileFormatError": "errors", "InputError": "errors", "ModelLoadError": "errors",
+    "NoFaceFoundError": "errors",
+    "export_identity": "export", "import_embedding": "export",
+    "FaceAnalyzer": "face", "FaceEncoder": "face", "load_image": "face",
+    "GeneratedImage": "generate", "generate": "generate", "save_images": "generate",
+    "Identity": "identity", "IdentityEncoder": "identity",
+    "load_identity": "insert",
+    "mix": "mix",
+    "DEFAULT_MODEL": "models", "DEFAULT_SDXL_MODEL": "models", "load_pipeline": "models",
+    "BasisConfig": "config", "GenerateConfig": "config", "TrainConfig": "config",
+    "PersonalizeResult": "train", "personalize": "train",
+}
+
+
+def __getattr__(name: str):
+    import importlib.util
+
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a module: cb.toy (the toy world), cb.models, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # once imported, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "__version__",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, config_values, flag, merged, parse, sections
+from .cli_inputs import check_inputs
 from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WEBUI_HOST, WEBUI_PORT,
                      BasisConfig, GenerateConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
@@ -83,6 +84,9 @@ def _common(p: Parser, model: bool = True) -> None:
         flag(p, g, "--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: auto)")
     flag(p, g, "--config", metavar="TOML", help="read this command's flags from a TOML file (keys as flag names; settings may also go in "
                                                         "[train], [generate] or [basis] tables); flags given here win")
+    flag(p, g, "--threads", type=int, metavar="N",
+         help="CPU threads for torch (default: 1 for the toy world and small models, whose many short operations "
+              "only wait for each other on a busy machine; torch's default for larger ones; or OMP_NUM_THREADS if set)")
     flag(p, g, "-v", "--verbose", default=False, action="store_true", help="debug logging and full tracebacks")
     flag(p, g, "-q", "--quiet", default=False, action="store_true", help="only warnings and errors, no progress bars")
 
@@ -229,8 +233,11 @@ def _load(args, device: str | None = None):
     from .models import load_pipeline
 
     logger.info("Loading %s ...", "the tiny random model" if args.tiny else _model_label(args))
-    return load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
+    pipe = load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
                          revision=args.revision, tiny=args.tiny, sdxl=args.sdxl, toy=args.toy)
+    if getattr(args, "model_loaded", None):
+        args.model_loaded(pipe)  # the torch threads for this model (``_Threads``)
+    return pipe
 
 
 def _model_label(args) -> str:
@@ -709,6 +716,37 @@ class _LoggingSetup:
         return False
 
 
+class _Threads:
+    """torch's threads for one ``main`` call, put back afterwards: ``--threads N``, else the user's
+    ``OMP_NUM_THREADS``, else chosen for the model (``celebbasis.threads``): one thread for the toy world
+    and the tiny model from the start, and for any model found small once it is loaded."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self):
+        from .threads import torch_threads, user_set_threads
+
+        args = self.args
+        self.auto = getattr(args, "threads", None) is None and not user_set_threads()
+        small = getattr(args, "toy", False) or getattr(args, "tiny", False) or getattr(args, "eval_encoder", "") == "toy"
+        self.context = torch_threads(getattr(args, "threads", None) or (1 if self.auto and small else None))
+        self.set = self.context.__enter__()
+        args.model_loaded = self.model_loaded  # ``_load`` reports the model it loaded
+        return self
+
+    def model_loaded(self, pipe) -> None:
+        from .threads import threads_for
+
+        if self.auto:
+            n = threads_for(pipe)
+            self.set(n)
+            logger.debug("torch threads: %s for %s.", n or "torch's default", _model_label(self.args))
+
+    def __exit__(self, *exc):
+        return self.context.__exit__(*exc)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, stopping the command as Ctrl-C does (exit 143 instead of 130)."""
 
@@ -732,12 +770,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, argv)
     try:
         args = merged(parser, args)  # flag defaults <- --config TOML <- command line
+        check_inputs(args)  # missing files and contradicting flags, in milliseconds: before torch is imported
     except CelebBasisError as e:
         print(f"celebbasis: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        with _LoggingSetup(args), warnings.catch_warnings():
+        with _LoggingSetup(args), warnings.catch_warnings(), _Threads(args):
             if not args.verbose:  # library deprecation notices, for this command only
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
