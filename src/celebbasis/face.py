@@ -505,7 +505,10 @@ def face_encoder(spec: str = "dlib") -> FaceEncoder:
 
 
 def detector_for(encoder: FaceEncoder):
-    """The detector whose landmarks the encoder aligns with: dlib's for dlib, none for the toy world, MTCNN otherwise."""
+    """The detector whose landmarks the encoder aligns with: the encoder's own if it brings one (``make_detector``:
+    the toy world's), dlib's for dlib, the whole image for ``WHOLE``, MTCNN otherwise."""
+    if hasattr(encoder, "make_detector"):
+        return encoder.make_detector()
     if getattr(encoder, "landmarks", DLIB5) == WHOLE:
         return WholeImageDetector()
     return MTCNNDetector() if getattr(encoder, "landmarks", DLIB5) == FIVE_POINT else DlibFaceDetector()
@@ -765,10 +768,9 @@ class FaceAnalyzer:
         arr = np.asarray(image)
         logger.info("Looking for faces in %s …", label)
         faces = self.detect(arr, label)  # refuses images too small or thin to search (``_check_searchable``)
-        if not faces:
-            raise NoFaceFoundError(
-                f"No face found in {label}. Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."
-            )
+        if not faces:  # a detector may say what its network needs instead (``no_face_hint``: the toy world's)
+            raise NoFaceFoundError(f"No face found in {label}. " + getattr(
+                self.detector, "no_face_hint", f"Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."))
         if face_index is None:
             index = 0
             if len(faces) > 1:
