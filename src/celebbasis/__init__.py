@@ -11,6 +11,9 @@ Example:
     >>> cb.save_images(cb.generate(pipe, "<alice> person and Barack Obama cooking"), "out/")
 """
 
+import sys
+import types
+
 from ._version import __version__
 
 # Names of the public API -> the module that defines them. They are imported on first use (PEP 562), so
@@ -47,6 +50,19 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``cb.generate`` and ``cb.mix`` the functions: importing a submodule binds its name on the package,
+    and two submodules are named after the function they define."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
