@@ -82,7 +82,7 @@ def test_threads_follow_the_models_size():
     from celebbasis.threads import SMALL_MODEL_WORK, threads_for
 
     def pipe(params: int, side: int, device: str = "cpu"):
-        unet = SimpleNamespace(parameters=lambda: [torch.zeros(params)], config=SimpleNamespace(sample_size=side),
+        unet = SimpleNamespace(parameters=lambda: [SimpleNamespace(numel=lambda: params)], config=SimpleNamespace(sample_size=side),
                                device=torch.device(device))
         return SimpleNamespace(unet=unet)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, config_values, flag, merged, parse, sections
-from .cli_inputs import check_inputs
+from .cli_inputs import check_inputs, command_line_model_wins
 from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WEBUI_HOST, WEBUI_PORT,
                      BasisConfig, GenerateConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
@@ -789,6 +789,18 @@ class _LoggingSetup:
         return False
 
 
+def _settings(args) -> None:
+    """The command's settings, made once here to check them before anything else (each command makes them again)."""
+    if args.command in ("add", "add-many", "demo", "webui"):
+        _train_config(args)
+    if args.command in ("generate", "webui"):
+        _generate_config(args)
+    if args.command == "demo":
+        _demo_sampling(args, 0)
+    if args.command == "build-basis":
+        config_from(BasisConfig, vars(args))
+
+
 class _Threads:
     """torch's threads for one ``main`` call, put back afterwards: ``--threads N``, else the user's
     ``OMP_NUM_THREADS``, else chosen for the model (``celebbasis.threads``): one thread for the toy world
@@ -841,9 +853,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parse(parser, argv)
+    given = set(vars(args))  # what the command line itself set
     try:
         args = merged(parser, args)  # flag defaults <- --config TOML <- command line
-        check_inputs(args)  # missing files and contradicting flags, in milliseconds: before torch is imported
+        command_line_model_wins(args, given)
+        _settings(args)  # bad settings first, then missing files and contradicting flags: before torch is imported
+        check_inputs(args)
     except CelebBasisError as e:
         print(f"celebbasis: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code

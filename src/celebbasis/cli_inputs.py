@@ -45,6 +45,17 @@ def _looks_local(model: str) -> bool:
             or Path(model).suffix.lower() in CHECKPOINT_SUFFIXES)
 
 
+MODEL_CHOICE = ("model", "tiny", "toy")  # the flags that each name the model a command runs
+
+
+def command_line_model_wins(args, given: set[str]) -> None:
+    """A model named on the command line replaces one a ``--config`` file named (``tiny = true`` and ``--toy``: the toy)."""
+    if any(name in given for name in MODEL_CHOICE):
+        for name in MODEL_CHOICE:
+            if name not in given and getattr(args, name, None):
+                setattr(args, name, None if name == "model" else False)
+
+
 def check_model_flags(args) -> None:
     """``--toy`` with ``--tiny`` or ``--sdxl`` contradicts itself; a ``--model`` path must exist and hold a model."""
     if getattr(args, "toy", False) and (getattr(args, "tiny", False) or getattr(args, "sdxl", False)):
@@ -57,7 +68,7 @@ def check_model_flags(args) -> None:
             raise ModelLoadError(f"--model {model} is not a diffusers model folder (no model_index.json). Pass a diffusers "
                                  "model folder, a single-file checkpoint (.safetensors) or a hub id.")
         if not path.exists() and _looks_local(model):
-            raise ModelLoadError(f"--model {model}: no such folder or file. Pass a diffusers model folder, a single-file "
+            raise ModelLoadError(f"--model {model} does not exist. Pass a diffusers model folder, a single-file "
                                  "checkpoint (.safetensors) or a hub id.")
     config = getattr(args, "model_config", None)
     if config and _looks_local(config) and not Path(config).expanduser().exists():
