@@ -305,3 +305,23 @@ def test_a_missing_photo_is_said_in_well_under_a_second(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "celebbasis.cli", "add", "missing.jpg", "--name", "x", "--toy"],
                           capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
     assert proc.returncode == 2 and time.perf_counter() - t < 3.0  # the whole process, Python's start included
+
+
+# -- 4. the step's profile, prepared for a GPU, runnable on a CPU ---------------------------------------------
+
+def test_the_step_profile_runs_on_the_cpu(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "gpu" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    out = tmp_path / "profile"
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--arch", "tiny", "--resolution", "64", "--device", "cpu",
+                                      "--warmup", "0", "--steps", "1", "--views", "2", "--cache", str(tmp_path / "models"),
+                                      "--out", str(out)])
+    profile_step.main()
+    result = json.loads((out / "profile.json").read_text())
+    assert result["step_s"] > 0 and result["floor_s"] > 0 and result["step_over_floor"] > 0
+    assert set(profile_step.PHASES) <= set(result["phases"]) and (out / "trace.json").stat().st_size > 0
+    table = (out / "profile.md").read_text()
+    assert "| unet: forward |" in table and "| text encoder: conditioning |" in table and "step / floor" in table
