@@ -2,6 +2,7 @@
 
     python benchmarks/gpu/profile_step.py --arch sd15 --resolution 512 --device cuda --out gpu-profile/   # a GPU
     python benchmarks/gpu/profile_step.py --arch sd-small --resolution 256 --threads 1 --out cpu-profile/  # a CPU
+    python benchmarks/gpu/profile_step.py --arch toy --resolution 64 --threads 1   # the toy world's step
 
 The step is `Personalizer.step()` as `celebbasis add` runs it (random weights of the chosen shapes, the
 packaged astronaut, batch 2, the pool of views). Three measurements, one process:
@@ -56,12 +57,22 @@ def setup(args):
     from celebbasis.resources import example_face
     from celebbasis.train import Personalizer
 
-    folder = build(args.arch, Path(args.cache) / args.arch)
-    pipe = load_pipeline(str(folder), device=args.device, dtype=args.dtype)
-    analyzer = FaceAnalyzer()
-    analysis = analyzer(example_face())
-    cfg = TrainConfig(steps=args.warmup + args.steps + 1, batch_size=args.batch, resolution=args.resolution,
-                      views=args.views, compile=args.compile)
+    steps = args.warmup + args.steps + 1
+    if args.arch == "toy":  # the packaged world, its face network and its preset: `celebbasis add --toy`
+        from celebbasis.toy import toy_photo
+
+        pipe = load_pipeline(toy=True, device=args.device, dtype=args.dtype)
+        analyzer = FaceAnalyzer(encoder="toy")
+        analysis = analyzer(toy_photo(1))
+        cfg = TrainConfig.preset("toy", steps=steps, batch_size=args.batch, resolution=args.resolution, views=args.views,
+                                 compile=args.compile)
+    else:
+        folder = build(args.arch, Path(args.cache) / args.arch)
+        pipe = load_pipeline(str(folder), device=args.device, dtype=args.dtype)
+        analyzer = FaceAnalyzer()
+        analysis = analyzer(example_face())
+        cfg = TrainConfig(steps=steps, batch_size=args.batch, resolution=args.resolution, views=args.views,
+                          compile=args.compile)
     trainer = Personalizer(pipe, [analysis], ["alice"], cfg, pipeline_bases(pipe), model_name(pipe), face_encoder=analyzer)
     return pipe, trainer
 
@@ -221,7 +232,8 @@ def markdown(r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="sd-small", choices=["tiny", "sd-small", "sd15"], help="model shapes, random weights")
+    p.add_argument("--arch", default="sd-small", choices=["tiny", "toy", "sd-small", "sd15"],
+                   help="model shapes, random weights (toy: the packaged toy world, its trained weights)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
