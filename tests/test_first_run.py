@@ -78,6 +78,20 @@ def test_threads_flag_and_the_users_environment_win(tmp_path, monkeypatch, auto_
     assert main([*args, "--threads", "0", "-o", str(tmp_path / "c")]) == 2
 
 
+def test_the_web_ui_serves_the_toy_world_on_one_thread(tmp_path, monkeypatch, auto_threads):
+    import socket
+
+    import celebbasis.webui as webui
+
+    seen = []
+    monkeypatch.setattr(webui, "launch", lambda app, **kwargs: seen.append(torch.get_num_threads()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["webui", "--toy", "--port", str(port), "-o", str(tmp_path), "-q"]) == 0
+    assert seen == [1] and torch.get_num_threads() == 2
+
+
 def test_threads_follow_the_models_size():
     from celebbasis.threads import SMALL_MODEL_WORK, threads_for
 
@@ -267,7 +281,7 @@ print(rc, "torch" in sys.modules, round(time.perf_counter() - t, 3))
 
 @pytest.mark.parametrize("argv, said", [
     (["add", "missing.jpg", "--name", "x", "--toy"], "missing.jpg: no such file or folder"),
-    (["add", PERSON, "--name", "x", "--model", "./no-model-here"], "--model ./no-model-here: no such folder or file"),
+    (["add", PERSON, "--name", "x", "--model", "./no-model-here"], "--model ./no-model-here does not exist"),
     (["add", PERSON, "--name", "x", "--model", "EMPTY"], "is not a diffusers model folder (no model_index.json)"),
     (["generate", "<p> person", "--identity", "missing.safetensors"], "missing.safetensors: no such file"),
     (["evaluate", "imgs", "--reference", "p=missing.png"], "imgs: no such folder"),
