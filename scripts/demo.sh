@@ -4,5 +4,5 @@
 # (--toy asks for it; --tiny for the tiny random model, whose images are noise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh core   # only what the command line needs; scripts/test.sh adds the test tools
 exec .venv/bin/celebbasis demo "$@"

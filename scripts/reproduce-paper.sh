@@ -22,8 +22,8 @@
 #                     identities, and reads high (a loud warning says so).
 #   CELEBBASIS_FLAGS  more flags for add-many and generate (like EXTRA FLAGS);
 #   ADD_FLAGS         flags for add-many only (e.g. "--steps 400 --group-size 2");
-#   GENERATE_FLAGS    flags for generate only (e.g. "--num-images 4 --batch-images 8"; an SDXL model
-#                     wants "--height 1024 --width 1024": the paper's preset draws 512 px);
+#   GENERATE_FLAGS    flags for generate only (e.g. "--num-images 4 --batch-images 8"; the paper's
+#                     preset draws at the model's native size: 512 px on SD 1.x, as the paper);
 #   EVAL_FLAGS        flags for evaluate only (e.g. "--clip-model PATH" offline, or "--no-clip");
 #   PROMPTS_PER_CATEGORY  draw only the first N prompts of each category (a quick look; default: all);
 #   CELEBBASIS_PYTHON a Python that has celebbasis (its src/ is put first on the path); default: the
@@ -57,12 +57,10 @@ else
 fi
 cb() { "$PY" -m celebbasis.cli "$@"; }
 
-MODEL_GEN=()
 if [ "$MODEL" = tiny ]; then
   MODEL_FLAGS=(--tiny)
-elif [ "$MODEL" = toy ]; then  # the world's own size, and its face network (nothing else reads cartoon faces)
+elif [ "$MODEL" = toy ]; then  # its own face network (nothing else reads cartoon faces)
   MODEL_FLAGS=(--toy)
-  MODEL_GEN=(--height 64 --width 64)
   EVAL_ENCODER=${EVAL_ENCODER:-toy}
 else
   MODEL_FLAGS=(--model "$MODEL")
@@ -70,7 +68,6 @@ fi
 read -r -a COMMON <<< "${CELEBBASIS_FLAGS:-}"
 read -r -a ADD <<< "${ADD_FLAGS:-}"
 read -r -a GEN <<< "${GENERATE_FLAGS:-}"
-GEN=(${MODEL_GEN[@]+"${MODEL_GEN[@]}"} ${GEN[@]+"${GEN[@]}"})
 read -r -a EVAL <<< "${EVAL_FLAGS:-}"
 COMMON+=("$@")
 mkdir -p "$OUT"
@@ -118,7 +115,7 @@ if [ -n "${PROMPTS_PER_CATEGORY:-}" ]; then
   echo "PROMPTS_PER_CATEGORY=$PROMPTS_PER_CATEGORY: kept $(wc -l < "$OUT/prompts.txt") prompts" >&2
 fi
 
-# What will run: the preset with GENERATE_FLAGS (and the toy world's size) on top, read through the CLI's own parser.
+# What will run: the preset with GENERATE_FLAGS on top, read through the CLI's own parser.
 SAMPLING=$("$PY" - ${COMMON[@]+"${COMMON[@]}"} ${GEN[@]+"${GEN[@]}"} <<'EOF'
 import sys
 from celebbasis.cli import _generate_config, build_parser

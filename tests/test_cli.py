@@ -136,6 +136,8 @@ def test_uncached_hub_model_offline_says_so(tmp_path, alice):
 ])
 def test_bad_input_one_line_errors(tmp_path, monkeypatch, capsys, args, match):
     monkeypatch.chdir(tmp_path)
+    for photo in ("a.jpg", "b.jpg", "c.jpg"):  # photos that exist (a missing one is said first, before any other check)
+        Image.new("RGB", (64, 64), "gray").save(photo)
     assert main([*args, "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err

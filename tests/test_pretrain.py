@@ -147,7 +147,7 @@ def test_the_toy_world_ships_its_network(toy_pipe):
 
 def test_a_warm_start_begins_at_the_instant_identity(toy_pipe, analyzer):
     from celebbasis.models import resolve_bases
-from celebbasis.train import Personalizer
+    from celebbasis.train import Personalizer
 
     net = resolve_pretrained("auto", toy_pipe)
     face = analyzer(toy.toy_photo(2))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, config_values, flag, merged, parse, sections
+from .cli_inputs import check_inputs, command_line_model_wins
 from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WEBUI_HOST, WEBUI_PORT,
                      BasisConfig, GenerateConfig, PretrainConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
@@ -87,6 +88,9 @@ def _common(p: Parser, model: bool = True) -> None:
         flag(p, g, "--dtype", default="auto", help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: auto)")
     flag(p, g, "--config", metavar="TOML", help="read this command's flags from a TOML file (keys as flag names; settings may also go in "
                                                         "[train], [generate] or [basis] tables); flags given here win")
+    flag(p, g, "--threads", type=int, metavar="N",
+         help="CPU threads for torch (default: 1 for the toy world and small models, whose many short operations "
+              "only wait for each other on a busy machine; torch's default for larger ones; or OMP_NUM_THREADS if set)")
     flag(p, g, "-v", "--verbose", default=False, action="store_true", help="debug logging and full tracebacks")
     flag(p, g, "-q", "--quiet", default=False, action="store_true", help="only warnings and errors, no progress bars")
 
@@ -95,7 +99,7 @@ def _train_flags(p: Parser) -> None:
     g = p.add_argument_group("training")
     flag(p, g, "--preset", choices=sorted(TRAIN_PRESETS), help="start from a preset: paper = the paper's recipe (a fresh "
          "identity network, 400 steps a person); toy = the toy world's views (implied by --toy)")
-    config_flags(p, g, TrainConfig)
+    config_flags(p, g, TrainConfig, presets={"--toy": TRAIN_PRESETS["toy"]})
     flag(p, g, "--face-encoder", metavar="SPEC",
          help="identity network: dlib (default), toy (the toy world's; default with --toy), arcface:/path/backbone.pth "
               "(the paper's) or onnx:/path/model.onnx")
@@ -198,8 +202,9 @@ def _tool_parsers(sub) -> None:
     _output(p, "report", "report folder")
     flag(p, p, "--prompts", help="prompts file, one line per image in file-name order: PROMPT or "
          "CATEGORY<TAB>PROMPT[<TAB>NEGATIVE] (default: PNG metadata)")
-    flag(p, p, "--eval-encoder", default="dlib", metavar="SPEC",
-         help="evaluation face network: dlib (default), arcface:PATH or onnx:PATH; use one that did not train the identity")
+    flag(p, p, "--eval-encoder", default="auto", metavar="SPEC",
+         help="evaluation face network: auto (default: toy for images of the toy world, by their PNG metadata or the "
+              "--identity files; dlib otherwise), dlib, toy, arcface:PATH or onnx:PATH; use one that did not train the identity")
     flag(p, p, "--identity", action="append", default=[], help="identity files, to warn when they were trained with the evaluation network")
     flag(p, p, "--clip-model", default=DEFAULT_CLIP_MODEL, help=f"CLIP for the prompt score: hub id or local folder (default: {DEFAULT_CLIP_MODEL})")
     flag(p, p, "--no-clip", default=False, action="store_true", help="skip the CLIP score")
@@ -246,8 +251,11 @@ def _load(args, device: str | None = None):
     from .models import load_pipeline
 
     logger.info("Loading %s ...", "the tiny random model" if args.tiny else _model_label(args))
-    return load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
+    pipe = load_pipeline(args.model, config=args.model_config, device=device or args.device, dtype=args.dtype,
                          revision=args.revision, tiny=args.tiny, sdxl=args.sdxl, toy=args.toy, family=args.family)
+    if _THREADS:
+        _THREADS[-1].model_loaded(pipe)  # the torch threads for this model (``_Threads``)
+    return pipe
 
 
 def _model_label(args) -> str:
@@ -423,6 +431,7 @@ def cmd_add(args) -> int:
     analyses = [[analyzer(p, face_index=args.face_index) for p in photos] for photos in people]  # before the model loads
     pipe = _load(args)
     _personalize(args, pipe, analyses, names, out, args.overwrite, analyzer)
+    _toy_preview(args, pipe, names, [a[0].image for a in analyses])
     flags = _model_flags(args)
     logger.info('Done. Use %s in prompts, e.g.: celebbasis generate "%s person reading a book" %s%s',
                 " ".join(f"<{n}>" for n in names), f"<{names[0]}>",
@@ -465,6 +474,32 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+PREVIEW_STEPS = 20  # the toy world's quick preview: DDIM steps per drawing (~0.1 s each on one core)
+
+
+def _toy_preview(args, pipe, names: list[str], photos: list) -> None:
+    """In the toy world, draw each new person once per prompt of the demo and say how much of the photo came back."""
+    from .generate import generate
+    from .models import model_name
+    from .toy import TOY_MODEL, TOY_PROMPTS
+
+    if args.quiet or model_name(pipe) != TOY_MODEL:
+        return
+    for name, photo in zip(names, photos):
+        prompts = [p.replace("<id1>", f"<{name}>") for p in TOY_PROMPTS]
+        _log_likeness(name, [r.image for r in generate(pipe, prompts, steps=PREVIEW_STEPS, show_progress=False)], photo,
+                      "on a quick preview")
+
+
+def _log_likeness(name: str, images: list, photo, where: str) -> None:
+    """The toy world's likeness of ``images`` to ``photo``, between the world's own ceiling and floor."""
+    from .toy import LIKENESS_CELEBRITIES, LIKENESS_NO_IDENTITY, likeness_to_photo
+
+    logger.info("Likeness of <%s> %s: %.2f, the share of the photo's six attributes the toy world's scorer reads back "
+                "in %d drawing(s) (its own celebrities: %.2f; no identity: %.2f).", name, where,
+                likeness_to_photo(images, photo), len(images), LIKENESS_CELEBRITIES, LIKENESS_NO_IDENTITY)
+
+
 def cmd_add_many(args) -> int:
     """Every person in a folder becomes an identity (``celebbasis.many.add_many`` does the work)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -481,9 +516,12 @@ def cmd_add_many(args) -> int:
                           show_progress=not args.quiet)
     for p in result.written:
         logger.info("Wrote %s", p)
+    learned = f"{len(result.written)} learned, {len(result.skipped)} already had an identity"
     if result.failed:
-        logger.error("%d person(s) could not be learned; fix or remove their photos and run again to finish.", len(result.failed))
+        logger.error("add-many: %s, %d skipped: %s Fix or remove those photos and run again to finish (people already "
+                     "learned are skipped).", learned, len(result.failed), " ".join(result.failed))
         return 1
+    logger.info("add-many: %s.", learned)
     return 0
 
 
@@ -507,6 +545,7 @@ def cmd_generate(args) -> int:
     if not lines:
         raise InputError("No prompt given. Pass a prompt, or --prompts-file FILE.")
     identities = [Identity.load(p) for p in args.identity]  # bad files fail before the model loads
+    args = _follow_recorded_model(args, _identities_model(args, args.identity, identities))
     pipe = _load(args)
     results = generate(pipe, [line.prompt for line in lines], identities=identities, config=config,
                        negative_prompt=negatives_for(lines, config.negative_prompt), show_progress=not args.quiet)
@@ -520,6 +559,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _eval_encoder(args, images, identities) -> str:
+    """--eval-encoder, or with ``auto`` the toy world's network for its images (PNG ``model`` or the identities), else dlib."""
+    from .evaluate import image_models
+    from .toy import TOY_MODEL
+
+    if args.eval_encoder != "auto":
+        return args.eval_encoder
+    models = image_models(images) | {i.metadata.get("base_model") for i in identities}
+    if TOY_MODEL in models:
+        logger.info("Evaluating with the toy world's face network (--eval-encoder toy): the images are the toy world's.")
+        return "toy"
+    return "dlib"
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import ClipScorer, evaluate, find_images, write_report
     from .face import FaceAnalyzer, make_face_encoder
@@ -527,6 +580,7 @@ def cmd_evaluate(args) -> int:
     from .prompts import read_prompt_file
 
     images = find_images(args.images)
+    identities = [(p, Identity.load(p)) for p in args.identity]
     refs = []
     for spec in args.reference:
         name, eq, path = spec.partition("=")
@@ -534,14 +588,17 @@ def cmd_evaluate(args) -> int:
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     out = Path(args.output)
     _check_output_dir(out)
-    encoder = make_face_encoder(args.eval_encoder)  # a missing network file is reported first
+    spec = _eval_encoder(args, images, [i for _, i in identities])
+    encoder = make_face_encoder(spec)  # a missing network file is reported first
     clip = None if args.no_clip else ClipScorer(args.clip_model)  # an offline CLIP fails before the detector loads
     analyzer = FaceAnalyzer(encoder=encoder)
-    for p in args.identity:
-        trained = Identity.load(p).metadata.get("face_encoder")
+    for p, identity in identities:
+        trained = identity.metadata.get("face_encoder")
         if trained == analyzer.encoder.name:
-            logger.warning("%s was trained with %s, the evaluation network too: ID similarity will read high. "
-                           "Pass another --eval-encoder (arcface:PATH or onnx:PATH).", p, trained)
+            fix = ("The toy world has no other face network; its scorer (celebbasis.toy.score) is the independent measure"
+                   if spec == "toy" else "Pass another --eval-encoder (arcface:PATH or onnx:PATH)")
+            logger.warning("%s was trained with %s, the evaluation network too: ID similarity will read high. %s.",
+                           p, trained, fix)
     report = evaluate(images, refs, analyzer=analyzer, clip=clip, prompts=prompts, show_progress=not args.quiet)
     write_report(report, out)
     s = report.summary()
@@ -618,6 +675,9 @@ def cmd_demo(args) -> int:
         logger.info("Skipping %d two-person prompt(s); pass a second --photo to draw them.", skipped)
     results = generate(pipe, prompts, config=sampling, show_progress=not args.quiet)
     save_images(results, out / "images")
+    if args.toy:
+        for name, photo in zip(names, photos):
+            _log_likeness(name, [r.image for r in results if f"<{name}>" in r.prompt], load_image(photo), "in these images")
     sheet = contact_sheet([load_image(p).resize(results[0].image.size) for p in photos] + [r.image for r in results],
                           columns=len(photos) + len(results))
     atomic_write(out / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG"))
@@ -685,6 +745,26 @@ def _follow_recorded_model(args, recorded: str | None) -> argparse.Namespace:
     return followed
 
 
+def _identities_model(args, paths: list[str], identities: list) -> str | None:
+    """The model the identities were made for (``base_model``); ``None`` when a model flag was given or none records one.
+
+    Raises:
+        InputError: they record different models, and no model flag says which to use.
+    """
+    if args.model or args.tiny or args.sdxl or args.toy:
+        return None
+    recorded = {}
+    for path, identity in zip(paths, identities):
+        model = identity.metadata.get("base_model")
+        if model:
+            recorded.setdefault(model, path)
+    if len(recorded) > 1:
+        (a, pa), (b, pb) = list(recorded.items())[:2]
+        raise InputError(f"{pa} was made for {a} but {pb} for {b}. Pass --model (or --toy, --tiny) to choose the model "
+                         "to draw with, or identities made for one model.")
+    return next(iter(recorded), None)
+
+
 def cmd_import_embedding(args) -> int:
     from .export import import_embedding, read_embedding_file
     from .files import load_safetensors
@@ -711,7 +791,7 @@ def cmd_mix(args) -> int:
     target = _identity_target(args, name)
     identities = [Identity.load(p) for p in args.identities]
     pairs = ingredients(identities + list(args.celebrity), args.weights)  # before the model loads
-    args = _follow_recorded_model(args, next((i.metadata.get("base_model") for i in identities), None))
+    args = _follow_recorded_model(args, _identities_model(args, args.identities, identities))
     pipe = _load(args)
     identity = mix(pairs, name, _bases(args, pipe), pipe)
     identity.save(target)
@@ -771,6 +851,53 @@ class _LoggingSetup:
         return False
 
 
+def _settings(args) -> None:
+    """The command's settings, made once here to check them before anything else (each command makes them again)."""
+    if args.command in ("add", "add-many", "demo", "webui"):
+        _train_config(args)
+    if args.command in ("generate", "webui"):
+        _generate_config(args)
+    if args.command == "demo":
+        _demo_sampling(args, 0)
+    if args.command == "build-basis":
+        config_from(BasisConfig, vars(args))
+
+
+class _Threads:
+    """torch's threads for one ``main`` call, put back afterwards: ``--threads N``, else the user's
+    ``OMP_NUM_THREADS``, else chosen for the model (``celebbasis.threads``): one thread for the toy world
+    and the tiny model from the start, and for any model found small once it is loaded."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self):
+        from .threads import torch_threads, user_set_threads
+
+        args = self.args
+        self.auto = getattr(args, "threads", None) is None and not user_set_threads()
+        small = getattr(args, "toy", False) or getattr(args, "tiny", False) or getattr(args, "eval_encoder", "") == "toy"
+        self.context = torch_threads(getattr(args, "threads", None) or (1 if self.auto and small else None))
+        self.set = self.context.__enter__()
+        _THREADS.append(self)  # ``_load`` reports the model it loaded
+        return self
+
+    def model_loaded(self, pipe) -> None:
+        from .threads import threads_for
+
+        if self.auto:
+            n = threads_for(pipe)
+            self.set(n)
+            logger.debug("torch threads: %s for %s.", n or "torch's default", _model_label(self.args))
+
+    def __exit__(self, *exc):
+        _THREADS.remove(self)
+        return self.context.__exit__(*exc)
+
+
+_THREADS: list[_Threads] = []  # the running ``main`` call's thread choice (tests call ``main`` in-process)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, stopping the command as Ctrl-C does (exit 143 instead of 130)."""
 
@@ -792,14 +919,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parse(parser, argv)
+    given = set(vars(args))  # what the command line itself set
     try:
         args = merged(parser, args)  # flag defaults <- --config TOML <- command line
+        command_line_model_wins(args, given)
+        _settings(args)  # bad settings first, then missing files and contradicting flags: before torch is imported
+        check_inputs(args)
     except CelebBasisError as e:
         print(f"celebbasis: error: {error_line(e)}", file=sys.stderr)
         return e.exit_code
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        with _LoggingSetup(args), warnings.catch_warnings():
+        with _LoggingSetup(args), warnings.catch_warnings(), _Threads(args):
             if not args.verbose:  # library deprecation notices, for this command only
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)

@@ -90,10 +90,12 @@ def _kind(action: argparse.Action):
     return action.type or str
 
 
-def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None:
+def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = (), presets: dict[str, dict] | None = None) -> None:
     """One flag per field of the config dataclass ``cls``: type, help and choices from the field.
 
-    The command also reads ``cls``'s table (``[train]``, ...) of a ``--config`` file.
+    The command also reads ``cls``'s table (``[train]``, ...) of a ``--config`` file. ``presets`` maps a
+    flag to the settings it changes (``{"--toy": TRAIN_PRESETS["toy"]}``); each such field's help says so:
+    ``(default: 0.1; 1.0 with --toy)``.
     """
     parser.flag_configs.append(cls)
     sections(parser, cls)
@@ -105,8 +107,11 @@ def config_flags(parser: Parser, group, cls, skip: tuple[str, ...] = ()) -> None
         typ = base[0]
         name = "--" + f.name.replace("_", "-")  # a setting has one name: its field's
         help_text = f.metadata.get("help", "")
+        changed = "".join(f"; {values[f.name]} with {name}" for name, values in (presets or {}).items() if f.name in values)
         if f.default is not MISSING and f.default is not None and f.default is not False:
-            help_text += f" (default: {f.default})"
+            help_text += f" (default: {f.default}{changed})"
+        elif changed:
+            help_text += f" ({changed[2:]})"
         help_text = help_text.replace("%", "%%")
         if typ is bool:  # a setting on by default is turned off with --no-NAME
             action = argparse.BooleanOptionalAction if f.default is True else "store_true"

@@ -298,10 +298,12 @@ class GenerateConfig(_Settings):
         return cls(**{**GENERATE_PRESETS[name], **overrides})
 
 
-# The official test and evaluation scripts: DDIM (eta 0), 50 steps, guidance 10, 512 px, seed 42, 8 samples.
+# The official test and evaluation scripts: DDIM (eta 0), 50 steps, guidance 10, seed 42, 8 samples, at SD 1.4's
+# native 512 px. A preset holds no size: images are the model's native size (512 px on SD 1.x, 64 on the toy
+# world, whose UNet would take minutes a step at 512) unless the caller sets height and width.
 # ``tiny``: the tiny random model draws noise whatever the steps; 20 show the pipeline run (the demo's with --tiny).
 GENERATE_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(scheduler="ddim", steps=50, guidance=10.0, height=512, width=512, seed=42, num_images=8),
+    "paper": dict(scheduler="ddim", steps=50, guidance=10.0, seed=42, num_images=8),
     "tiny": dict(steps=20),
 }
 

@@ -162,6 +162,11 @@ def _image_meta(path: Path) -> dict:
         return {}
 
 
+def image_models(images) -> set[str]:
+    """The models that drew ``images``, as their PNG ``model`` field records them (images without one add nothing)."""
+    return {m for m in (_image_meta(Path(p)).get("model") for p in images) if m}
+
+
 def reference_embedding(analyzer, path) -> np.ndarray:
     """The (D,) unit identity vector of a reference: one photo, or the re-normalised mean over a folder's photos.
 

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,18 @@ def check_inputs(pipe, prompts: list[str], negatives: list[str | None], identiti
     return identities
 
 
+def _warn_unused(identities: list[Identity], prompts: list[str]) -> None:
+    """Name each identity whose word no prompt uses: its person will not be drawn (brackets forgotten, a typo)."""
+    used = {t for p in prompts for t in PLACEHOLDER_RE.findall(p)}
+    for ident in identities:
+        if ident.token in used:
+            continue
+        bare = any(re.search(rf"(?<![\w<]){re.escape(ident.name)}(?![\w>])", p) for p in prompts)
+        hint = f'; "{ident.name}" without brackets is an ordinary word' if bare else ""
+        logger.warning('%s is loaded but no prompt uses it, so that person is not drawn%s. Write %s in the prompt, '
+                       'e.g. "a photo of %s person".', ident.token, hint, ident.token, ident.token)
+
+
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
     """Say which part of a prompt the text encoder cannot read (once the identities' words are loaded)."""
     tok = family_of(pipe).tokenizer(pipe)
@@ -117,7 +130,9 @@ def generate(pipe, prompts: str | list[str], *, identities=(), config: GenerateC
     family = family_of(pipe)
     default = family.native_size(pipe)
     cfg = dataclasses.replace(cfg, height=cfg.height or default, width=cfg.width or default)
-    for ident in check_inputs(pipe, prompts, negatives, identities):  # nothing changes before every check passed
+    identities = check_inputs(pipe, prompts, negatives, identities)  # nothing changes before every check passed
+    _warn_unused(identities, prompts)
+    for ident in identities:
         load_identity(pipe, ident)
     _warn_long_prompts(pipe, prompts)
     per_call = max(1, cfg.batch_images // cfg.num_images)  # prompts per pipeline call

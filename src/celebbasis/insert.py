@@ -195,7 +195,7 @@ def check_prompt_tokens(tokenizer, prompt: str, coming: set[str] = frozenset()) 
     known = set(tokenizer.get_added_vocab()) | set(coming)
     missing = sorted({t for t in PLACEHOLDER_RE.findall(prompt) if t not in known})
     if missing:
-        loaded = ", ".join(loaded_placeholders(tokenizer)) or "none"
+        loaded = ", ".join(sorted(set(loaded_placeholders(tokenizer)) | set(coming))) or "none"
         raise InputError(
             f"Prompt uses {', '.join(missing)} but no identity with that token is loaded (loaded: {loaded}). "
             "Load its identity file first."

@@ -37,7 +37,23 @@ class AddManyResult:
 
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # names that already had an identity
-    failed: list[str] = field(default_factory=list)  # one-line reasons, naming the photo
+    failed: list[str] = field(default_factory=list)  # one-line reasons, naming the photo (unreadable images too)
+
+
+def unreadable_images(folder) -> list[Path]:
+    """Files in ``folder`` and its subfolders (one level, as ``people_in`` reads them) named as images but that
+    Pillow cannot open: corrupt or truncated at the header. ``people_in`` leaves them out; ``add_many`` reports them."""
+    from PIL import Image
+
+    suffixes = set(Image.registered_extensions())
+    folder = Path(folder)
+    folders = [folder] + sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    out = []
+    for d in folders:
+        readable = set(photos_in(d))
+        out += [p for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith(".")
+                and p.suffix.lower() in suffixes and p not in readable]
+    return out
 
 
 def people_in(folder) -> list[Person]:
@@ -106,6 +122,9 @@ def add_many(load_pipe: Callable[[str | None], object], folder, out_dir, *, conf
     out_dir = Path(out_dir)
     people = people_in(folder)
     result = AddManyResult()
+    for p in unreadable_images(folder):
+        result.failed.append(f"{p} is not a readable image (corrupt, or not the format its name says). Replace or remove it.")
+        logger.warning("Skipping %s: not a readable image.", p)
     todo = []
     for person in people:
         if not overwrite and (out_dir / f"{person.name}.safetensors").exists():

@@ -64,8 +64,9 @@ def _warn_unknown_names(names: list[str], basis) -> None:
     known = celeb_names()
     if not names or basis.metadata.get("names_sha256") != names_sha256(known):
         return  # a basis built from another list: its names are not at hand
+    folded = {" ".join(k.split()).casefold() for k in known}  # the tokenizer reads "anne hathaway" as "Anne Hathaway"
     for n in names:
-        if n.strip() not in known:
+        if " ".join(n.split()).casefold() not in folded:
             logger.warning("%r is not one of the %d names the basis was built from; it is mixed in as the model "
                            "knows it (check the spelling).", n, len(known))
 

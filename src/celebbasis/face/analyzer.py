@@ -139,10 +139,9 @@ class FaceAnalyzer:
         arr = np.asarray(image)
         logger.info("Looking for faces in %s …", label)
         faces = self.detect(arr, label)  # refuses images too small or thin to search (``_check_searchable``)
-        if not faces:
-            raise NoFaceFoundError(
-                f"No face found in {label}. Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."
-            )
+        if not faces:  # a detector may say what its network needs instead (``no_face_hint``: the toy world's)
+            raise NoFaceFoundError(f"No face found in {label}. " + getattr(
+                self.detector, "no_face_hint", f"Use a photo where the face is frontal, well lit and at least {MIN_FACE_PX} px wide."))
         if face_index is None:
             index = 0
             if len(faces) > 1:

@@ -118,7 +118,10 @@ class MTCNNDetector:
 
 
 def detector_for(encoder):
-    """The detector whose landmarks the encoder aligns with: dlib's for dlib, none for the toy world, MTCNN otherwise."""
+    """The detector whose landmarks the encoder aligns with: the encoder's own if it brings one (``make_detector``:
+    the toy world's), dlib's for dlib, the whole image for ``WHOLE``, MTCNN otherwise."""
+    if hasattr(encoder, "make_detector"):
+        return encoder.make_detector()
     if getattr(encoder, "landmarks", DLIB5) == WHOLE:
         return WholeImageDetector()
     return MTCNNDetector() if getattr(encoder, "landmarks", DLIB5) == FIVE_POINT else DlibFaceDetector()
