@@ -103,7 +103,7 @@ def test_defaults_come_from_the_configs_and_the_model(tmp_path, tiny_pipe, face_
                   generate_config=GenerateConfig(steps=9, guidance=3.0, width=128))
     d = mine.defaults()
     assert (d.steps_per_person, d.create_steps, d.guidance, d.width, d.height) == (7, 9, 3.0, 128, 64)
-    with pytest.raises(InputError, match="steps must be >= 1"):  # TrainConfig's own check, before any photo is read
+    with pytest.raises(InputError, match="instant identity"):  # 0 steps needs a pretrained network; the tiny model has none
         mine.learn(str(astronaut_path), "zero", 0, threading.Event())
     mine.learn(str(astronaut_path), "ann", 1, threading.Event())
     run = json.loads((mine.dir / "ann.run.json").read_text())
@@ -164,7 +164,7 @@ def test_cancel_stops_only_its_own_session(app, astronaut_path):
     assert not isinstance(h.cancel("tab-a"), str)  # a's own stream reports it, so no reply can overwrite its end
     assert h.cancel("tab-c") == "Nothing is learning in this tab."
     assert list(b)[-1][0].startswith("Learned `<bob>`")
-    said = [status for status, _ in a]
+    said = [status for status, *_ in a]
     assert said[-1] == "Cancelled; nothing was saved." and set(said[:-1]) <= {"Cancelling …"}
     assert (app.dir / "bob.safetensors").exists() and not list(app.dir.glob("ann*"))
     assert h.cancel("tab-b") == "Nothing is learning in this tab."  # finished runs are forgotten
@@ -301,3 +301,19 @@ def test_download_formats_are_the_export_formats(app, monkeypatch):
     demo = webui.build_ui(app)
     [dropdown] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "library-format"]
     assert [value for _, value in dropdown.choices] == ["celebbasis", "diffusers", "newtool"]
+
+
+def test_learn_shows_the_instant_person_then_refines(tmp_path):
+    """The toy world ships a pretrained network: Learn shows each person at once (step 0), then as training goes."""
+    import celebbasis as cb
+    from celebbasis import toy
+
+    app = WebApp(lambda: cb.load_pipeline(toy=True, dtype="float32"), tmp_path / "ids")
+    assert app.defaults().steps_per_person == cb.config.WARM_STEPS
+    shown = []
+    [ident] = app.learn(str(toy.toy_photo(2)), "p", 2, threading.Event(), show=lambda s, images: shown.append((s, images)))
+    assert [s for s, _ in shown] == [0, 1, 2]
+    assert all(len(images) == 1 and images[0].size == (64, 64) for _, images in shown)
+    assert ident.metadata["pretrained"] == toy.PRETRAINED_FILE
+    [instant] = app.learn(str(toy.toy_photo(3)), "q", 0, threading.Event(), show=lambda s, images: shown.append((s, images)))
+    assert shown[-1][0] == 0 and instant.metadata["steps"] == 0

@@ -97,9 +97,9 @@ def _common(p: Parser, model: bool = True) -> None:
 
 def _train_flags(p: Parser) -> None:
     g = p.add_argument_group("training")
-    flag(p, g, "--preset", choices=sorted(TRAIN_PRESETS), help="start from a preset: paper = the paper's recipe (a fresh "
-         "identity network, 400 steps a person); toy = the toy world's views (implied by --toy)")
-    config_flags(p, g, TrainConfig, presets={"--toy": TRAIN_PRESETS["toy"]})
+    flag(p, g, "--preset", metavar="NAME", help="start from a preset: paper = the paper's recipe (a fresh identity "
+         "network, 400 steps a person); toy = the toy world's full-frame views (implied by --toy)")
+    config_flags(p, g, TrainConfig, presets={"--toy": TRAIN_PRESETS.get("toy", {})})  # the toy's once plugged in (help)
     flag(p, g, "--face-encoder", metavar="SPEC",
          help="identity network: dlib (default), toy (the toy world's; default with --toy), arcface:/path/backbone.pth "
               "(the paper's) or onnx:/path/model.onnx")
@@ -304,10 +304,22 @@ def _quote(text) -> str:
     return shlex.quote(str(text))
 
 
-def _train_config(args) -> TrainConfig:
-    """The run's TrainConfig, checked before any model loads: the toy preset with --toy, then --preset, then the file and flags."""
-    base = {**(TRAIN_PRESETS["toy"] if getattr(args, "toy", False) else {}),
-            **(TRAIN_PRESETS[args.preset] if getattr(args, "preset", None) else {})}
+def _plug_in_toy() -> None:
+    """The toy world registers its training preset, face network and model (it imports torch: only when needed)."""
+    from . import toy  # noqa: F401
+
+
+def _train_config(args, presets: bool = True) -> TrainConfig:
+    """The run's TrainConfig, checked before any model loads: the toy preset with --toy, then --preset, then the file
+    and flags. ``presets=False``: the file and flags alone, to check them before torch is imported (``_settings``)."""
+    preset = getattr(args, "preset", None)
+    if not presets:
+        return config_from(TrainConfig, vars(args))
+    if getattr(args, "toy", False) or (preset and preset not in TRAIN_PRESETS):
+        _plug_in_toy()
+    if preset and preset not in TRAIN_PRESETS:
+        raise InputError(f"Unknown --preset {preset}. Choose one of: {', '.join(sorted(TRAIN_PRESETS))}.")
+    base = {**(TRAIN_PRESETS["toy"] if getattr(args, "toy", False) else {}), **(TRAIN_PRESETS[preset] if preset else {})}
     return config_from(TrainConfig, vars(args), base=base)
 
 
@@ -854,7 +866,7 @@ class _LoggingSetup:
 def _settings(args) -> None:
     """The command's settings, made once here to check them before anything else (each command makes them again)."""
     if args.command in ("add", "add-many", "demo", "webui"):
-        _train_config(args)
+        _train_config(args, presets=False)
     if args.command in ("generate", "webui"):
         _generate_config(args)
     if args.command == "demo":
@@ -917,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import warnings
 
+    if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+        _plug_in_toy()  # the help says what --toy changes
     parser = build_parser()
     args = parse(parser, argv)
     given = set(vars(args))  # what the command line itself set

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,8 @@ from .models import model_name
 from .pooling import eos_pooling
 from .sheet import contact_sheet
 from .identity import Identity
-from .insert import PLACEHOLDER_RE, check_identity, check_prompt_tokens, expand_prompt, load_identity
+from .insert import (PLACEHOLDER_RE, add_placeholder, borrowed_tokenizers, check_identity, check_prompt_tokens,
+                     expand_prompt, load_identity, token_override)
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +224,50 @@ def save_images(results: list[GeneratedImage], out_dir, grid: bool = True) -> li
         sheet = contact_sheet([r.image for r in results])
         paths.append(atomic_write(out_dir / "grid.png", lambda tmp: sheet.save(tmp, format="PNG")))
     return paths
+
+
+# -- drawing words that are not loaded -----------------------------------------------------------------
+_WORD = "<celebbasis-sketch>"  # the one new word ``draw_words`` uses; its rows change with every drawing
+PREVIEW_PROMPT = "a photo of {}"  # what ``preview`` draws
+
+
+def draw_words(pipe, rows: list[torch.Tensor], captions: list[str], seeds: list[int], *, steps: int, guidance: float,
+               size: tuple[int, int], batch: int = 16):
+    """Images of ``captions[i]`` (each with ``{}`` for the subject) whose subject is a word with the vectors
+    ``rows[e][i]`` ((N, K, d) per text encoder of the family), yielded as (index, PIL image) in order.
+
+    The word is added to copies of the tokenizers and its vectors given per drawing through
+    ``insert.token_override``: the pipeline's components, token tables and progress-bar settings are as they
+    were afterwards. Pretraining draws the model's celebrities with it; ``preview`` a person in training.
+    """
+    family = family_of(pipe)
+    k = rows[0].shape[1]
+    with ExitStack() as stack:
+        stack.enter_context(borrowed_tokenizers(pipe))
+        states = []
+        for tok, te in family.encoders(pipe):
+            ids = add_placeholder(tok, te, _WORD, k, resize=False)
+            states.append((stack.enter_context(token_override(te.get_input_embeddings(), ids)), te))
+        stack.enter_context(eos_pooling(family.pooled_encoder(pipe)))
+        drawing = copy.copy(pipe)  # same components; its own progress-bar settings, so the caller's stay as they are
+        drawing.set_progress_bar_config(disable=True)
+        for start in range(0, len(captions), batch):
+            j = list(range(start, min(start + batch, len(captions))))
+            for (state, te), r in zip(states, rows):
+                state["rows"] = r[j].to(te.device, te.dtype)  # (B, K, d): each drawing its own
+            gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in j]
+            with torch.no_grad():
+                images = drawing([captions[i].format(f"{_WORD} person") for i in j], num_inference_steps=steps,
+                                 guidance_scale=guidance, height=size[0], width=size[1], generator=gens).images
+            yield from zip(j, images)
+
+
+def preview(pipe, identities: list[Identity], *, prompt: str = PREVIEW_PROMPT, seed: int = 0, steps: int = 20,
+            guidance: float = GenerateConfig.guidance) -> list[Image.Image]:
+    """One quick drawing of each identity (``prompt`` with ``{}`` for ``<name> person``), without loading it into the
+    pipeline: what the web UI shows while a person is learned. Same seed for everyone, so drawings compare."""
+    family = family_of(pipe)
+    size = family.native_size(pipe)
+    rows = [torch.stack([ident.parts[e].embeddings for ident in identities]) for e in range(len(family.encoders(pipe)))]
+    return [im for _, im in draw_words(pipe, rows, [prompt] * len(identities), [seed] * len(identities), steps=steps,
+                                       guidance=guidance, size=(size, size))]

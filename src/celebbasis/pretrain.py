@@ -29,11 +29,9 @@ so a resumed run gives what an uninterrupted one gives.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,14 +44,11 @@ from .errors import FileFormatError, InputError
 from .families import family_of
 from .files import decode_json, load_artifact, save_artifact
 from .identity import IdentityEncoder
-from .insert import add_placeholder, borrowed_tokenizers, token_override
-from .pooling import eos_pooling
 from .signatures import encoders_signature
 
 logger = logging.getLogger(__name__)
 
 PRETRAINED_FORMAT = "celebbasis.pretrained"
-_WORD = "<celebbasis-pretrain>"  # the one new word the drawings use; its rows change with every drawing
 
 
 # -- what the model knows ----------------------------------------------------------------------------
@@ -93,33 +88,12 @@ def mixes(targets: list[torch.Tensor], n: int, seed: int) -> tuple[list[torch.Te
 # -- drawing ------------------------------------------------------------------------------------------
 def draw_coefficients(pipe, bases, coefficients: list[torch.Tensor], captions: list[str], seeds: list[int], *,
                       steps: int, guidance: float, size: tuple[int, int], batch: int = 16):
-    """Images of ``captions[i]`` (each with ``{}`` for the subject), the subject's word set from ``coefficients[e][i]``.
+    """Images of ``captions[i]`` (each with ``{}`` for the subject), the subject's word set from ``coefficients[e][i]``
+    (per text encoder, (N, K, n)) in ``bases[e]``: ``generate.draw_words``. Yields (index, PIL image) in order."""
+    from .generate import draw_words
 
-    One new word, added to copies of the tokenizers, whose rows are given per drawing through
-    ``insert.token_override``: the pipeline's modules and token tables are never changed.
-    Yields (index, PIL image) in order.
-    """
-    family = family_of(pipe)
-    k = bases[0].n_tokens
-    with ExitStack() as stack:
-        stack.enter_context(borrowed_tokenizers(pipe))
-        states = []
-        for tok, te in family.encoders(pipe):
-            ids = add_placeholder(tok, te, _WORD, k, resize=False)
-            states.append((stack.enter_context(token_override(te.get_input_embeddings(), ids)), te))
-        if family.pooled_encoder(pipe) is not None:
-            stack.enter_context(eos_pooling(family.pooled_encoder(pipe)))
-        drawing = copy.copy(pipe)  # same components; its own progress-bar settings, so the caller's stay as they are
-        drawing.set_progress_bar_config(disable=True)
-        for start in range(0, len(captions), batch):
-            j = range(start, min(start + batch, len(captions)))
-            for (state, te), c, b in zip(states, coefficients, bases):
-                state["rows"] = b.reconstruct(c[list(j)]).to(te.device, te.dtype)  # (B, K, d): each drawing its own
-            gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in j]
-            with torch.no_grad():
-                images = drawing([captions[i].format(f"{_WORD} person") for i in j], num_inference_steps=steps,
-                              guidance_scale=guidance, height=size[0], width=size[1], generator=gens).images
-            yield from zip(j, images)
+    rows = [b.reconstruct(c) for b, c in zip(bases, coefficients)]  # (N, K, d) per encoder
+    yield from draw_words(pipe, rows, captions, seeds, steps=steps, guidance=guidance, size=size, batch=batch)
 
 
 def read_faces(analyzer, images) -> tuple[np.ndarray, np.ndarray]:

@@ -33,13 +33,14 @@ from .export import export_identity
 from .families import family_of
 from .files import check_new_file
 from .face import MIN_FACE_PX, FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
-from .generate import generate, save_images
+from .generate import generate, preview, save_images
 from .identity import Identity, check_name
 from .insert import PLACEHOLDER_RE, load_identity
 from .mix import mix
+from .pretrain import resolve_pretrained
 from .models import SINGLE_FILE_SUFFIXES, pipeline_bases
 from .resources import example_prompts
-from .train import check_people, personalize
+from .train import check_people, default_analyzer, personalize
 
 logger = logging.getLogger(__name__)
 
@@ -221,12 +222,13 @@ class WebApp:
         generate_config: sampling settings the Create tab starts with (size: the model's own by default).
         model_label: what the page says the model is (a single-file checkpoint shows its file name).
         analyzer: the ``FaceAnalyzer`` (made on first use with ``face_encoder`` when ``None``).
-        face_encoder: the identity network's spec for that analyzer: ``dlib``, ``toy`` (the toy world's), ...
+        face_encoder: the identity network's spec for that analyzer: ``dlib``, ``toy`` (the toy world's), ...; default: the
+            model's own (``train.default_analyzer``: the toy world's for the toy world), else dlib's.
     """
 
     def __init__(self, load, identities_dir, *, train_config: TrainConfig | None = None,
                  generate_config: GenerateConfig | None = None, model_label: str = "", analyzer=None,
-                 face_encoder: str = "dlib"):
+                 face_encoder: str | None = None):
         self._load = load
         self._pipe = None
         self._analyzer = analyzer
@@ -250,8 +252,8 @@ class WebApp:
 
     @property
     def analyzer(self):
-        if self._analyzer is None:
-            self._analyzer = FaceAnalyzer(encoder=self._face_encoder)
+        if self._analyzer is None:  # the face network asked for, else the model's own (the toy world's), else dlib's
+            self._analyzer = FaceAnalyzer(encoder=self._face_encoder) if self._face_encoder else default_analyzer(self.pipe)
         return self._analyzer
 
     @property
@@ -263,7 +265,8 @@ class WebApp:
         """The fields' starting values: the configs' defaults, sizes from the model when the config has none."""
         g = self.generate_config
         size = self.native_size if g.width is None or g.height is None else None
-        return Defaults(steps_per_person=self.train_config.total_steps(1), create_steps=g.steps, guidance=g.guidance,
+        warm = resolve_pretrained(self.train_config.pretrained, self.pipe) is not None
+        return Defaults(steps_per_person=self.train_config.total_steps(1, warm=warm), create_steps=g.steps, guidance=g.guidance,
                         width=g.width or size, height=g.height or size, num_images=g.num_images, seed=g.seed)
 
     # -- library: the folder's (``Library``) -------------------------------------------------
@@ -309,14 +312,18 @@ class WebApp:
         out.notes += _unlike(vectors, self.analyzer.encoder)
         return out
 
-    def learn(self, photos, names, steps_per_person: int, cancel: threading.Event, report=None) -> list[Identity]:
+    def learn(self, photos, names, steps_per_person: int, cancel: threading.Event, report=None,
+              show=None) -> list[Identity]:
         """Personalize one person, or several jointly; ``report(step, total, loss)`` as it trains.
 
         Args:
             photos: a photo path, or one entry per person: a path, or a list of paths of that person.
             names: a name, a comma-separated string of names, or a list, in person order.
-            steps_per_person: training steps per person (``TrainConfig.steps`` is the total).
+            steps_per_person: training steps per person (``TrainConfig.steps`` is the total); 0: the instant
+                identities of the model's pretrained network.
             cancel: set it to stop training; nothing is written then.
+            show: ``show(step, images)`` with a quick drawing of each person as learned so far: before the first
+                step (from a pretrained network: the instant person, in about a second) and every quarter.
         """
         people = [[photos]] if isinstance(photos, (str, Path)) else [_paths(p) for p in photos if p]
         people = [p for p in people if p]
@@ -334,11 +341,17 @@ class WebApp:
             if report is not None:
                 report(step, total, loss)
 
+        def sketch(step, identities):
+            if cancel.is_set():
+                raise Cancelled()
+            if show is not None:
+                show(step, preview(self.pipe, identities))
+
         with self.lock:
             if cancel.is_set():  # pressed while another run held the model
                 raise Cancelled()
             result = personalize(self.pipe, analyses, names, config=config, face_analyzer=self.analyzer,
-                                 show_progress=False, callback=callback)
+                                 show_progress=False, callback=callback, preview=sketch if show is not None else None)
             for ident, path in zip(result.identities, result.save(self.dir)):  # personalize loaded them already
                 self._in_pipe[ident.token] = (path, _file_key(path), True)
         for a, n in zip(analyses, names):
@@ -533,7 +546,7 @@ class Handlers:
 
         gr, empty = self.gr, pd.DataFrame({"step": [], "loss": []})
         if not _paths(photos):
-            yield "**Upload a photo first.**", gr.skip()
+            yield "**Upload a photo first.**", gr.skip(), gr.skip()
             return
         stop, updates, box = threading.Event(), queue.Queue(), {}
         with self._runs_lock:
@@ -542,7 +555,8 @@ class Handlers:
         def work():
             try:
                 people = [_paths(photos)] + [[p] for p in _paths(more)]
-                box["identities"] = self.app.learn(people, who, steps, stop, lambda s, t, lo: updates.put((s, t, lo)))
+                box["identities"] = self.app.learn(people, who, steps, stop, lambda s, t, lo: updates.put((s, t, lo)),
+                                                   lambda s, images: updates.put(("preview", s, images)))
             except Exception as e:  # reported below
                 box["error"] = e
             finally:
@@ -552,13 +566,18 @@ class Handlers:
         thread.start()
         losses, t0 = [], time.time()
         try:
-            yield "Preparing (faces, basis, model) …", empty
+            yield "Preparing (faces, basis, model) …", empty, None
             announced = False
             while (item := _next(updates)) is not None:
                 if stop.is_set() and not announced:  # this stream alone writes the status, so no reply can overtake it
                     announced = True
-                    yield "Cancelling …", gr.skip()
+                    yield "Cancelling …", gr.skip(), gr.skip()
                 if item is _WAITING:
+                    continue
+                if item[0] == "preview":  # the people as learned so far: instantly, then every quarter
+                    _, step, images = item
+                    what = "instantly, from the pretrained network" if step == 0 else f"after {step} steps"
+                    yield gr.skip(), gr.skip(), [(im, f"{what}") for im in images]
                     continue
                 step, total, loss = item
                 losses.append(loss)
@@ -567,7 +586,7 @@ class Handlers:
                 if step % max(1, total // 50) == 0 or step == total:
                     eta = (time.time() - t0) / step * (total - step)
                     yield (f"Learning: step {step}/{total}, loss {loss:.4f}, about {eta:.0f} s left",
-                           pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses}))
+                           pd.DataFrame({"step": list(range(1, len(losses) + 1)), "loss": losses}), gr.skip())
         finally:
             if thread.is_alive() and "identities" not in box:
                 stop.set()  # Cancel was pressed or the page went away: stop training
@@ -577,12 +596,12 @@ class Handlers:
         thread.join()
         err = box.get("error")
         if isinstance(err, Cancelled):
-            yield "Cancelled; nothing was saved.", empty
+            yield "Cancelled; nothing was saved.", empty, gr.skip()
         elif err is not None:
-            yield (f"**{_md(err)}**" if isinstance(err, CelebBasisError) else f"**Failed: {type(err).__name__}: {_md(err)}**"), gr.skip()
+            yield (f"**{_md(err)}**" if isinstance(err, CelebBasisError) else f"**Failed: {type(err).__name__}: {_md(err)}**"), gr.skip(), gr.skip()
         else:
             tokens = [i.token for i in box["identities"]]
-            yield f"Learned {', '.join(f'`{t}`' for t in tokens)}. Use it in **Create**: `{tokens[0]} person …`", gr.skip()
+            yield f"Learned {', '.join(f'`{t}`' for t in tokens)}. Use it in **Create**: `{tokens[0]} person …`", gr.skip(), gr.skip()
 
     def cancel(self, session: str):
         """Stop this session's training. Its own ``learn`` stream then reports "Cancelling …" and the end."""
@@ -652,15 +671,19 @@ def _learn_tab(gr, d: Defaults) -> SimpleNamespace:
         with gr.Row():
             name = gr.Textbox(label="Name (the prompt word becomes <name>); for several people: names in order, "
                               "separated by commas", elem_id="learn-name")
-            steps = gr.Slider(1, max(MAX_STEPS_PER_PERSON, d.steps_per_person), value=d.steps_per_person, step=1,
-                              label="Steps per person", elem_id="learn-steps")
+            steps = gr.Slider(0, max(MAX_STEPS_PER_PERSON, d.steps_per_person), value=d.steps_per_person, step=1,
+                              label="Steps per person (0: instantly, where the model has a pretrained network)",
+                              elem_id="learn-steps")
         with gr.Row():
             button = gr.Button("Learn", variant="primary", elem_id="learn-button")
             cancel = gr.Button("Cancel", elem_id="learn-cancel")
         status = gr.Markdown(elem_id="learn-status")
-        plot = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="learn-plot")
+        with gr.Row():
+            sketch = gr.Gallery(label="The person as learned so far (instantly, then every quarter of the steps)",
+                                columns=4, height=220, interactive=False, elem_id="learn-preview")
+            plot = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="learn-plot")
     return SimpleNamespace(photo=photo, boxed=boxed, crop=crop, detect_msg=detect_msg, more=more, name=name, steps=steps,
-                           button=button, cancel=cancel, status=status, plot=plot)
+                           button=button, cancel=cancel, status=status, plot=plot, sketch=sketch)
 
 
 def _library_tab(gr) -> SimpleNamespace:
@@ -737,7 +760,8 @@ def _wire_learn(gr, h: Handlers, learn: SimpleNamespace, after) -> None:
     def on_cancel(request: gr.Request):
         return h.cancel(request.session_hash)
 
-    after(learn.button.click(on_learn, [learn.photo, learn.more, learn.name, learn.steps], [learn.status, learn.plot]))
+    after(learn.button.click(on_learn, [learn.photo, learn.more, learn.name, learn.steps],
+                             [learn.status, learn.plot, learn.sketch]))
     learn.cancel.click(on_cancel, None, learn.status, queue=False)
 
 

@@ -35,6 +35,7 @@ def personalize(
     base_model: str | None = None,
     show_progress: bool = True,
     callback: Callable[[int, int, float], None] | None = None,
+    preview: Callable[[int, list], None] | None = None,
 ) -> PersonalizeResult:
     """Learn one identity per person, jointly, with one shared identity network.
 
@@ -55,6 +56,9 @@ def personalize(
         base_model: id or path of the model, recorded in the identity files.
         show_progress: tqdm bar with the loss.
         callback: called as ``callback(step, total_steps, loss)`` after every step; raise in it to stop.
+        preview: called as ``preview(step, identities)`` with the people as learned so far: before the first step
+            (from a pretrained network, the instant identities) and after every quarter of the steps. The web UI
+            draws them (``generate.preview``); raise in it to stop.
 
     Returns:
         ``PersonalizeResult`` with one ``Identity`` per person, the loss curve and the run record.
@@ -80,7 +84,7 @@ def personalize(
         if total:
             logger.info("Training %s: %d steps at %d px on %s%s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
                         trainer.device, f", from the pretrained {pretrained.name}" if pretrained is not None else "")
-        elapsed = _train(trainer, total, show_progress and total > 0, callback)
+        elapsed = _train(trainer, total, show_progress and total > 0, callback, preview)
         identities = trainer.identities()
     for ident in identities:  # the placeholder rows were never used in training; fill them for drawing now
         load_identity(pipe, ident)
@@ -136,16 +140,23 @@ def _warn_unlike(photos: list, name: str, encoder) -> None:
                        photos[i].path, name, similarity, getattr(encoder, "name", encoder), threshold, name)
 
 
-def _train(trainer: Personalizer, total: int, show_progress: bool, callback) -> float:
-    """Run ``total`` steps; returns the seconds taken."""
-    t0 = time.perf_counter()
+def _train(trainer: Personalizer, total: int, show_progress: bool, callback, preview=None) -> float:
+    """Run ``total`` steps, previews at the start and every quarter; returns the seconds taken (previews excluded)."""
+    spent = 0.0
+    if preview is not None:
+        preview(0, trainer.identities())
+    every = max(1, total // 4)
     bar = tqdm(range(total), desc="personalize", disable=not show_progress, unit="step")
     for step in bar:
+        t0 = time.perf_counter()
         loss = trainer.step()
+        spent += time.perf_counter() - t0
         if show_progress:
             bar.set_postfix(loss=f"{loss:.4f}")
         if callback is not None:
             callback(step + 1, total, loss)
-    return time.perf_counter() - t0
+        if preview is not None and ((step + 1) % every == 0 or step + 1 == total):
+            preview(step + 1, trainer.identities())
+    return spent
 
 
