@@ -48,8 +48,8 @@ from celebbasis.face import FaceAnalyzer, WholeImageDetector  # noqa: E402
 from celebbasis.identity import Identity, IdentityPart  # noqa: E402
 from celebbasis.resources import celeb_names  # noqa: E402
 from celebbasis.toy import ToyFaceEncoder, world, world_info  # noqa: E402
+from celebbasis.models import resolve_bases  # noqa: E402
 from celebbasis.train import Personalizer  # noqa: E402
-from celebbasis.train.run import _resolve_bases  # noqa: E402
 
 SNAPSHOTS = [25, 50, 100, 200, 400]  # --snapshots: steps at which the recipe and textual inversion are drawn
 DECIDE_AT = 100  # --decide-at: the goal's step budget, where the decisions that cost a run each are made
@@ -135,7 +135,7 @@ class TextualInversion(Personalizer):
 class Bench:
     def __init__(self, toy: Toy, sample_steps: int):
         self.toy, self.sample_steps = toy, sample_steps
-        self.bases = _resolve_bases(toy.pipe, None, None, "toy")
+        self.bases = resolve_bases(toy.pipe, None, None, "toy")
         self.analyzers = {cls: FaceAnalyzer(WholeImageDetector(), cls()) for cls in (ToyFaceEncoder, Toy128, Correlated)}
         self.facenet = self.analyzers[ToyFaceEncoder].encoder
         self.count = 0

@@ -103,8 +103,8 @@ def test_defaults_come_from_the_configs_and_the_model(tmp_path, tiny_pipe, face_
                   generate_config=GenerateConfig(steps=9, guidance=3.0, width=128))
     d = mine.defaults()
     assert (d.steps_per_person, d.create_steps, d.guidance, d.width, d.height) == (7, 9, 3.0, 128, 64)
-    with pytest.raises(InputError, match="steps must be >= 1"):  # TrainConfig's own check, before any photo is read
-        mine.learn(str(astronaut_path), "zero", 0, threading.Event())
+    with pytest.raises(InputError, match="steps must be >= 0"):  # TrainConfig's own check, before any photo is read
+        mine.learn(str(astronaut_path), "negative", -1, threading.Event())
     mine.learn(str(astronaut_path), "ann", 1, threading.Event())
     run = json.loads((mine.dir / "ann.run.json").read_text())
     assert run["config"]["learning_rate"] == 0.02 and run["config"]["steps"] == 1

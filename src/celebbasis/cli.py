@@ -21,7 +21,7 @@ from pathlib import Path
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, config_values, flag, merged, parse, sections
 from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WEBUI_HOST, WEBUI_PORT,
-                     BasisConfig, GenerateConfig, TrainConfig)
+                     BasisConfig, GenerateConfig, PretrainConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
 from .families import FAMILIES, SD1, SDXL, TINY_MODEL, family_named, family_of_tiny
 from .files import check_new_file
@@ -93,6 +93,8 @@ def _common(p: Parser, model: bool = True) -> None:
 
 def _train_flags(p: Parser) -> None:
     g = p.add_argument_group("training")
+    flag(p, g, "--preset", choices=sorted(TRAIN_PRESETS), help="start from a preset: paper = the paper's recipe (a fresh "
+         "identity network, 400 steps a person); toy = the toy world's views (implied by --toy)")
     config_flags(p, g, TrainConfig)
     flag(p, g, "--face-encoder", metavar="SPEC",
          help="identity network: dlib (default), toy (the toy world's; default with --toy), arcface:/path/backbone.pth "
@@ -124,6 +126,17 @@ def _add_parsers(sub) -> None:
     _output(p, "identities", "folder for NAME.safetensors")
     _overwrite(p, "replace identities that already exist")
     _train_flags(p)
+    _common(p)
+
+    p = sub.add_parser("pretrain", help="learn the identity network once from the model's own celebrities: then `add` "
+                                        "gives a person instantly (--steps 0) or in a few dozen steps")
+    _output(p, "pretrained.safetensors", "the network file to write (resumes from NAME.work.safetensors after a stop)")
+    _overwrite(p)
+    g = p.add_argument_group("pretraining")
+    config_flags(p, g, PretrainConfig)
+    flag(p, g, "--face-encoder", metavar="SPEC",
+         help="the face network users' photos will be read with: dlib (default), toy (default with --toy), arcface:PATH, onnx:PATH")
+    flag(p, g, "--basis", action="append", help="basis file from build-basis; twice for SDXL (default: built from the model and cached)")
     _common(p)
 
     p = sub.add_parser("add-many", help="learn everyone in a folder (groups trained jointly; resumable; shards under accelerate launch)")
@@ -284,8 +297,10 @@ def _quote(text) -> str:
 
 
 def _train_config(args) -> TrainConfig:
-    """The run's TrainConfig, checked before any model loads (with --toy, the toy preset under the file and flags)."""
-    return config_from(TrainConfig, vars(args), base=TRAIN_PRESETS["toy"] if getattr(args, "toy", False) else None)
+    """The run's TrainConfig, checked before any model loads: the toy preset with --toy, then --preset, then the file and flags."""
+    base = {**(TRAIN_PRESETS["toy"] if getattr(args, "toy", False) else {}),
+            **(TRAIN_PRESETS[args.preset] if getattr(args, "preset", None) else {})}
+    return config_from(TrainConfig, vars(args), base=base)
 
 
 def _basis(args):
@@ -412,6 +427,40 @@ def cmd_add(args) -> int:
     logger.info('Done. Use %s in prompts, e.g.: celebbasis generate "%s person reading a book" %s%s',
                 " ".join(f"<{n}>" for n in names), f"<{names[0]}>",
                 " ".join(f"--identity {_quote(out / (n + '.safetensors'))}" for n in names), f" {flags}" if flags else "")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    """The identity network learned from the model's celebrities (``celebbasis.pretrain.pretrain`` does the work)."""
+    from tqdm.auto import tqdm
+
+    from .models import model_name
+    from .pretrain import pretrain
+
+    out = Path(args.output)
+    cfg = config_from(PretrainConfig, vars(args))
+    if out.suffix != ".safetensors":
+        raise InputError(f"{out}: the network is a .safetensors file; name it so with -o.")
+    check_new_file(out, args.overwrite)
+    _check_output_dir(out.parent)
+    analyzer, bases = _analyzer(args), _basis(args)
+    pipe = _load(args)
+    bar = tqdm(desc="pretrain: drawings", unit="drawing", disable=args.quiet)
+
+    def progress(done, total, seconds):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    with bar:
+        net = pretrain(pipe, analyzer, out, config=cfg, bases=bases, base_model=model_name(pipe), overwrite=args.overwrite,
+                       progress=progress)
+    c = net.metadata["counts"]
+    logger.info("Wrote %s: fitted on %d of %d celebrities (%d of %d drawings had a face); held-back people's cosine %s.",
+                out, c["names_kept"], c["names"], c["drawings_with_a_face"], c["drawings"],
+                ", ".join(f"{v:.3f}" for v in net.metadata["validation_cosine"]) or "-")
+    flags = _model_flags(args)
+    logger.info("Use it: celebbasis add PHOTO --name NAME --pretrained %s --steps 0 (instant) or --steps 25%s",
+                _quote(out), f" {flags}" if flags else "")
     return 0
 
 
@@ -669,7 +718,7 @@ def cmd_mix(args) -> int:
     return 0
 
 
-COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "add-many": cmd_add_many, "generate": cmd_generate, "export": cmd_export,
+COMMANDS = {"build-basis": cmd_build_basis, "add": cmd_add, "add-many": cmd_add_many, "pretrain": cmd_pretrain, "generate": cmd_generate, "export": cmd_export,
             "import-embedding": cmd_import_embedding, "mix": cmd_mix, "evaluate": cmd_evaluate,
             "benchmark-prompts": cmd_benchmark_prompts, "webui": cmd_webui, "demo": cmd_demo}
 

@@ -150,6 +150,11 @@ class BasisConfig(_Settings):
             raise InputError(f"n_tokens must be >= 1, got {self.n_tokens}.", field="n_tokens")
 
 
+# Steps per person from a pretrained identity network (``TrainConfig.pretrained``), measured in the toy
+# world by benchmarks/bench_instant.py.
+WARM_STEPS = 25
+
+
 @dataclass
 class TrainConfig(_Settings):
     """Settings of one personalization run. Defaults follow the paper's official code (METHOD §4)."""
@@ -157,7 +162,11 @@ class TrainConfig(_Settings):
     section: ClassVar[str] = "train"
 
     steps: int | None = field(default=None, metadata=_help(
-        "optimisation steps (default: 400 per person, as the paper's config)"))
+        f"optimisation steps (default: {WARM_STEPS} per person from a pretrained network, else 400 per person, as the "
+        "paper's config); 0: the instant identity, one pass of the pretrained network"))
+    pretrained: str = field(default="auto", metadata=_help(
+        "the identity network to start from: a file made by `celebbasis pretrain`; auto: the model's own where it "
+        "ships one (the toy world), else none; none: a fresh network, as the paper"))
     batch_size: int = field(default=2, metadata=_help("views per step (2, as the paper)"))
     learning_rate: float = field(default=5e-3, metadata=_help(
         "base learning rate per view: AdamW's rate is this x batch_size (the official code's 5e-3 x 2 = 1e-2)"))
@@ -186,8 +195,11 @@ class TrainConfig(_Settings):
 
     def __post_init__(self):
         _check_numbers(self)
-        if self.steps is not None and self.steps < 1:
-            raise InputError(f"steps must be >= 1, got {self.steps}.", field="steps")
+        if self.steps is not None and self.steps < 0:
+            raise InputError(f"steps must be >= 0, got {self.steps}.", field="steps")
+        if self.steps == 0 and self.pretrained == "none":
+            raise InputError("steps=0 is the instant identity of a pretrained network, but the pretrained setting is none "
+                             "(the paper's recipe). Give a network made by `celebbasis pretrain`, or steps >= 1.", field="steps")
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.", field="batch_size")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -225,12 +237,15 @@ class TrainConfig(_Settings):
         """AdamW's learning rate: ``learning_rate`` x ``batch_size`` when ``scale_lr`` (the official code's scaling)."""
         return self.learning_rate * self.batch_size if self.scale_lr else self.learning_rate
 
-    def total_steps(self, n_identities: int) -> int:
-        return self.steps if self.steps is not None else 400 * n_identities
+    def total_steps(self, n_identities: int, warm: bool = False) -> int:
+        """``steps``, or by default 400 per person (the paper's) or ``WARM_STEPS`` per person from a pretrained network."""
+        return self.steps if self.steps is not None else (WARM_STEPS if warm else 400) * n_identities
 
 
-# Named training presets: plug-ins add theirs (the toy world adds "toy", its full-frame views).
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {}
+# Named training presets; plug-ins add theirs (the toy world adds "toy", its full-frame views).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(pretrained="none"),  # the paper's recipe: a fresh network, 400 steps per person
+}
 
 
 SCHEDULERS = {
@@ -291,7 +306,55 @@ GENERATE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-CONFIGS = (BasisConfig, TrainConfig, GenerateConfig)  # by the table each has in a TOML file: basis, train, generate
+@dataclass
+class PretrainConfig(_Settings):
+    """How the shared identity network is learned from a model's own celebrities (``celebbasis pretrain``)."""
+
+    section: ClassVar[str] = "pretrain"
+
+    drawings: int = field(default=4, metadata=_help("drawings of each celebrity (and of each mix), each with its own seed"))
+    mixes: int = field(default=0, metadata=_help("synthetic people: random blends of 2-3 celebrities, drawn and read back"))
+    filter: bool = field(default=True, metadata=_help(
+        "drop people whose drawings disagree (mean pairwise face cosine below min_agreement)"))
+    min_agreement: float | None = field(default=None, metadata=_help(
+        "the consistency filter's threshold (default: the face network's same-person cosine)"))
+    min_names: int = field(default=20, metadata=_help("fewest celebrities kept for a usable network"))
+    max_names: int = field(default=0, metadata=_help("use this many celebrities, drawn at random with the seed (0: all)"))
+    fit: str = field(default="mlp", metadata=_help(
+        "ridge: closed-form ridge regression; mlp: the network trained on from it (rows' cosine)", choices=("ridge", "mlp")))
+    ridge: float = field(default=1e-3, metadata=_help("ridge regularisation, relative to the number of pairs"))
+    fit_steps: int = field(default=2000, metadata=_help("AdamW steps of the mlp fit (batch 256)"))
+    learning_rate: float = field(default=3e-3, metadata=_help("AdamW learning rate of the mlp fit (cosine decay)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of the mlp fit"))
+    face_dim: int = field(default=TrainConfig.face_dim, metadata=_help(
+        "face vectors are lifted to this size, as in training (0: never); runs warm-started from it must match"))
+    sample_steps: int = field(default=10, metadata=_help(
+        "denoising steps per drawing (toy world: 10 read as right as 25, 0.83 of the attributes, in 40 % of the time)"))
+    guidance: float = field(default=7.5, metadata=_help("classifier-free guidance of the drawings"))
+    batch: int = field(default=64, metadata=_help("drawings per model call"))
+    seed: int = field(default=0, metadata=_help("seeds the drawings, the mixes, the held-back names and the fit"))
+
+    def __post_init__(self):
+        _check_numbers(self)
+        for name in ("drawings", "min_names", "fit_steps", "sample_steps", "batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}.", field=name)
+        if self.drawings < 2 and self.filter:
+            raise InputError("the consistency filter needs drawings >= 2; set filter=False for one drawing each.",
+                             field="drawings")
+        if self.max_names < 0:
+            raise InputError(f"max_names must be >= 0, got {self.max_names}.", field="max_names")
+        if self.mixes < 0:
+            raise InputError(f"mixes must be >= 0, got {self.mixes}.", field="mixes")
+        if self.fit not in ("ridge", "mlp"):
+            raise InputError(f"fit must be ridge or mlp, got {self.fit!r}.", field="fit")
+        if not self.ridge > 0 or not self.learning_rate > 0 or self.weight_decay < 0 or self.guidance < 0:
+            raise InputError("ridge and learning_rate must be > 0, weight_decay and guidance >= 0.", field="ridge")
+        if self.face_dim < 0:
+            raise InputError(f"face_dim must be >= 0, got {self.face_dim}.", field="face_dim")
+
+
+CONFIGS = (BasisConfig, TrainConfig, GenerateConfig, PretrainConfig)  # by their TOML tables: basis, train, generate, pretrain
 
 GROUP_SIZE = 2  # people trained jointly by add-many, sharing one network (two, as the paper's default run)
 EXPORT_FORMATS = ("diffusers", "a1111", "comfyui")  # the tools an identity is exported for

@@ -25,7 +25,7 @@ from .basis import cached_basis
 from .config import BasisConfig
 from .errors import InputError, ModelLoadError, first_line
 from .families import SD1, SDXL, family_named, family_of, supported_pipelines, text_encoders
-from .signatures import encoders_signature
+from .signatures import built_from_other_table, encoders_signature
 from .single_file import checkpoint_shapes, family_of_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -447,3 +447,26 @@ def pipeline_bases(pipe, config=None, source: str | None = None) -> list:
     cfg = config or BasisConfig()
     return [cached_basis(tok, te, n_components=cfg.n_components, n_tokens=cfg.n_tokens, dedupe=cfg.dedupe,
                          source=source or model_name(pipe)) for tok, te in text_encoders(pipe)]
+
+
+def resolve_bases(pipe, basis=None, basis_config=None, base_model: str | None = None) -> list:
+    """The given bases (one ``CelebBasis``, or one per text encoder), checked against the pipeline's text encoders,
+    or the cached ones built for it with ``basis_config``; ``base_model`` names the model in a built basis."""
+    bases = list(basis) if isinstance(basis, (list, tuple)) else [basis] if basis is not None else []
+    pairs = text_encoders(pipe)
+    if bases and basis_config is not None:
+        raise InputError("Pass either a basis or the settings to build one (basis_config), not both.")
+    if not bases:
+        bases = pipeline_bases(pipe, basis_config, source=base_model)
+    if len(bases) != len(pairs):
+        raise InputError(f"This model has {len(pairs)} text encoder(s) but {len(bases)} basis file(s) were given; "
+                         "pass one per encoder or none.")
+    for b, (tok, te) in zip(bases, pairs):
+        width = te.get_input_embeddings().embedding_dim
+        if b.embedding_dim != width:
+            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. "
+                             "Build the basis from this model.")
+        if built_from_other_table(b.metadata, tok, te):
+            logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
+                           "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")
+    return bases

@@ -8,9 +8,9 @@ dataset card; ``celebbasis.toy.train_world`` trains everything from its seed.
 
 A plug-in: the library never imports it. Importing it registers, through the library's registries,
 its face network (``face.register_face_encoder("toy", ...)``), its training preset
-(``config.TRAIN_PRESETS["toy"]``) and its model (``models.register_packaged_model``), whose face network
-and preset ``personalize`` then uses on the toy pipeline when the caller chose none. ``import celebbasis``
-imports it.
+(``config.TRAIN_PRESETS["toy"]``), its model (``models.register_packaged_model``), whose face network
+and preset ``personalize`` then uses on the toy pipeline when the caller chose none, and where its
+pretrained identity network is (``pretrain.register_pretrained``). ``import celebbasis`` imports it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..errors import ModelLoadError
 from ..face import WHOLE, register_face_encoder
 from ..face.geometry import frame_whole
 from ..models import PackagedModel, register_packaged_model
+from ..pretrain import register_pretrained
 from ..resources import clip_tokenizer, data_path
 from .world import RESOLUTION, SCORED
 
@@ -46,6 +47,17 @@ TOY_PROMPTS = [
     "<id1> person smiling on a yellow background",
     "an illustration of <id1> person wearing a blue shirt on a white background",
 ]
+
+
+PRETRAINED_FILE = "identity-net.safetensors"  # the identity network pretrained on the world's celebrities
+
+
+def pretrained_network(pipe) -> Path | None:
+    """The toy world's pretrained identity network, for a pipeline of the toy world (``pretrained="auto"``)."""
+    from ..models import model_name
+
+    path = toy_dir() / PRETRAINED_FILE
+    return path if model_name(pipe) == TOY_MODEL and path.exists() else None
 
 
 def toy_dir() -> Path:
@@ -178,3 +190,4 @@ register_face_encoder("toy", ToyFaceEncoder)
 TRAIN_PRESETS[TOY_PRESET] = TOY_TRAINING
 register_packaged_model(PackagedModel(TOY_MODEL, "the toy world", load_toy_pipeline, face_encoder="toy",
                                       train_preset=TOY_PRESET))
+register_pretrained(pretrained_network)

@@ -59,6 +59,9 @@ def photo_agreement(vectors: np.ndarray) -> list[float]:
 
 def log_summary(trainer: Personalizer, total: int, elapsed: float) -> None:
     window = max(1, min(50, total // 4))
+    if total == 0:
+        logger.info("%s: the pretrained network's instant identity (no training steps).", ", ".join(trainer.tokens))
+        return
     if total < 4:  # too short for two windows
         logger.info("Learned %s in %d step(s) (%.1f s); last loss %.4f.", ", ".join(trainer.tokens), total, elapsed,
                     float(trainer.losses[-1]))

@@ -12,10 +12,9 @@ from tqdm.auto import tqdm
 from ..config import BasisConfig, TrainConfig
 from ..errors import InputError
 from ..face import FaceAnalysis, FaceAnalyzer, same_person_threshold, unlike_photos
-from ..families import text_encoders
 from ..insert import load_identity
-from ..models import model_name, packaged_model, pipeline_bases
-from ..signatures import built_from_other_table
+from ..models import model_name, packaged_model, resolve_bases
+from ..pretrain import resolve_pretrained
 from .checks import check_inputs, photo_groups
 from .record import PersonalizeResult, log_summary, run_record
 from .trainer import Personalizer
@@ -69,19 +68,27 @@ def personalize(
     groups = photo_groups(photos)
     names = check_inputs(pipe, list(names), len(groups))
     base_model = base_model or model_name(pipe)
-    bases = _resolve_bases(pipe, basis, basis_config, base_model)
+    bases = resolve_bases(pipe, basis, basis_config, base_model)
+    pretrained = _pretrained(cfg, pipe)
     people, face_analyzer = _analyse_photos(pipe, groups, names, face_analyzer, face_index)
-    total = cfg.total_steps(len(names))
+    total = cfg.total_steps(len(names), warm=pretrained is not None)
     face_net = face_analyzer.encoder if face_analyzer is not None else None
-    with Personalizer(pipe, people, names, cfg, bases, base_model, face_net=face_net) as trainer:
-        logger.info("Training %s: %d steps at %d px on %s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
-                    trainer.device)
-        elapsed = _train(trainer, total, show_progress, callback)
+    with Personalizer(pipe, people, names, cfg, bases, base_model, face_net=face_net, pretrained=pretrained) as trainer:
+        elapsed = _train(trainer, total, show_progress and total > 0, callback)
         identities = trainer.identities()
     for ident in identities:  # the placeholder rows were never used in training; fill them for drawing now
         load_identity(pipe, ident)
     log_summary(trainer, total, elapsed)
     return PersonalizeResult(identities, trainer.losses, run_record(trainer, names, total, elapsed))
+
+
+def _pretrained(cfg: TrainConfig, pipe):
+    """The ``PretrainedNetwork`` the run starts from (``cfg.pretrained``), or ``None``; the instant identity needs one."""
+    pretrained = resolve_pretrained(cfg.pretrained, pipe)
+    if cfg.steps == 0 and pretrained is None:
+        raise InputError("The instant identity (0 steps) needs a pretrained network, and this model ships none: pass "
+                         "pretrained=FILE, a network made by `celebbasis pretrain`, or train for some steps.", field="pretrained")
+    return pretrained
 
 
 def default_config(pipe) -> TrainConfig:
@@ -98,28 +105,6 @@ def default_analyzer(pipe) -> FaceAnalyzer:
 
 def _is_analysis(photo) -> bool:
     return isinstance(photo, FaceAnalysis)
-
-
-def _resolve_bases(pipe, basis, basis_config, base_model: str) -> list:
-    """The given bases, checked against the pipeline's text encoders, or the cached ones built for it."""
-    bases = list(basis) if isinstance(basis, (list, tuple)) else [basis] if basis is not None else []
-    pairs = text_encoders(pipe)
-    if bases and basis_config is not None:
-        raise InputError("Pass either a basis or the settings to build one (basis_config), not both.")
-    if not bases:
-        bases = pipeline_bases(pipe, basis_config, source=base_model)
-    if len(bases) != len(pairs):
-        raise InputError(f"This model has {len(pairs)} text encoder(s) but {len(bases)} basis file(s) were given; "
-                         "pass one per encoder or none.")
-    for b, (tok, te) in zip(bases, pairs):
-        width = te.get_input_embeddings().embedding_dim
-        if b.embedding_dim != width:
-            raise InputError(f"The basis is {b.embedding_dim} wide but the text encoder is {width}. "
-                             "Build the basis from this model.")
-        if built_from_other_table(b.metadata, tok, te):
-            logger.warning("The basis was built from another text encoder (%s); identities may look wrong. "
-                           "Rebuild it with build-basis for this model.", b.metadata.get("text_encoder") or "unknown")
-    return bases
 
 
 def _analyse_photos(pipe, groups: list[list], names: list[str], analyzer, face_index) -> tuple[list[list], object]:
@@ -156,6 +141,9 @@ def _warn_unlike(photos: list, name: str, encoder) -> None:
 
 def _train(trainer: Personalizer, total: int, show_progress: bool, callback) -> float:
     """Run ``total`` steps; returns the seconds taken."""
+    if total:
+        logger.info("Training %s: %d steps at %d px on %s%s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
+                    trainer.device, f", from the pretrained {trainer.pretrained.name}" if trainer.pretrained is not None else "")
     t0 = time.perf_counter()
     bar = tqdm(range(total), desc="personalize", disable=not show_progress, unit="step")
     for step in bar:

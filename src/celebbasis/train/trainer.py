@@ -10,6 +10,7 @@ coefficients predicted over all of that person's views.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from contextlib import ExitStack, contextmanager
@@ -97,18 +98,20 @@ class Personalizer:
         base_model: recorded in the identities.
         face_net: the face network (``FaceEncoder``) the photos were analysed with, run on every view;
             dlib's is loaded when ``None`` and the photos were analysed with it.
+        pretrained: a ``PretrainedNetwork`` the identity network starts from (a warm start; checked
+            against the model, basis and face network), or ``None`` for a fresh one, as the paper.
     """
 
     def __init__(self, pipe, analyses: list, names: list[str], config: TrainConfig, bases, base_model: str, *,
-                 face_net=None):
+                 face_net=None, pretrained=None):
         self._stack = ExitStack()
         try:
-            self._setup(pipe, analyses, names, config, bases, base_model, face_net)
+            self._setup(pipe, analyses, names, config, bases, base_model, face_net, pretrained)
         except BaseException:
             self._stack.close()  # a set-up that fails gives everything back, as ``close`` does
             raise
 
-    def _setup(self, pipe, analyses, names, config, bases, base_model, face_net) -> None:
+    def _setup(self, pipe, analyses, names, config, bases, base_model, face_net, pretrained) -> None:
         self.family = family_of(pipe)
         if config.resolution is None:  # the model's native size
             config = dataclasses.replace(config, resolution=self.family.native_size(pipe))
@@ -128,6 +131,7 @@ class Personalizer:
                             for photos in self.people]  # per person: (n_photos, f)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
+        self.pretrained = pretrained
         self.heads = self._heads()
         self.means = [b.mean.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, d) each
         self.components = [b.components.to(te.device) for b, (_, te) in zip(self.bases, self.encoders)]  # (K, n, d)
@@ -138,8 +142,9 @@ class Personalizer:
         self.steps_done = 0
         self.view_maker = ViewMaker(pipe.vae, config, self.people, self.crops, self.photo_faces, self.face_net, self.rng,
                                     self.tokens)
-        if config.views > 0:
-            self.view_maker.pool = self.view_maker.build_pool(config.total_steps(self.n_id))
+        total = config.total_steps(self.n_id, warm=pretrained is not None)
+        if config.views > 0 and total > 0:
+            self.view_maker.pool = self.view_maker.build_pool(total)
         self.unet, self.scaler = self._prepare_unet()
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -176,7 +181,12 @@ class Personalizer:
                 for tok, te in self.encoders]
 
     def _heads(self) -> nn.ModuleList:
-        """One identity network per text encoder, started from the seed without touching the global RNG."""
+        """One identity network per text encoder: the pretrained one's weights (a warm start), or drawn from the
+        seed without touching the global RNG."""
+        if self.pretrained is not None:
+            self.pretrained.check(self.pipe, self.bases, self.face_encoder_name, self.cfg.face_dim)
+            return nn.ModuleList(copy.deepcopy(h).requires_grad_(True).to(te.device)
+                                 for h, (_, te) in zip(self.pretrained.heads, self.encoders))
         init = torch.Generator("cpu").manual_seed(self.cfg.seed)
         face_dim = self.photo_faces[0].shape[1]
         return nn.ModuleList(
@@ -309,6 +319,7 @@ class Personalizer:
             out.append(Identity.from_coefficients(
                 token, avg, self.bases, base_model=self.base_model,
                 face_encoder=self.face_encoder_name, steps=self.steps_done, seed=self.cfg.seed,
+                **({"pretrained": self.pretrained.name} if self.pretrained is not None else {}),
                 text_encoder_signature=te_signature, source_photo=sources[0], source_photos=sources,
                 train_config=self.cfg.to_dict(), **self.family.identity_metadata(),
             ))
