@@ -121,7 +121,7 @@ def test_uncached_hub_model_offline_says_so(tmp_path, alice):
 @pytest.mark.parametrize("args, match", [
     (["add", "missing.jpg", "--name", "x"], "missing.jpg: no such file"),
     (["add", "a.jpg", "b.jpg", "c.jpg", "--name", "x", "--name", "y"], "3 photo(s) but 2 name(s). Give one name per person"),
-    (["add", "a.jpg", "--name", "x", "--steps", "0"], "steps must be >= 1"),
+    (["add", "a.jpg", "--name", "x", "--steps", "-1"], "steps must be >= 0"),
     (["add", "a.jpg", "--name", "x", "--learning-rate", "inf"], "--learning-rate must be a finite number"),
     (["add", "a.jpg", "--name", "x", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
     (["add", "a.jpg", "--name", "x", "--seed", "-1"], "seed must be in [0, 4294967295]"),

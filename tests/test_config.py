@@ -85,8 +85,8 @@ def test_bad_files_are_one_line_errors_naming_file_and_key(tmp_path, content, ma
 
 def test_values_are_checked_when_read(tmp_path):
     path = tmp_path / "t.toml"
-    path.write_text("steps = 0\n")
-    with pytest.raises(InputError, match="steps must be >= 1"):
+    path.write_text("steps = -1\n")
+    with pytest.raises(InputError, match="steps must be >= 0"):
         TrainConfig.from_toml(path)
     path.write_text("learning_rate = 1\nresolution = 64\n")  # an int where a float goes is that float
     assert TrainConfig.from_toml(path).learning_rate == 1.0

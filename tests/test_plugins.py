@@ -163,3 +163,23 @@ def test_generate_leaves_the_callers_progress_bar_settings(tiny_pipe):
     tiny_pipe.set_progress_bar_config(desc="mine", leave=False)
     cb.generate(tiny_pipe, "a photo", steps=1, show_progress=False)
     assert tiny_pipe._progress_bar_config == {"desc": "mine", "leave": False}
+
+
+def test_the_demo_falls_back_to_the_toy_world_on_a_copy_of_its_arguments(tmp_path, capsys, monkeypatch):
+    import celebbasis.cli as cli
+    from celebbasis.errors import ModelLoadError
+
+    real, seen = cli._load, []
+
+    def load(args, device=None):
+        seen.append(args)
+        if not args.toy:
+            raise ModelLoadError("no network here")
+        return real(args, device)
+
+    monkeypatch.setattr(cli, "_load", load)
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--steps", "1", "--sample-steps", "1", "--device", "cpu", "-q"]) == 0
+    assert "Running the same pipeline in the TOY WORLD" in capsys.readouterr().err
+    assert [a.toy for a in seen] == [False, True] and seen[0] is not seen[1]  # the parsed arguments stay as parsed
+    assert Identity.load(out / "identities" / "id1.safetensors").metadata["base_model"] == "toy"

@@ -274,7 +274,7 @@ def test_bad_names_fail_before_training(tiny_pipe, astronaut, names, match):
         personalize(tiny_pipe, [astronaut, astronaut], names, config=TrainConfig(steps=1, **CFG), show_progress=False)
 
 
-@pytest.mark.parametrize("kwargs", [dict(steps=0), dict(resolution=100), dict(min_scale=0.0), dict(ema_momentum=1.0),
+@pytest.mark.parametrize("kwargs", [dict(steps=-1), dict(resolution=100), dict(min_scale=0.0), dict(ema_momentum=1.0),
                                     dict(face_dim=-1), dict(flip_p=1.5), dict(jitter=1.0), dict(aspect_jitter=1.0)])
 def test_config_validation(kwargs):
     with pytest.raises(InputError):

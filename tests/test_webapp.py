@@ -233,8 +233,11 @@ def test_a_model_that_fails_to_load_leaves_no_folders(tmp_path):
     def load():
         raise ModelLoadError("no such model")
 
+    with socket.socket() as s:  # a free port: launch checks its address before the model loads
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     with pytest.raises(ModelLoadError):
-        launch(WebApp(load, tmp_path / "ids"), block=False)
+        launch(WebApp(load, tmp_path / "ids"), port=port, block=False)
     assert list(tmp_path.iterdir()) == []
 
 

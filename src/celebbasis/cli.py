@@ -462,8 +462,7 @@ def cmd_pretrain(args) -> int:
     cfg = config_from(PretrainConfig, vars(args))
     if out.suffix != ".safetensors":
         raise InputError(f"{out}: the network is a .safetensors file; name it so with -o.")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out} already exists. Pass --overwrite to replace it, or choose another -o.")
+    check_new_file(out, args.overwrite)
     _check_output_dir(out.parent)
     analyzer, bases = _analyzer(args), _basis(args)
     pipe = _load(args)
