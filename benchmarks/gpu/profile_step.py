@@ -7,10 +7,11 @@
 The step is `Personalizer.step()` as `celebbasis add` runs it (random weights of the chosen shapes, the
 packaged astronaut, batch 2, the pool of views). Three measurements, one process:
 
-1. **step**: the mean wall time of `--steps` real steps (after `--warmup` untimed ones), and of
+1. **step**: the median wall time of `--steps` real steps (after `--warmup` untimed ones), and of
 2. **the floor**: the UNet's forward and its backward to the conditioning alone, on the same batches
    (no text encoder, identity network, optimiser, batch drawing or host reads): what no change to the
-   loop can go below, since the gradient must cross the UNet to reach the identity words;
+   loop can go below, since the gradient must cross the UNet to reach the identity words (and its
+   forward alone, to split the backward); the three are timed in turn, so a changing load falls on all;
 3. **the profile** of one more step under `torch.profiler`, its time split by phase: batch drawing
    (data), identity network (MLP), text encoder (the conditioning), UNet forward, backward (all of it),
    optimiser, and the rest (the loss, `zero_grad`, the moving averages, `loss.item()`, Python), plus the
@@ -93,8 +94,9 @@ def timed(fn, n: int, device: torch.device) -> list[float]:
     return out
 
 
-def floor_fn(trainer):
-    """The UNet's forward and backward to its conditioning, on a batch and conditioning made once, outside the timing."""
+def floor_fn(trainer, backward: bool = True):
+    """The UNet's forward (with autograd, as in training) and, with ``backward``, its backward to the conditioning,
+    on a batch and conditioning made once, outside the timing."""
     batch = trainer.sample_batch()
     with torch.no_grad():
         cond, added = trainer.conditioning(batch["captions"], batch["who"], trainer.coefficients(batch))
@@ -106,7 +108,9 @@ def floor_fn(trainer):
     def run():
         c = cond.detach().requires_grad_(True)
         pred = trainer.unet(noisy, batch["timesteps"], encoder_hidden_states=c, **kwargs).sample
-        F.mse_loss(pred.float(), batch["target"].float()).backward()
+        loss = F.mse_loss(pred.float(), batch["target"].float())
+        if backward:
+            loss.backward()
 
     return run
 
@@ -178,10 +182,13 @@ def run(args) -> dict:
     with trainer:
         for _ in range(args.warmup):
             trainer.step()
-        step_s = timed(trainer.step, args.steps, device)
-        floor = floor_fn(trainer)
+        floor, forward = floor_fn(trainer), floor_fn(trainer, backward=False)
         timed(floor, 1, device)  # warm
-        floor_s = timed(floor, args.steps, device)
+        step_s, floor_s, floor_forward_s = [], [], []
+        for _ in range(args.steps):  # interleaved, so that a change in the machine's load falls on all three alike
+            step_s += timed(trainer.step, 1, device)
+            floor_s += timed(floor, 1, device)
+            floor_forward_s += timed(forward, 1, device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with phases_marked(trainer):
             sync(device)
@@ -198,6 +205,7 @@ def run(args) -> dict:
         "torch": torch.__version__, "steps_timed": args.steps,
         "step_s": sorted(step_s)[len(step_s) // 2], "step_s_all": [round(s, 4) for s in step_s],
         "floor_s": sorted(floor_s)[len(floor_s) // 2], "floor_s_all": [round(s, 4) for s in floor_s],
+        "floor_forward_s": sorted(floor_forward_s)[len(floor_forward_s) // 2],
         "profiled_step_s": profiled_s, "phases": phases, "syncs": syncs(prof), "top_ops": top_ops(prof, device),
         "load_before": os.getloadavg()[0],
     }
@@ -214,7 +222,10 @@ def markdown(r: dict) -> str:
              f"({r['threads']} CPU thread(s), torch {r['torch']}; load average {r['load_before']:.2f} before).", "",
              f"- step (median of {r['steps_timed']}): **{r['step_s']:.3f} s**; UNet forward + backward to the "
              f"conditioning alone (the floor): **{r['floor_s']:.3f} s**; step / floor = **{r['step_over_floor']:.2f}x**",
-             f"- the profiled step took {r['profiled_step_s']:.3f} s (the profiler adds its own cost)", "",
+             f"- the profiled step took {r['profiled_step_s']:.3f} s (the profiler adds its own cost)",
+             f"- the floor's forward alone: {r['floor_forward_s']:.3f} s, so its backward takes about "
+             f"{r['floor_s'] - r['floor_forward_s']:.3f} s; the rest of the step's backward is the text encoder's and the "
+             "identity network's", "",
              "| phase | host ms | " + ("device ms | " if dev else "") + "share of the profiled step |",
              "|---|---|" + ("---|" if dev else "") + "---|"]
     total = r["profiled_step_s"] * 1e3

@@ -485,7 +485,7 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-PREVIEW_STEPS = 20  # the toy world's quick preview: DDIM steps per drawing (~0.1 s each on one core)
+PREVIEW_STEPS = 20  # DDIM steps of the toy world's quick preview (its 5 drawings: about 3 s on one busy core)
 
 
 def _toy_preview(args, pipe, names: list[str], photos: list) -> None:
