@@ -196,3 +196,22 @@ def test_the_command_line_pretrains_and_adds_instantly(tmp_path, capsys):
     assert main(["add", photo, "--name", "q", "--toy", "--preset", "paper", "--steps", "0", "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("celebbasis: error: --steps 0") and "\n" not in err
+
+
+def test_instant_identities_compose_and_joint_training_warm_starts(toy_pipe, analyzer):
+    """Two new people at once: instant identities (one network pass each), then drawn together and with a
+    celebrity; a joint run starts both from the pretrained network."""
+    photos = [str(toy.toy_photo(2)), str(toy.toy_photo(3))]
+    instant = cb.personalize(toy_pipe, photos, ["a", "b"], face_analyzer=analyzer, show_progress=False,
+                             config=cb.TrainConfig.preset("toy", steps=0)).identities
+    assert not torch.equal(instant[0].coefficients, instant[1].coefficients)
+    images = cb.generate(toy_pipe, ["<a> person and <b> person dancing", "<a> person and Anne Hathaway cooking"],
+                         identities=instant, steps=2, show_progress=False)
+    assert len(images) == 2
+    seen = []
+    joint = cb.personalize(toy_pipe, photos, ["c", "d"], face_analyzer=analyzer, show_progress=False,
+                           config=cb.TrainConfig.preset("toy", steps=2), preview=lambda s, ids: seen.append((s, ids)))
+    assert seen[0][0] == 0  # before the first step, both people are their instant identities
+    for x, y in zip(seen[0][1], instant):
+        torch.testing.assert_close(x.coefficients, y.coefficients)
+    assert all(i.metadata["pretrained"] == toy.PRETRAINED_FILE for i in joint.identities)
