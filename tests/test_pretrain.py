@@ -27,7 +27,7 @@ PROMPTS = ["a photo of <p> person on a green background", "<p> person wearing a 
 # with no identity; with its weights replaced by random ones (the e2e test below): 0.125. The held-out people's
 # mean is in benchmarks/README.md (0.52 over 10 people and 3 seeds).
 INSTANT_GATE = 0.4
-QUICK = dict(max_names=24, drawings=2, sample_steps=2, batch=16, min_names=1, filter=False, fit_steps=20)
+QUICK = dict(max_names=24, drawings=2, sample_steps=10, batch=16, min_names=1, filter=False, fit_steps=20)
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def setup(args):
         analysis = analyzer(example_face())
         cfg = TrainConfig(steps=steps, batch_size=args.batch, resolution=args.resolution, views=args.views,
                           compile=args.compile)
-    trainer = Personalizer(pipe, [analysis], ["alice"], cfg, pipeline_bases(pipe), model_name(pipe), face_encoder=analyzer)
+    trainer = Personalizer(pipe, [analysis], ["alice"], cfg, pipeline_bases(pipe), model_name(pipe), face_net=analyzer.encoder)
     return pipe, trainer
 
 

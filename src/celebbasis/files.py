@@ -12,9 +12,10 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # annotations only: the command line imports this before torch
+    import torch
 
 from ._version import __version__
 from .errors import FileFormatError, InputError, first_line

@@ -23,8 +23,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
-
 _ATTRIBUTE = "_celebbasis_eos_pooling"  # the text encoder's hook, found again through it (deep copies too)
 
 
@@ -43,6 +41,8 @@ class _EosPooling:
         self.handle = None
 
     def __call__(self, module, args, kwargs, output):
+        import torch  # here, not at the top: the command line imports the families (and this) before torch
+
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not torch.is_tensor(ids) or ids.ndim != 2:
             return None

@@ -228,9 +228,10 @@ class PretrainedNetwork:
                                   "Make it again with celebbasis pretrain.") from None
         return cls(heads, meta, Path(path).name)
 
-    def check(self, pipe, bases, face_encoder: str, face_dim: int, path="the pretrained network") -> None:
+    def check(self, pipe, bases, face_encoder: str, face_dim: int) -> None:
         """Refuse, in one line, a network made for another model, basis, face network or face-vector size."""
-        fix = "Make one for this model with: celebbasis pretrain, or train from scratch (--no-pretrained)."
+        fix = "Make one for this model with: celebbasis pretrain, or train a fresh network (pretrained=none)."
+        path = self.name or "the pretrained network"
         if self.metadata.get("text_encoder_signature") != encoders_signature(pipe) or \
                 self.metadata.get("unet_signature") != unet_signature(pipe):
             raise InputError(f"{path} was made for another model ({self.metadata.get('base_model', '?')}). {fix}",
@@ -239,7 +240,7 @@ class PretrainedNetwork:
             raise InputError(f"{path} was made with another celeb basis. {fix}", field="pretrained")
         if self.face_encoder != face_encoder:
             raise InputError(f"{path} was made with the face network {self.face_encoder}, but the photos were read "
-                             f"with {face_encoder}. Use --face-encoder {self.face_encoder}, or {fix[0].lower()}{fix[1:]}",
+                             f"with {face_encoder}. Read them with {self.face_encoder}, or {fix[0].lower()}{fix[1:]}",
                              field="pretrained")
         if int(self.metadata.get("face_dim", -1)) != face_dim:
             raise InputError(f"{path} lifts face vectors to {self.metadata.get('face_dim')}, this run to {face_dim}. "
@@ -353,8 +354,8 @@ def fit_network(data: PretrainData, config: PretrainConfig, face_encoder, *, pip
     kept_names = [n for i, n in enumerate(data.names) if keep[i]]
     if len(kept_names) < cfg.min_names:
         raise InputError(f"Only {len(kept_names)} of {len(data.names)} celebrities are drawn as one person by this model "
-                         f"(at least {cfg.min_names} needed): it does not know enough of them. Train from scratch "
-                         "(--no-pretrained), or lower min_names.", field="min_names")
+                         f"(at least {cfg.min_names} needed): it does not know enough of them. Train without a "
+                         "pretrained network (pretrained=none), or lower min_names.", field="min_names")
     rows = data.found & keep[data.group]
     x = torch.from_numpy(data.faces[rows])
     who = torch.from_numpy(data.group[rows])

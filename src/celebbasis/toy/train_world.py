@@ -159,6 +159,15 @@ def _update(opt, loss) -> float:
     return float(loss)
 
 
+def _set_lr(opt, base, s: int, total: int, warmup: int = 0, floor: float = 0.0) -> None:
+    """The one learning-rate schedule of every stage: linear warm-up over ``warmup`` steps, then cosine from
+    ``base`` down to ``floor`` x ``base`` at ``total``. ``base`` is one rate, or one per parameter group."""
+    factor = min(1.0, (s + 1) / warmup) if warmup else 1.0
+    cosine = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / total))
+    for group, rate in zip(opt.param_groups, base if isinstance(base, (list, tuple)) else [base] * len(opt.param_groups)):
+        group["lr"] = rate * factor * cosine
+
+
 def _augment(x: torch.Tensor, g: torch.Generator, blur: bool) -> torch.Tensor:
     """Flip (identity-preserving in this world, as the face network's input in training is) and jitter."""
     n = x.shape[0]
@@ -196,8 +205,7 @@ def stage_scorer(work: Path, out: Path, args, d) -> None:
     images = d["images"]
 
     def step(s):
-        for group in opt.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * s / args.scorer_steps))
+        _set_lr(opt, 2e-3, s, args.scorer_steps)
         b = train_idx[torch.randint(len(train_idx), (128,), generator=g).numpy()]
         x = _augment(to_tensor(images[b]), g, blur=True)
         logits = net(x)
@@ -238,8 +246,7 @@ def stage_facenet(work: Path, out: Path, args, d) -> None:
     holder = torch.nn.ParameterDict({"proxies": proxies})
 
     def step(s):
-        for group in opt.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * s / args.facenet_steps))
+        _set_lr(opt, 2e-3, s, args.facenet_steps)
         j = torch.randint(len(idx), (128,), generator=g)
         x = _augment(to_tensor(images[idx[j.numpy()]]), g, blur=True)
         cos = net(x) @ F.normalize(proxies, dim=-1).T
@@ -293,8 +300,7 @@ def stage_vae(work: Path, args, d):
     images = d["images"]
 
     def step(s):
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.vae_steps)))
+        _set_lr(opt, 1e-3, s, args.vae_steps, warmup=100, floor=0.1)
         x = to_tensor(images[idx[torch.randint(len(idx), (32,), generator=g).numpy()]])
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
@@ -346,11 +352,22 @@ def make_unet():
         attention_head_dim=8, norm_num_groups=16)
 
 
+# SD's noise schedule (scaled-linear betas), for training (DDPM) and the shipped sampler (DDIM).
+NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def _averaged(model, ema):
+    """A copy of ``model`` holding the moving average's weights (``EMAModel``), for the pipeline written out."""
+    out = copy.deepcopy(model)
+    ema.copy_to(out.parameters())
+    return out
+
+
 def make_scheduler():
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type="epsilon")
 
 
 def _caption_batch(b, d, idx, names, rng, templates):
@@ -411,6 +428,7 @@ def stage_text(work: Path, args, d):
 
 def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> None:
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     from ..resources import celeb_names, clip_tokenizer
     from ..prompts import TEMPLATES
@@ -419,7 +437,7 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> No
     names = celeb_names()
     torch.manual_seed(args.seed + 40)
     te, unet = te if te is not None else make_text_encoder(tokenizer), make_unet()
-    ema_te, ema_unet = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    ema_te, ema_unet = EMAModel(te.parameters(), decay=args.ema), EMAModel(unet.parameters(), decay=args.ema)
     emb = te.get_input_embeddings().weight
     decay, no_decay = [p for p in [*te.parameters(), *unet.parameters()] if p is not emb and p.ndim > 1], \
         [p for p in [*te.parameters(), *unet.parameters()] if p is emb or p.ndim <= 1]
@@ -427,7 +445,7 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> No
     groups = [{"params": [p for p in ps if (id(p) in text) == is_text], "weight_decay": wd, "scale": scale}
               for ps, wd in ((decay, 1e-2), (no_decay, 0.0)) for is_text, scale in ((True, args.text_lr_scale), (False, 1.0))]
     opt = torch.optim.AdamW([g_ for g_ in groups if g_["params"]], lr=args.lr)
-    noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     lat = torch.from_numpy(latents) * scale
@@ -440,9 +458,8 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> No
         return _caption_batch(b, d, idx, names, rng, TEMPLATES)
 
     def step(s):
-        for group_ in opt.param_groups:
-            group_["lr"] = group_["scale"] * args.lr * min(1.0, (s + 1) / 100) * (
-                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.diffusion_steps)))
+        _set_lr(opt, [group_["scale"] * args.lr for group_ in opt.param_groups], s, args.diffusion_steps, warmup=100,
+                floor=0.1)
         b = rng.integers(len(idx), size=args.batch)
         ids = tokenizer(captions(b), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
@@ -456,15 +473,13 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> No
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*te.parameters(), *unet.parameters()], 1.0)
         opt.step()
-        k = min(args.ema, (1 + s) / (10 + s))
-        with torch.no_grad():
-            for model, ema in ((te, ema_te), (unet, ema_unet)):
-                for p, q in zip(model.parameters(), ema.parameters()):
-                    q.lerp_(p, 1 - k)
+        ema_te.step(te.parameters())
+        ema_unet.step(unet.parameters())
         return loss.item()
 
     def export(s):
-        save_pipeline(out / "pipeline", vae, ema_te, ema_unet, tokenizer, {"diffusion_steps": s, "seed": args.seed})
+        save_pipeline(out / "pipeline", vae, _averaged(te, ema_te), _averaged(unet, ema_unet), tokenizer,
+                      {"diffusion_steps": s, "seed": args.seed})
 
     _checkpointed(work, "diffusion", {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet, "opt": opt},
                   args.diffusion_steps, step, args.save_every, on_save=export, rngs=(g, rng))
@@ -502,6 +517,8 @@ def save_pipeline(path: Path, vae, te, unet, tokenizer, meta: dict) -> None:
 # ---------------------------------------------------------------- decoder
 def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
     """More decoder training on the encoder's (now fixed) latents, then the pipeline written with it."""
+    from diffusers.training_utils import EMAModel
+
     from ..resources import clip_tokenizer
 
     vae.requires_grad_(False)
@@ -514,8 +531,7 @@ def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
     images, lat = d["images"], torch.from_numpy(latents)
 
     def step(s):
-        for group in opt.param_groups:
-            group["lr"] = 5e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.decoder_steps)))
+        _set_lr(opt, 5e-4, s, args.decoder_steps, floor=0.1)
         j = torch.randint(len(idx), (32,), generator=g)
         x = to_tensor(images[idx[j.numpy()]])
         loss = (vae.decode(lat[j]).sample - x).abs().mean()
@@ -526,10 +542,12 @@ def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
                   args.decoder_steps, step, 200, rngs=(g,))
     vae.eval()
     tokenizer = clip_tokenizer()  # the pipeline again: the diffusion stage's EMA weights with the new decoder
-    te, unet = make_text_encoder(tokenizer), make_unet()
     state = torch.load(work / "diffusion.pt", weights_only=True)
-    te.load_state_dict(state["ema_te"])
-    unet.load_state_dict(state["ema_unet"])
+    te, unet = make_text_encoder(tokenizer), make_unet()
+    for module, key in ((te, "ema_te"), (unet, "ema_unet")):
+        ema = EMAModel(module.parameters())
+        ema.load_state_dict(state[key])
+        ema.copy_to(module.parameters())
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     save_pipeline(out / "pipeline", vae, te, unet, tokenizer,
                   {"diffusion_steps": int(state["step"]), "decoder_steps": args.decoder_steps, "seed": args.seed})

@@ -56,9 +56,8 @@ def personalize(
         base_model: id or path of the model, recorded in the identity files.
         show_progress: tqdm bar with the loss.
         callback: called as ``callback(step, total_steps, loss)`` after every step; raise in it to stop.
-        preview: called as ``preview(step, identities)`` with the people as learned so far: before the first step
-            (from a pretrained network, the instant identities) and after every quarter of the steps. The web UI
-            draws them (``generate.preview``); raise in it to stop.
+        preview: ``preview(step, identities)``, the people as learned so far, before the first step (the instant
+            identities) and every quarter of the steps; the web UI draws them (``generate.preview``).
 
     Returns:
         ``PersonalizeResult`` with one ``Identity`` per person, the loss curve and the run record.
@@ -73,23 +72,25 @@ def personalize(
     names = check_inputs(pipe, list(names), len(groups))
     base_model = base_model or model_name(pipe)
     bases = resolve_bases(pipe, basis, basis_config, base_model)
-    pretrained = resolve_pretrained(cfg.pretrained, pipe)
-    if cfg.steps == 0 and pretrained is None:
-        raise InputError("The instant identity (0 steps) needs a pretrained network, and this model ships none: pass "
-                         "pretrained=FILE, a network made by `celebbasis pretrain`, or train for some steps.", field="pretrained")
+    pretrained = _pretrained(cfg, pipe)
     people, face_analyzer = _analyse_photos(pipe, groups, names, face_analyzer, face_index)
-    total = cfg.total_steps(len(names), warm=pretrained is not None)
-    face_net = face_analyzer.encoder if face_analyzer is not None else None
+    total, face_net = cfg.total_steps(len(names), warm=pretrained is not None), getattr(face_analyzer, "encoder", None)
     with Personalizer(pipe, people, names, cfg, bases, base_model, face_net=face_net, pretrained=pretrained) as trainer:
-        if total:
-            logger.info("Training %s: %d steps at %d px on %s%s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
-                        trainer.device, f", from the pretrained {pretrained.name}" if pretrained is not None else "")
         elapsed = _train(trainer, total, show_progress and total > 0, callback, preview)
         identities = trainer.identities()
     for ident in identities:  # the placeholder rows were never used in training; fill them for drawing now
         load_identity(pipe, ident)
     log_summary(trainer, total, elapsed)
     return PersonalizeResult(identities, trainer.losses, run_record(trainer, names, total, elapsed))
+
+
+def _pretrained(cfg: TrainConfig, pipe):
+    """The ``PretrainedNetwork`` the run starts from (``cfg.pretrained``), or ``None``; the instant identity needs one."""
+    pretrained = resolve_pretrained(cfg.pretrained, pipe)
+    if cfg.steps == 0 and pretrained is None:
+        raise InputError("The instant identity (0 steps) needs a pretrained network, and this model ships none: pass "
+                         "pretrained=FILE, a network made by `celebbasis pretrain`, or train for some steps.", field="pretrained")
+    return pretrained
 
 
 def default_config(pipe) -> TrainConfig:
@@ -142,6 +143,9 @@ def _warn_unlike(photos: list, name: str, encoder) -> None:
 
 def _train(trainer: Personalizer, total: int, show_progress: bool, callback, preview=None) -> float:
     """Run ``total`` steps, previews at the start and every quarter; returns the seconds taken (previews excluded)."""
+    if total:
+        logger.info("Training %s: %d steps at %d px on %s%s.", ", ".join(trainer.tokens), total, trainer.cfg.resolution,
+                    trainer.device, f", from the pretrained {trainer.pretrained.name}" if trainer.pretrained else "")
     spent = 0.0
     if preview is not None:
         preview(0, trainer.identities())
