@@ -49,6 +49,7 @@ from .signatures import encoders_signature
 logger = logging.getLogger(__name__)
 
 PRETRAINED_FORMAT = "celebbasis.pretrained"
+_WORK_FORMAT = "celebbasis.pretrain-work"  # the drawings' face vectors so far, beside the output while a run lasts
 
 
 # -- what the model knows ----------------------------------------------------------------------------
@@ -72,17 +73,16 @@ def unet_signature(pipe) -> str:
     return h.hexdigest()[:16]
 
 
-def mixes(targets: list[torch.Tensor], n: int, seed: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+def mixes(targets: list[torch.Tensor], n: int, seed: int) -> list[torch.Tensor]:
     """``n`` synthetic people: each a random convex blend of 2-3 names' rows (per encoder), rows unit length."""
     rng = np.random.default_rng(seed)
-    out, parents = [[] for _ in targets], []
+    out = [[] for _ in targets]
     for _ in range(n):
-        who = rng.choice(len(targets[0]), size=int(rng.integers(2, 4)), replace=False)
+        who = torch.from_numpy(rng.choice(len(targets[0]), size=int(rng.integers(2, 4)), replace=False))
         w = torch.from_numpy(rng.dirichlet(np.ones(len(who)))).float()
         for e, t in enumerate(targets):
-            out[e].append(F.normalize(torch.einsum("m,mkn->kn", w, t[torch.from_numpy(who)]), dim=-1))
-        parents.append([int(i) for i in who])
-    return [torch.stack(o) if o else t[:0] for o, t in zip(out, targets)], parents
+            out[e].append(F.normalize(torch.einsum("m,mkn->kn", w, t[who]), dim=-1))
+    return [torch.stack(o) if o else t[:0] for o, t in zip(out, targets)]
 
 
 # -- drawing ------------------------------------------------------------------------------------------
@@ -159,20 +159,18 @@ def fit_ridge(faces: torch.Tensor, targets: torch.Tensor, face_dim: int, *, alph
 
 
 def fit_mlp(net: IdentityEncoder, faces: torch.Tensor, targets: torch.Tensor, *, steps: int, learning_rate: float,
-            weight_decay: float, seed: int, batch: int = 256, progress=None) -> IdentityEncoder:
+            weight_decay: float, seed: int, batch: int = 256) -> IdentityEncoder:
     """Train ``net`` (started from the ridge fit) on the mean cosine between its rows and the targets'."""
     g = torch.Generator("cpu").manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for s in range(steps):
+    for _ in range(steps):
         j = torch.randint(len(faces), (min(batch, len(faces)),), generator=g)
         loss = 1 - (net(faces[j]) * targets[j]).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if progress is not None:
-            progress(s + 1, steps, float(loss))
     return _scaled(net.requires_grad_(False), faces)
 
 
@@ -311,11 +309,9 @@ def collect(pipe, analyzer, bases, config: PretrainConfig, work: Path | None = N
 
     With ``work`` (a ``.safetensors`` path), the face vectors are saved there after every chunk of
     drawings and a stopped run resumes from it."""
-    from safetensors.torch import load_file
-
     cfg = config
     names, targets = celebrity_targets(pipe, bases, cfg.max_names, cfg.seed)
-    blends, _ = mixes(targets, cfg.mixes, cfg.seed + 1)
+    blends = mixes(targets, cfg.mixes, cfg.seed + 1)
     every = [torch.cat([t, m]) for t, m in zip(targets, blends)]
     group = np.repeat(np.arange(every[0].shape[0]), cfg.drawings)
     captions, seeds = _captions(len(group), cfg.seed), [cfg.seed * 1_000_003 + i for i in range(len(group))]
@@ -323,7 +319,7 @@ def collect(pipe, analyzer, bases, config: PretrainConfig, work: Path | None = N
     n = len(group)
     faces, found, done = np.zeros((n, analyzer.encoder.embedding_dim), np.float32), np.zeros(n, bool), 0
     if work is not None and work.exists():
-        saved = load_file(str(work))
+        saved, _ = load_artifact(work, _WORK_FORMAT, ("faces", "found", "seeds", "done"))
         if saved["faces"].shape != faces.shape or not torch.equal(saved["seeds"], torch.tensor(seeds)):
             raise InputError(f"{work} belongs to another pretraining run. Delete it to start again.")
         done = int(saved["done"])
@@ -339,7 +335,7 @@ def collect(pipe, analyzer, bases, config: PretrainConfig, work: Path | None = N
         faces[j], found[j] = read_faces(analyzer, images)
         if work is not None:
             save_artifact(work, {"faces": torch.from_numpy(faces), "found": torch.from_numpy(found.astype(np.uint8)),
-                                 "seeds": torch.tensor(seeds), "done": torch.tensor(j[-1] + 1)}, "celebbasis.pretrain-work", {})
+                                 "seeds": torch.tensor(seeds), "done": torch.tensor(j[-1] + 1)}, _WORK_FORMAT, {})
         if progress is not None:
             progress(j[-1] + 1, n, time.time() - t)
     return PretrainData(names, every, faces, found, group, seconds=time.time() - t)
