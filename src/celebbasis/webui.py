@@ -577,7 +577,7 @@ class Handlers:
                 if item[0] == "preview":  # the people as learned so far: instantly, then every quarter
                     _, step, images = item
                     what = "instantly, from the pretrained network" if step == 0 else f"after {step} steps"
-                    yield gr.skip(), gr.skip(), [(im, f"{what}") for im in images]
+                    yield gr.skip(), gr.skip(), [(im, what) for im in images]
                     continue
                 step, total, loss = item
                 losses.append(loss)
