@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _toy import Toy, new_people, photos_of, prompts_for, quiet, write_results  # noqa: E402
-from bench_likeness import matched, paired, summary  # noqa: E402
+from bench_likeness import comparison_table, matched, paired, summary  # noqa: E402
 
 import celebbasis as cb  # noqa: E402
 from celebbasis.config import PretrainConfig  # noqa: E402
@@ -262,11 +262,7 @@ def markdown(res: dict) -> str:
         seed_sd = f"{r['likeness_seed_sd']:.3f}" if "likeness_seed_sd" in r else "–"
         lines.append(f"| {arm} | {steps or '–'} | {r['likeness']:.3f} ± {r['likeness_sd']:.3f} | {r['likeness'] / ceiling:.0%} | "
                      f"{seed_sd} | {r['fidelity']:.3f} ± {r['fidelity_sd']:.3f} | {sec} | {r['n']} ({r['seeds']}) |")
-    lines += ["", "| comparison (second minus first, person by person and seed by seed) | likeness | ± s.e. | beyond 2 s.e. "
-              "| prompt fidelity | n (seeds) |", "|---|---|---|---|---|---|"]
-    for key, d in res["comparisons"].items():
-        lines.append(f"| {key} | {d['likeness']['diff']:+.3f} | {d['likeness']['se']:.3f} | "
-                     f"{'yes' if d['likeness']['beyond_spread'] else 'no'} | {d['fidelity']['diff']:+.3f} | {d['n']} ({d['seeds']}) |")
+    lines += ["", *comparison_table(res["comparisons"])]
     lines += ["", "| network | celebrities kept | mixes kept | pairs fitted | held-back cosine | fit s |", "|---|---|---|---|---|---|"]
     for arm, a in res["arms"].items():
         if arm.startswith("_"):
@@ -276,7 +272,8 @@ def markdown(res: dict) -> str:
                      f"{', '.join(f'{v:.3f}' for v in a['validation_cosine'])} | {a['fit_seconds']} |")
     tm = res["arms"]["_timing"]
     lines += ["", f"{res['people']} new people at {res['seeds']} seeds; {res['sample_steps']} DDIM steps per image; "
-              f"pretraining data: {tm['drawings']} drawings in {tm['draw_seconds'] / 60:.1f} min; the whole run "
+              f"pretraining data: {tm['drawings']} drawings, {tm['draw_seconds'] / 60:.1f} min of drawing in this run (the "
+              f"rest resumed from benchmarks/.work); the whole run "
               f"{res['seconds'] / 60:.1f} min in {res['workers']} processes of {res['threads']} thread(s)."]
     return "\n".join(lines) + "\n"
 

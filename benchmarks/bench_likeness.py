@@ -391,6 +391,18 @@ def compare(rows: dict) -> dict:
 
 
 # -- reporting ---------------------------------------------------------------------------------------
+def comparison_table(comparisons: dict) -> list[str]:
+    """Markdown rows of ``paired`` comparisons (``compare``'s): likeness and fidelity differences, person by person."""
+    lines = ["| comparison (second minus first, person by person and seed by seed) | likeness | ± s.e. | beyond 2 s.e. "
+             "| prompt fidelity | n (seeds) |", "|---|---|---|---|---|---|"]
+    for key, d in comparisons.items():
+        fid = d.get("fidelity")
+        lines.append(f"| {key} | {d['likeness']['diff']:+.3f} | {d['likeness']['se']:.3f} | "
+                     f"{'yes' if d['likeness']['beyond_spread'] else 'no'} | "
+                     f"{'' if fid is None else format(fid['diff'], '+.3f')} | {d['n']} ({d['seeds']}) |")
+    return lines
+
+
 def markdown(res: dict) -> str:
     s = res["summary"]
     lines = ["| arm | likeness | seed spread | face cosine | prompt fidelity | n (seeds) |", "|---|---|---|---|---|---|"]
@@ -399,13 +411,7 @@ def markdown(res: dict) -> str:
         lines.append(f"| {key.replace('@', ', ')} {'steps' if '@' in key else ''} | {r['likeness']:.3f} ± {r['likeness_sd']:.3f} | "
                      f"{seed_sd} | {r['face_cosine']:.3f} ± {r['face_cosine_sd']:.3f} | {r['fidelity']:.3f} ± {r['fidelity_sd']:.3f} | "
                      f"{r['n']} ({r['seeds']}) |")
-    lines += ["", "| comparison (second minus first, person by person and seed by seed) | likeness | ± s.e. | beyond 2 s.e. "
-              "| prompt fidelity | n (seeds) |", "|---|---|---|---|---|---|"]
-    for key, d in res["decisions"].items():
-        fid = d.get("fidelity")
-        lines.append(f"| {key} | {d['likeness']['diff']:+.3f} | {d['likeness']['se']:.3f} | "
-                     f"{'yes' if d['likeness']['beyond_spread'] else 'no'} | "
-                     f"{'' if fid is None else format(fid['diff'], '+.3f')} | {d['n']} ({d['seeds']}) |")
+    lines += ["", *comparison_table(res["decisions"])]
     cos = ", ".join(f"{k} {v:.2f}" for k, v in res["cosines"].items())
     lines += ["", f"Different people's face vectors: mean cosine {cos}.",
               f"{res['people']} new people; the recipe at {res['seeds']} seeds, textual inversion at {res['ti_seeds']}, the "

@@ -102,6 +102,21 @@ def faceless_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def toy_pipe():
+    """The packaged toy world, one per test module (the modules load their own identities into it)."""
+    import celebbasis as cb
+
+    return cb.load_pipeline(toy=True, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def toy_analyzer():
+    from celebbasis.face import FaceAnalyzer
+
+    return FaceAnalyzer(encoder="toy")
+
+
 @pytest.fixture(scope="session")
 def face_analyzer():
     from celebbasis.face import FaceAnalyzer

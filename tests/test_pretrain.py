@@ -16,7 +16,6 @@ import celebbasis as cb
 from celebbasis import toy
 from celebbasis.config import PretrainConfig
 from celebbasis.errors import FileFormatError, InputError
-from celebbasis.face import FaceAnalyzer
 from celebbasis.identity import IdentityEncoder
 from celebbasis.pretrain import PretrainedNetwork, fit_mlp, fit_ridge, pretrain, resolve_pretrained
 from celebbasis.toy import world
@@ -31,27 +30,17 @@ QUICK = dict(max_names=24, drawings=2, sample_steps=10, batch=16, min_names=1, f
 
 
 @pytest.fixture(scope="module")
-def toy_pipe():
-    return cb.load_pipeline(toy=True, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def analyzer():
-    return FaceAnalyzer(encoder="toy")
-
-
-@pytest.fixture(scope="module")
-def quick_net(toy_pipe, analyzer, tmp_path_factory):
+def quick_net(toy_pipe, toy_analyzer, tmp_path_factory):
     path = tmp_path_factory.mktemp("pretrained") / "net.safetensors"
-    return pretrain(toy_pipe, analyzer, path, config=PretrainConfig(**QUICK), base_model="toy"), path
+    return pretrain(toy_pipe, toy_analyzer, path, config=PretrainConfig(**QUICK), base_model="toy"), path
 
 
 def _truth(i: int) -> world.Person:
     return world.Person(**json.loads((toy.toy_dir() / "people" / "people.json").read_text())[f"person-{i}.png"])
 
 
-def _instant_likeness(pipe, analyzer, pretrained, i: int = 2) -> float:
-    result = cb.personalize(pipe, [str(toy.toy_photo(i))], ["p"], face_analyzer=analyzer, show_progress=False,
+def _instant_likeness(pipe, toy_analyzer, pretrained, i: int = 2) -> float:
+    result = cb.personalize(pipe, [str(toy.toy_photo(i))], ["p"], face_analyzer=toy_analyzer, show_progress=False,
                             config=cb.TrainConfig.preset("toy", steps=0, pretrained=str(pretrained)))
     assert result.identities[0].metadata["steps"] == 0
     images = [r.image for r in cb.generate(pipe, PROMPTS, identities=result.identities, num_images=2, show_progress=False)]
@@ -89,7 +78,7 @@ def test_pretrain_writes_a_network_with_its_record(quick_net):
         torch.testing.assert_close(a.norm(dim=-1), torch.ones(3, 2))
 
 
-def test_a_stopped_pretraining_resumes_to_the_same_network(toy_pipe, analyzer, quick_net, tmp_path):
+def test_a_stopped_pretraining_resumes_to_the_same_network(toy_pipe, toy_analyzer, quick_net, tmp_path):
     path = tmp_path / "net.safetensors"
 
     def stop(done, total, seconds):
@@ -97,10 +86,10 @@ def test_a_stopped_pretraining_resumes_to_the_same_network(toy_pipe, analyzer, q
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        pretrain(toy_pipe, analyzer, path, config=PretrainConfig(**QUICK), base_model="toy", progress=stop)
+        pretrain(toy_pipe, toy_analyzer, path, config=PretrainConfig(**QUICK), base_model="toy", progress=stop)
     assert not path.exists() and path.with_name("net.work.safetensors").exists()
     seen = []
-    pretrain(toy_pipe, analyzer, path, config=PretrainConfig(**QUICK), base_model="toy",
+    pretrain(toy_pipe, toy_analyzer, path, config=PretrainConfig(**QUICK), base_model="toy",
              progress=lambda done, total, s: seen.append(done))
     assert seen[0] == 32  # carried on after the first chunk
     faces = torch.nn.functional.normalize(torch.randn(4, 512), dim=-1)
@@ -132,10 +121,10 @@ def test_instant_needs_a_network(tiny_pipe, astronaut):
         cb.TrainConfig(steps=0, pretrained="none")
 
 
-def test_too_few_consistent_celebrities_is_refused(toy_pipe, analyzer, tmp_path):
+def test_too_few_consistent_celebrities_is_refused(toy_pipe, toy_analyzer, tmp_path):
     cfg = PretrainConfig(**{**QUICK, "filter": True, "min_agreement": 1.01, "min_names": 5})
     with pytest.raises(InputError, match="celebrities are drawn as one person"):
-        pretrain(toy_pipe, analyzer, tmp_path / "n.safetensors", config=cfg, base_model="toy")
+        pretrain(toy_pipe, toy_analyzer, tmp_path / "n.safetensors", config=cfg, base_model="toy")
     assert not (tmp_path / "n.safetensors").exists()
 
 
@@ -146,15 +135,15 @@ def test_the_toy_world_ships_its_network(toy_pipe):
     assert (toy.toy_dir() / toy.PRETRAINED_FILE).stat().st_size < 3e6
 
 
-def test_a_warm_start_begins_at_the_instant_identity(toy_pipe, analyzer):
+def test_a_warm_start_begins_at_the_instant_identity(toy_pipe, toy_analyzer):
     from celebbasis.models import resolve_bases
     from celebbasis.train import Personalizer
 
     net = resolve_pretrained("auto", toy_pipe)
-    face = analyzer(toy.toy_photo(2))
+    face = toy_analyzer(toy.toy_photo(2))
     cfg = cb.TrainConfig.preset("toy", steps=2)
     with Personalizer(toy_pipe, [[face]], ["w"], cfg, resolve_bases(toy_pipe, None, None, "toy"), "toy",
-                      face_net=analyzer.encoder, pretrained=net) as t:
+                      face_net=toy_analyzer.encoder, pretrained=net) as t:
         before = t.identities()[0].coefficients
         torch.testing.assert_close(before, net.predict(face.embedding)[0][0])
         t.step()
@@ -162,23 +151,23 @@ def test_a_warm_start_begins_at_the_instant_identity(toy_pipe, analyzer):
     assert not net.heads[0].linear.weight.requires_grad  # the network itself is not trained
 
 
-def test_the_shipped_network_draws_a_new_person_instantly(toy_pipe, analyzer):
+def test_the_shipped_network_draws_a_new_person_instantly(toy_pipe, toy_analyzer):
     """One forward pass, no training: a held-out person's attributes come back far above no identity."""
     floor = toy.score([r.image for r in cb.generate(toy_pipe, [p.replace("<p>", "a") for p in PROMPTS], num_images=2,
                                                      show_progress=False)], _truth(2), PROMPTS * 2)["likeness"]
-    instant = _instant_likeness(toy_pipe, analyzer, toy.toy_dir() / toy.PRETRAINED_FILE)
+    instant = _instant_likeness(toy_pipe, toy_analyzer, toy.toy_dir() / toy.PRETRAINED_FILE)
     assert instant >= INSTANT_GATE > floor + 0.15, (instant, floor)
 
 
 @pytest.mark.e2e
-def test_a_random_network_fails_the_instant_check(toy_pipe, analyzer, tmp_path):
+def test_a_random_network_fails_the_instant_check(toy_pipe, toy_analyzer, tmp_path):
     """The instant check above, with the shipped network's weights replaced by random ones: below the gate."""
     net = PretrainedNetwork.load(toy.toy_dir() / toy.PRETRAINED_FILE)
     g = torch.Generator().manual_seed(0)
     for h in net.heads:
         h.linear.weight.copy_(torch.randn(h.linear.weight.shape, generator=g))
     net.save(tmp_path / "random.safetensors")
-    assert _instant_likeness(toy_pipe, analyzer, tmp_path / "random.safetensors") < INSTANT_GATE
+    assert _instant_likeness(toy_pipe, toy_analyzer, tmp_path / "random.safetensors") < INSTANT_GATE
 
 
 def test_the_command_line_pretrains_and_adds_instantly(tmp_path, capsys):
@@ -198,18 +187,18 @@ def test_the_command_line_pretrains_and_adds_instantly(tmp_path, capsys):
     assert err.startswith("celebbasis: error: --steps 0") and "\n" not in err
 
 
-def test_instant_identities_compose_and_joint_training_warm_starts(toy_pipe, analyzer):
+def test_instant_identities_compose_and_joint_training_warm_starts(toy_pipe, toy_analyzer):
     """Two new people at once: instant identities (one network pass each), then drawn together and with a
     celebrity; a joint run starts both from the pretrained network."""
     photos = [str(toy.toy_photo(2)), str(toy.toy_photo(3))]
-    instant = cb.personalize(toy_pipe, photos, ["a", "b"], face_analyzer=analyzer, show_progress=False,
+    instant = cb.personalize(toy_pipe, photos, ["a", "b"], face_analyzer=toy_analyzer, show_progress=False,
                              config=cb.TrainConfig.preset("toy", steps=0)).identities
     assert not torch.equal(instant[0].coefficients, instant[1].coefficients)
     images = cb.generate(toy_pipe, ["<a> person and <b> person dancing", "<a> person and Anne Hathaway cooking"],
                          identities=instant, steps=2, show_progress=False)
     assert len(images) == 2
     seen = []
-    joint = cb.personalize(toy_pipe, photos, ["c", "d"], face_analyzer=analyzer, show_progress=False,
+    joint = cb.personalize(toy_pipe, photos, ["c", "d"], face_analyzer=toy_analyzer, show_progress=False,
                            config=cb.TrainConfig.preset("toy", steps=2), preview=lambda s, ids: seen.append((s, ids)))
     assert seen[0][0] == 0  # before the first step, both people are their instant identities
     for x, y in zip(seen[0][1], instant):

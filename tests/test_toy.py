@@ -16,7 +16,6 @@ from PIL import Image
 
 import celebbasis as cb
 from celebbasis import toy
-from celebbasis.face import FaceAnalyzer
 from celebbasis.toy import world
 
 STEPS = 60  # a few dozen steps of the recipe (the toy preset: full-frame views)
@@ -27,26 +26,16 @@ PROMPTS = ["a photo of <p> person on a green background", "<p> person wearing a 
            "<p> person smiling on a blue background", "an illustration of <p> person on a yellow background"]
 
 
-@pytest.fixture(scope="module")
-def toy_pipe():
-    return cb.load_pipeline(toy=True, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def analyzer():
-    return FaceAnalyzer(encoder="toy")
-
-
 def _truth(i: int) -> world.Person:
     labels = json.loads((toy.toy_dir() / "people" / "people.json").read_text())[f"person-{i}.png"]
     return world.Person(**labels)
 
 
-def _likeness(pipe, analyzer, photo, person) -> float:
+def _likeness(pipe, toy_analyzer, photo, person) -> float:
     # pretrained="none": the paper's fresh network, so that what comes back is what training learned (the
     # shipped pretrained network alone brings a person back: tests/test_pretrain.py)
     result = cb.personalize(pipe, [str(photo)], ["p"], config=cb.TrainConfig.preset("toy", steps=STEPS, pretrained="none"),
-                            face_analyzer=analyzer, show_progress=False)
+                            face_analyzer=toy_analyzer, show_progress=False)
     images = [r.image for r in cb.generate(pipe, PROMPTS, identities=result.identities, num_images=2, show_progress=False)]
     return toy.score(images, person, [p for p in PROMPTS for _ in range(2)])["likeness"]
 
@@ -83,12 +72,12 @@ def test_scorer_reads_the_packaged_people():
         assert world.PICTURE["background"][read["background"][i]] == "white"
 
 
-def test_a_new_person_is_learned(toy_pipe, analyzer):
+def test_a_new_person_is_learned(toy_pipe, toy_analyzer):
     """One photo, the recipe, a few dozen steps: the person's attributes come back, far above no identity."""
     person = _truth(1)
     floor = toy.score([r.image for r in cb.generate(toy_pipe, [p.replace("<p>", "a") for p in PROMPTS], num_images=2,
                                                      show_progress=False)], person, PROMPTS * 2)["likeness"]
-    learned = _likeness(toy_pipe, analyzer, toy.toy_photo(1), person)
+    learned = _likeness(toy_pipe, toy_analyzer, toy.toy_photo(1), person)
     assert learned >= LIKENESS_GATE > floor + 0.15, (learned, floor)
 
 
@@ -96,7 +85,7 @@ def test_a_new_person_is_learned(toy_pipe, analyzer):
 # A basis of 646 random word pairs is no breakage here: the text encoder is 64 wide, so any basis spans
 # the whole embedding space (n = d) and learning still works (0.58 in CI's run, 0.375 in another).
 @pytest.mark.parametrize("breakage", ["gradients cut", "wrong token"])
-def test_learning_breaks_when_training_does(toy_pipe, analyzer, breakage, monkeypatch):
+def test_learning_breaks_when_training_does(toy_pipe, toy_analyzer, breakage, monkeypatch):
     """Each way of breaking training takes likeness below the gate that the learning test asserts."""
     from celebbasis import prompts, train
 
@@ -107,4 +96,4 @@ def test_learning_breaks_when_training_does(toy_pipe, analyzer, breakage, monkey
             self, batch, [c.detach() for c in coeffs]) + 0 * sum(c.sum() for c in coeffs))
     else:  # the captions never name the word the network writes
         monkeypatch.setattr(prompts, "TEMPLATES", [t.replace("{}", "face of a person") for t in prompts.TEMPLATES])
-    assert _likeness(toy_pipe, analyzer, photo, person) < LIKENESS_GATE
+    assert _likeness(toy_pipe, toy_analyzer, photo, person) < LIKENESS_GATE
