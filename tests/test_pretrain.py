@@ -204,3 +204,19 @@ def test_instant_identities_compose_and_joint_training_warm_starts(toy_pipe, toy
     for x, y in zip(seen[0][1], instant):
         torch.testing.assert_close(x.coefficients, y.coefficients)
     assert all(i.metadata["pretrained"] == toy.PRETRAINED_FILE for i in joint.identities)
+
+
+def test_a_left_over_run_or_a_wrong_name_is_refused(toy_pipe, toy_analyzer, tmp_path):
+    with pytest.raises(InputError, match="is a .safetensors file") as e:
+        pretrain(toy_pipe, toy_analyzer, tmp_path / "net.pt", config=PretrainConfig(**QUICK))
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+    def stop(done, total, seconds):
+        raise KeyboardInterrupt
+
+    path = tmp_path / "net.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(toy_pipe, toy_analyzer, path, config=PretrainConfig(**QUICK), progress=stop)
+    with pytest.raises(InputError, match="belongs to another pretraining run. Delete it"):  # another seed: other drawings
+        pretrain(toy_pipe, toy_analyzer, path, config=PretrainConfig(**{**QUICK, "seed": 1}))
+    assert not path.exists() and path.with_name("net.work.safetensors").exists()
