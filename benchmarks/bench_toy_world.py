@@ -4,8 +4,8 @@
    attributes (likeness) and the prompt's colours and smile (prompt fidelity).
 2. No identity: the same kinds of prompt with "a person": the floor for likeness (scored against each
    new person) and the reference for prompt fidelity.
-3. New people: held-out people (never in any training set), one photo each, learned with the default
-   recipe (`celebbasis add --toy`: 400 steps), then drawn in 4 prompts with `<p> person`.
+3. New people: held-out people (never in any training set), one photo each, learned with the paper's
+   recipe (`celebbasis add --toy --preset paper`: a fresh network, 400 steps), then drawn in 4 prompts with `<p> person`.
 Writes JSON and markdown (benchmarks/README.md quotes it) and the README's figure.
 
     python benchmarks/bench_toy_world.py --json toy.json --markdown toy.md --figure docs/toy-world.png
@@ -55,7 +55,7 @@ def new_person_runs(toy: Toy, people, seeds: int, steps: int | None, figure_rows
         photo = photos_of(person, 1, 1000 + i, toy.tmp)
         name = f"p{i}"
         t = time.time()
-        ident = toy.learn([photo], [name], cb.TrainConfig.preset("toy", steps=steps, seed=i))[0]
+        ident = toy.learn([photo], [name], cb.TrainConfig.preset("toy", steps=steps, seed=i, pretrained="none"))[0]
         times.append(time.time() - t)
         prompts = prompts_for(f"<{name}> person", rng)
         for s in range(seeds):
