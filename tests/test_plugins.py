@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import celebbasis as cb
 from celebbasis.cli import main
@@ -183,3 +184,6 @@ def test_the_demo_falls_back_to_the_toy_world_on_a_copy_of_its_arguments(tmp_pat
     assert "Running the same pipeline in the TOY WORLD" in capsys.readouterr().err
     assert [a.toy for a in seen] == [False, True] and seen[0] is not seen[1]  # the parsed arguments stay as parsed
     assert Identity.load(out / "identities" / "id1.safetensors").metadata["base_model"] == "toy"
+    pictures = {p.name: Image.open(p).size for p in (out / "images").glob("[0-9]*.png")}
+    pairs = [name for name, size in pictures.items() if size == (128, 64)]  # the new person beside a celebrity
+    assert len(pairs) == 1 and "tom-hanks" in pairs[0].lower() and len(pictures) == 6, pictures

@@ -12,6 +12,7 @@ what is about the command line itself (files, model choice, logging).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -652,7 +653,7 @@ def cmd_demo(args) -> int:
     from .generate import generate, save_images
     from .resources import example_face, example_prompts
     from .sheet import contact_sheet
-    from .toy import TOY_PROMPTS, toy_photo
+    from .toy import PAIR_SIZE, TOY_PAIR_PROMPTS, TOY_PROMPTS, toy_photo
 
     out = Path(args.output)
     config = _train_config(args)
@@ -680,21 +681,37 @@ def cmd_demo(args) -> int:
     if replaced:
         logger.warning("Replacing the earlier demo's %s in %s.", ", ".join(f"{n}.safetensors" for n in replaced), ids)
     result = _personalize(args, pipe, photos, names, ids, overwrite=True)
-    prompts = [p for p in all_prompts if "<id2>" not in p or len(photos) > 1]
-    skipped = len(all_prompts) - len(prompts)
+    with_photos = lambda ps: [p for p in ps if "<id2>" not in p or len(photos) > 1]  # noqa: E731
+    pair_prompts = TOY_PAIR_PROMPTS if args.toy else []
+    prompts = with_photos(all_prompts)
+    skipped = len(all_prompts) + len(pair_prompts) - len(prompts) - len(with_photos(pair_prompts))
     if skipped:
-        logger.info("Skipping %d two-person prompt(s); pass a second --photo to draw them.", skipped)
+        logger.info("Skipping %d prompt(s) with <id2>; pass a second --photo to draw them.", skipped)
     results = generate(pipe, prompts, config=sampling, show_progress=not args.quiet)
-    save_images(results, out / "images")
+    pairs = generate(pipe, with_photos(pair_prompts), config=dataclasses.replace(sampling, **PAIR_SIZE),
+                     show_progress=not args.quiet) if pair_prompts else []  # the toy world's two people in one picture
+    save_images(results + pairs, out / "images")
     if args.toy:
+        from .toy.world import halves
+
         for name, photo in zip(names, photos):
-            _log_likeness(name, [r.image for r in results if f"<{name}>" in r.prompt], load_image(photo), "in these images")
+            photo = load_image(photo)
+            _log_likeness(name, [r.image for r in results if f"<{name}>" in r.prompt], photo, "in these images")
+            sides = [halves(r.image)[_side(r.prompt, name)] for r in pairs if f"<{name}>" in r.prompt]
+            if sides:
+                _log_likeness(name, sides, photo, "on its side of the two-person pictures")
+    results += pairs
     sheet = contact_sheet([load_image(p).resize(results[0].image.size) for p in photos] + [r.image for r in results],
                           columns=len(photos) + len(results))
     atomic_write(out / "contact_sheet.png", lambda tmp: sheet.save(tmp, format="PNG"))
     logger.info("Demo done: %d identity file(s) in %s, %d image(s) in %s; contact_sheet.png shows the photo(s), then "
                 "every image.", len(result.identities), ids, len(results), out / "images")
     return 0
+
+
+def _side(prompt: str, name: str) -> int:
+    """Where ``<name>`` is drawn in a two-person picture of the toy world: 0 (left) when named first, else 1."""
+    return int(prompt.index(f"<{name}>") > prompt.index(" and "))
 
 
 def _demo_sampling(args, seed: int) -> GenerateConfig:

@@ -28,7 +28,7 @@ from ..face import WHOLE, register_face_encoder
 from ..face.geometry import frame_whole
 from ..models import PackagedModel, register_packaged_model
 from ..resources import clip_tokenizer, data_path
-from .world import RESOLUTION, SCORED
+from .world import PAIR_WIDTH, RESOLUTION, SCORED
 
 TOY_MODEL = "toy"  # shown in metadata for the packaged toy world
 TOY_FACE_ENCODER = "toy-facenet"
@@ -47,6 +47,13 @@ TOY_PROMPTS = [
     "an illustration of <id1> person wearing a blue shirt on a white background",
 ]
 
+# Two people in one picture (``world.PAIR_WIDTH`` x ``RESOLUTION``: the first named on the left): the demo draws
+# the new person beside one of the world's celebrities, and beside the second new person when there is one.
+TOY_PAIR_PROMPTS = [
+    "<id1> person and Tom Hanks person dancing on a green background",
+    "<id1> person and <id2> person shaking hands on a yellow background",
+]
+PAIR_SIZE = {"height": RESOLUTION, "width": PAIR_WIDTH}  # ``GenerateConfig`` fields of a two-person picture
 
 PRETRAINED_FILE = "identity-net.safetensors"  # the identity network pretrained on the world's celebrities (bench_instant)
 
@@ -194,6 +201,34 @@ def score(images, person, prompts) -> dict[str, float]:
     asked = [(i, k, v) for i, p in enumerate(prompts) for k, v in colour_words(p).items()]
     fidelity = float(np.mean([read[k][i] == v for i, k, v in asked])) if asked else float("nan")
     return {"likeness": float(np.mean(list(per.values()))), "fidelity": fidelity, "per_attribute": per}
+
+
+def score_pair(images, left, right, prompts) -> dict:
+    """Likeness, prompt fidelity and leakage of two-person pictures (``world.PAIR_WIDTH`` x ``RESOLUTION``), read
+    on each half: ``left`` (a ``world.Person``) should be on the left square, ``right`` on the right one.
+
+    Returns:
+        ``left`` / ``right``: each side's ``score`` (its likeness to its own person, and the prompts' colour words
+        and smile read on that side); ``likeness`` and ``fidelity``: the two sides' mean; ``leakage``: of the
+        identity attributes where the two people differ, the fraction read on one side with the other person's
+        value (both directions pooled; NaN when they differ in nothing). A picture with no identity in it reads
+        the other person's value only by chance: compare with it.
+    """
+    from .world import IDENTITY, halves
+
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    sides = list(zip(*(halves(im) for im in images)))
+    out = {side: score(list(ims), person, prompts) for side, ims, person in zip(("left", "right"), sides, (left, right))}
+    differ = [k for k in IDENTITY if getattr(left, k) != getattr(right, k)]
+    if differ:
+        reads = [read_attributes(list(ims)) for ims in sides]
+        leaked = [reads[1][k] == getattr(left, k) for k in differ] + [reads[0][k] == getattr(right, k) for k in differ]
+        out["leakage"] = float(np.mean(leaked))
+    else:
+        out["leakage"] = float("nan")
+    out["likeness"] = (out["left"]["likeness"] + out["right"]["likeness"]) / 2
+    out["fidelity"] = float(np.nanmean([out["left"]["fidelity"], out["right"]["fidelity"]]))
+    return out
 
 
 # Likeness of the world's own celebrities and of no identity ("a person"), from benchmarks/toy_world.json

@@ -54,9 +54,14 @@ def _as_tuple(x):
     return tuple(x.__dict__.values())
 
 
-def stage_render(work: Path, args) -> None:
-    out = work / "data.npz"
-    if out.exists():
+GROUPS = ("celeb", "anon", "face", "scorer")  # in the order every stage indexes them
+
+
+def stage_render(work: Path, args, groups=GROUPS) -> None:
+    """Render ``groups`` (one file each, ``render-GROUP.npz``): the people of every group are drawn from the seed
+    whatever is rendered, so a group rendered alone is the same images as rendered with the others."""
+    groups = [g for g in groups if not (work / f"render-{g}.npz").exists()]
+    if not groups:
         return
     from ..resources import celeb_names
 
@@ -80,13 +85,16 @@ def stage_render(work: Path, args) -> None:
             records.append(("face", i, p, world.Picture.random(rng)))
     for i, p in enumerate(scorer):
         records.append(("scorer", i, p, world.Picture.random(rng)))
-    t = time.time()
-    images = _render_all([(_as_tuple(p), _as_tuple(q)) for _, _, p, q in records], args.workers)
-    logger.info("rendered %d images in %.0f s", len(images), time.time() - t)
-    group = np.array([g for g, *_ in records])
-    np.savez(out.with_suffix(".tmp.npz"), images=images, group=group, index=np.array([r[1] for r in records]),
-             person=np.array([_as_tuple(r[2]) for r in records]), picture=np.array([_as_tuple(r[3]) for r in records]))
-    os.replace(out.with_suffix(".tmp.npz"), out)
+    for name in groups:
+        mine = [r for r in records if r[0] == name]
+        t = time.time()
+        images = _render_all([(_as_tuple(p), _as_tuple(q)) for _, _, p, q in mine], args.workers)
+        logger.info("rendered %d images of %s in %.0f s", len(images), name, time.time() - t)
+        out = work / f"render-{name}.npz"
+        np.savez(out.with_suffix(".tmp.npz"), images=images, group=np.array([name] * len(mine)),
+                 index=np.array([r[1] for r in mine]), person=np.array([_as_tuple(r[2]) for r in mine]),
+                 picture=np.array([_as_tuple(r[3]) for r in mine]))
+        os.replace(out.with_suffix(".tmp.npz"), out)
 
 
 def stage_photos(out: Path, args) -> None:
@@ -105,9 +113,10 @@ def stage_photos(out: Path, args) -> None:
         {f"person-{i}.png": person.labels() for i, person in enumerate(people)}, indent=1) + "\n")
 
 
-def _load(work: Path):
-    d = np.load(work / "data.npz")
-    return {k: d[k] for k in d.files}
+def _load(work: Path, groups=GROUPS):
+    """The rendered ``groups``, concatenated in ``GROUPS`` order."""
+    parts = [np.load(work / f"render-{g}.npz") for g in GROUPS if g in groups]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
 
 
 # ---------------------------------------------------------------- small training loop helpers
@@ -156,7 +165,7 @@ def _update(opt, loss) -> float:
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def _set_lr(opt, base, s: int, total: int, warmup: int = 0, floor: float = 0.0) -> None:
@@ -191,6 +200,42 @@ def _labels(d, idx):
     lab.update(background=torch.from_numpy(picture[:, 0]), shirt=torch.from_numpy(picture[:, 1]),
                smiling=torch.from_numpy(picture[:, 2]))
     return lab
+
+
+def _partners(d, rows):
+    """A drawer of two-person pictures from ``rows`` (indices into ``d``): ``draw(rng, n, match_extra)`` gives (n, 2)
+    rows, left and right: two different people with the same background. With ``match_extra`` the right person
+    also wears the left one's shirt colour with probability 1/2, and smiles as the left one does with probability
+    1/2, so that captions can say so."""
+    picture, person = d["picture"][rows], d["person"][rows]
+    buckets = {}
+    for j, q in enumerate(picture):
+        for key in ((q[0], None, None), (q[0], q[1], None), (q[0], None, q[2]), (q[0], q[1], q[2])):
+            buckets.setdefault(key, []).append(j)
+    buckets = {k: np.array(v) for k, v in buckets.items()}
+
+    def draw(rng: np.random.Generator, n: int, match_extra: bool) -> np.ndarray:
+        out = np.empty((n, 2), dtype=np.int64)
+        for i in range(n):
+            left = int(rng.integers(len(rows)))
+            q = picture[left]
+            shirt, smile = (rng.random() < 0.5, rng.random() < 0.5) if match_extra else (False, False)
+            bucket = buckets[(q[0], q[1] if shirt else None, q[2] if smile else None)]
+            if not (person[bucket] != person[left]).any(1).any():  # nobody else matches that much: the background
+                bucket = buckets[(q[0], None, None)]
+            while True:
+                right = int(bucket[rng.integers(len(bucket))])
+                if (person[right] != person[left]).any():
+                    break
+            out[i] = left, right
+        return rows[out]
+
+    return draw
+
+
+def _join(images, pairs) -> np.ndarray:
+    """(n, 64, 128, 3): each pair's two pictures side by side (``world.join``)."""
+    return np.concatenate([images[pairs[:, 0]], images[pairs[:, 1]]], axis=2)
 
 
 # ---------------------------------------------------------------- scorer and face network
@@ -291,41 +336,114 @@ def make_vae():
                          layers_per_block=1, sample_size=world.RESOLUTION)
 
 
+def _perceptual(out: Path):
+    """A perceptual distance (as LPIPS is to Stable Diffusion's VAE): the squared differences of the face network's
+    feature maps after each of its four stages. It makes the small parts that tell people apart (eyebrows,
+    glasses, facial hair) count for more than their few pixels do in L1."""
+    net = ToyFaceNet()
+    net.load_state_dict({k: v.float() for k, v in _load_file(out / "facenet.safetensors").items()}, strict=False)
+    stages = [m for m in net.eval().requires_grad_(False).trunk if isinstance(m, torch.nn.Sequential)]
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        total, x, y = 0.0, a, b
+        for layer in net.trunk:
+            x, y = layer(x), layer(y)
+            if any(layer is m for m in stages):
+                total = total + F.mse_loss(x, y)
+        return total
+
+    return distance
+
+
 def stage_vae(work: Path, args, d):
     torch.manual_seed(args.seed + 30)
     vae = make_vae()
+    perceptual = _perceptual(args.out) if args.vae_perceptual else None
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 31)
     idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
     images = d["images"]
 
+    pair_rng, pairs = np.random.default_rng(args.seed + 32), _partners(d, idx)
+
     def step(s):
         _set_lr(opt, 1e-3, s, args.vae_steps, warmup=100, floor=0.1)
-        x = to_tensor(images[idx[torch.randint(len(idx), (32,), generator=g).numpy()]])
+        if pair_rng.random() < args.pair_fraction:  # two-person pictures, half as many: as many pixels
+            x = to_tensor(_join(images, pairs(pair_rng, args.vae_batch // 2, match_extra=False)))
+        else:
+            x = to_tensor(images[idx[torch.randint(len(idx), (args.vae_batch,), generator=g).numpy()]])
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        if perceptual is not None:
+            loss = loss + args.vae_perceptual * perceptual(rec, x)
         return _update(opt, loss)
 
     vae.train()
-    _checkpointed(work, "vae", {"vae": vae, "opt": opt}, args.vae_steps, step, 200, rngs=(g,))
-    return vae.eval()
+    _checkpointed(work, "vae", {"vae": vae, "opt": opt}, args.vae_steps, step, 200, rngs=(g, pair_rng))
+    vae.eval()
+    _log_round_trip(vae, work / "vae-round-trip.json", args.out)
+    return vae
 
 
-def stage_latents(work: Path, vae, d) -> np.ndarray:
-    path = work / "latents.npy"
-    if path.exists():
-        return np.load(path)
-    idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
-    out = []
+def _log_round_trip(vae, path: Path, out: Path) -> None:
+    if not path.exists():
+        acc = round_trip(vae, out)
+        logger.info("VAE round trip of held-out renders, attributes read right: %s",
+                    ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        path.write_text(json.dumps(acc, indent=1) + "\n")
+
+
+def round_trip(vae, out: Path, n: int = 600, seed: int = 99) -> dict[str, float]:
+    """How often the scorer (``out``'s) reads each identity attribute right after a VAE round trip of ``n`` renders
+    of the held-out people (random pictures): the VAE's ceiling on likeness."""
+    from ..resources import celeb_names
+
+    scorer = ToyScorer()
+    scorer.load_state_dict({k: v.float() for k, v in _load_file(out / "scorer.safetensors").items()}, strict=False)
+    scorer.eval()
+    rng = np.random.default_rng(seed)
+    people = world.held_out_people(celeb_names())
+    chosen = [people[i % len(people)] for i in range(n)]
+    x = to_tensor(np.stack([np.asarray(world.render(p, world.Picture.random(rng))) for p in chosen]))
     with torch.no_grad():
-        for i in range(0, len(idx), 256):
-            out.append(vae.encode(to_tensor(d["images"][idx[i:i + 256]])).latent_dist.mean.numpy())
-    lat = np.concatenate(out).astype(np.float32)
-    np.save(path.with_suffix(".tmp.npy"), lat)
-    os.replace(path.with_suffix(".tmp.npy"), path)
-    return lat
+        rec = torch.cat([vae.decode(vae.encode(x[i:i + 100]).latent_dist.mean).sample for i in range(0, n, 100)])
+        logits = _batched(scorer, rec.clamp(-1, 1))
+    return {k: float(np.mean([int(torch.cat(logits[k])[i].argmax()) == getattr(p, k) for i, p in enumerate(chosen)]))
+            for k in world.IDENTITY}
+
+
+def _load_file(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def stage_latents(work: Path, vae, d, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every diffusion image encoded once: the single pictures (celebrities and anonymous people, in ``d``'s
+    order), and ``--pairs`` two-person pictures of celebrities (their rows in the single pictures, and latents)."""
+    path = work / "latents.npz"
+    if not path.exists():
+        idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
+        celeb = np.flatnonzero(d["group"][idx] == "celeb")  # positions in ``idx``: the latents' rows
+        pairs = _partners(d, idx[celeb])(np.random.default_rng(args.seed + 33), args.pairs, match_extra=True)
+
+        def encode(x):
+            with torch.no_grad():
+                return np.concatenate([vae.encode(to_tensor(x[i:i + 128])).latent_dist.mean.numpy()
+                                       for i in range(0, len(x), 128)]).astype(np.float32)
+
+        t = time.time()
+        singles = encode(d["images"][idx])
+        pair_rows = np.searchsorted(idx, pairs)  # rows of ``singles``
+        doubles = np.concatenate([encode(_join(d["images"], pairs[i:i + 1024])) for i in range(0, len(pairs), 1024)]) \
+            if len(pairs) else np.zeros((0, *singles.shape[1:-1], 2 * singles.shape[-1]), np.float32)
+        logger.info("encoded %d pictures and %d pairs in %.0f s", len(singles), len(doubles), time.time() - t)
+        np.savez(path.with_suffix(".tmp.npz"), singles=singles, pairs=pair_rows, pair_latents=doubles)
+        os.replace(path.with_suffix(".tmp.npz"), path)
+    f = np.load(path)
+    return f["singles"], f["pairs"], f["pair_latents"]
 
 
 # ---------------------------------------------------------------- text encoder + UNet
@@ -385,6 +503,20 @@ def _caption_batch(b, d, idx, names, rng, templates):
     return out
 
 
+def _pair_captions(rows, d, idx, names, rng):
+    """Captions of two-person pictures (``rows``: (n, 2) rows of ``idx``, left and right), 10 % empty."""
+    who, picture = d["index"][idx], d["picture"][idx]
+    out = []
+    for left, right in rows:
+        if rng.random() < 0.1:
+            out.append("")
+            continue
+        a, b = world.Picture(*picture[left]), world.Picture(*picture[right])
+        out.append(world.pair_caption(names[who[left]], names[who[right]], a, rng, same_shirt=a.shirt == b.shirt,
+                                      both_smiling=bool(a.smiling and b.smiling)))
+    return out
+
+
 def stage_text(work: Path, args, d):
     """Pretrain the text encoder to tell, from a caption, what the picture shows: each identity attribute of a
     named person, the background and shirt colours and the smile when the caption says them. Stable Diffusion's
@@ -426,9 +558,9 @@ def stage_text(work: Path, args, d):
     return te
 
 
-def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> None:
+def stage_diffusion(work: Path, out: Path, args, d, vae, latents, pairs, pair_latents, te=None) -> None:
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
+    from diffusers.training_utils import EMAModel, compute_snr
 
     from ..resources import celeb_names, clip_tokenizer
     from ..prompts import TEMPLATES
@@ -449,26 +581,32 @@ def stage_diffusion(work: Path, out: Path, args, d, vae, latents, te=None) -> No
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     lat = torch.from_numpy(latents) * scale
+    pair_lat = torch.from_numpy(pair_latents) * scale
     idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))
     rng = np.random.default_rng(args.seed + 41)
     g = torch.Generator().manual_seed(args.seed + 42)
     te.train(), unet.train()
 
-    def captions(b):
-        return _caption_batch(b, d, idx, names, rng, TEMPLATES)
-
     def step(s):
         _set_lr(opt, [group_["scale"] * args.lr for group_ in opt.param_groups], s, args.diffusion_steps, warmup=100,
                 floor=0.1)
-        b = rng.integers(len(idx), size=args.batch)
-        ids = tokenizer(captions(b), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        if len(pairs) and rng.random() < args.pair_fraction:  # half as many two-person pictures: as many pixels
+            b = rng.integers(len(pairs), size=args.batch // 2)
+            caps, x0 = _pair_captions(pairs[b], d, idx, names, rng), pair_lat[b]
+        else:
+            b = rng.integers(len(idx), size=args.batch)
+            caps, x0 = _caption_batch(b, d, idx, names, rng, TEMPLATES), lat[b]
+        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        x0 = lat[b]
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (len(b),), generator=g)
+        t = torch.randint(0, 1000, (len(x0),), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
         cond = te(ids)[0]
-        loss = F.mse_loss(unet(xt, t, cond).sample, noise)
+        loss = F.mse_loss(unet(xt, t, cond).sample, noise, reduction="none").mean((1, 2, 3))
+        if args.snr_gamma:  # Min-SNR weighting (Hang et al. 2023), as diffusers' training scripts' --snr_gamma
+            snr = compute_snr(noise_sched, t)
+            loss = loss * snr.clamp(max=args.snr_gamma) / snr
+        loss = loss.mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*te.parameters(), *unet.parameters()], 1.0)
@@ -515,7 +653,7 @@ def save_pipeline(path: Path, vae, te, unet, tokenizer, meta: dict) -> None:
 
 
 # ---------------------------------------------------------------- decoder
-def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
+def stage_decoder(work: Path, out: Path, args, d, vae, latents, pairs, pair_latents) -> None:
     """More decoder training on the encoder's (now fixed) latents, then the pipeline written with it."""
     from diffusers.training_utils import EMAModel
 
@@ -528,13 +666,17 @@ def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 50)
     idx = np.flatnonzero(np.isin(d["group"], ["celeb", "anon"]))  # the rows of ``latents``
-    images, lat = d["images"], torch.from_numpy(latents)
+    images, lat, pair_lat = d["images"], torch.from_numpy(latents), torch.from_numpy(pair_latents)
 
     def step(s):
         _set_lr(opt, 5e-4, s, args.decoder_steps, floor=0.1)
-        j = torch.randint(len(idx), (32,), generator=g)
-        x = to_tensor(images[idx[j.numpy()]])
-        loss = (vae.decode(lat[j]).sample - x).abs().mean()
+        if len(pairs) and torch.rand(1, generator=g).item() < args.pair_fraction:
+            j = torch.randint(len(pairs), (16,), generator=g)
+            x, z = to_tensor(_join(images, idx[pairs[j.numpy()]])), pair_lat[j]
+        else:
+            j = torch.randint(len(idx), (32,), generator=g)
+            x, z = to_tensor(images[idx[j.numpy()]]), lat[j]
+        loss = (vae.decode(z).sample - x).abs().mean()
         return _update(opt, loss)
 
     vae.decoder.train()
@@ -549,8 +691,10 @@ def stage_decoder(work: Path, out: Path, args, d, vae, latents) -> None:
         ema.load_state_dict(state[key])
         ema.copy_to(module.parameters())
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    _log_round_trip(vae, work / "decoder-round-trip.json", out)
     save_pipeline(out / "pipeline", vae, te, unet, tokenizer,
-                  {"diffusion_steps": int(state["step"]), "decoder_steps": args.decoder_steps, "seed": args.seed})
+                  {"diffusion_steps": int(state["step"]), "decoder_steps": args.decoder_steps, "seed": args.seed,
+                   "vae_round_trip": json.loads((work / "decoder-round-trip.json").read_text())})
 
 
 # ---------------------------------------------------------------- main
@@ -570,11 +714,18 @@ def main(argv=None) -> None:
     p.add_argument("--scorer-steps", type=int, default=1200)
     p.add_argument("--facenet-steps", type=int, default=1200)
     p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-perceptual", type=float, default=0.1,
+                   help="weight of the VAE's perceptual loss (the face network's features; 0: L1 alone)")
+    p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--diffusion-steps", type=int, default=2400)
     p.add_argument("--decoder-steps", type=int, default=400)
     p.add_argument("--text-steps", type=int, default=600, help="text encoder pretraining steps (batch 256)")
     p.add_argument("--text-lr-scale", type=float, default=0.2, help="the text encoder's learning rate in the diffusion "
                                                                       "stage, relative to --lr")
+    p.add_argument("--pairs", type=int, default=20000, help="two-person pictures of celebrities encoded for diffusion")
+    p.add_argument("--pair-fraction", type=float, default=0.25,
+                   help="the share of VAE, diffusion and decoder steps whose batch is two-person pictures")
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: plain epsilon MSE)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -588,22 +739,24 @@ def main(argv=None) -> None:
     (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     stages = args.stages.split(",")
     t0 = time.time()
+    needs = {"scorer": ("scorer", "anon"), "facenet": ("face", "scorer")}  # the other stages: celeb, anon
+    groups = {g for stage in stages if stage != "render" for g in needs.get(stage, ("celeb", "anon"))} or set(GROUPS)
     if "render" in stages:
-        stage_render(args.work, args)
+        stage_render(args.work, args, groups)
         stage_photos(args.out, args)
-    d = _load(args.work)
+    d = _load(args.work, groups)
     if "scorer" in stages:
         stage_scorer(args.work, args.out, args, d)
     if "facenet" in stages:
         stage_facenet(args.work, args.out, args, d)
-    if {"vae", "latents", "text", "diffusion", "decoder"} & set(stages):
+    te = stage_text(args.work, args, d) if "text" in stages else None  # captions only: before the images' stages
+    if {"vae", "latents", "diffusion", "decoder"} & set(stages):
         vae = stage_vae(args.work, args, d)
-        latents = stage_latents(args.work, vae, d)
-        te = stage_text(args.work, args, d) if "text" in stages else None
+        latents, pairs, pair_latents = stage_latents(args.work, vae, d, args)
         if "diffusion" in stages:
-            stage_diffusion(args.work, args.out, args, d, vae, latents, te)
+            stage_diffusion(args.work, args.out, args, d, vae, latents, pairs, pair_latents, te)
         if "decoder" in stages:
-            stage_decoder(args.work, args.out, args, d, vae, latents)
+            stage_decoder(args.work, args.out, args, d, vae, latents, pairs, pair_latents)
     logger.info("done in %.0f min", (time.time() - t0) / 60)
 
 

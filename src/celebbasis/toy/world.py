@@ -21,6 +21,7 @@ from PIL import Image
 from ..face.geometry import frame_whole
 
 RESOLUTION = 64
+PAIR_WIDTH = 2 * RESOLUTION  # a two-person picture: the first-named person on the left square, the second on the right
 
 # Plain colour words the captions use, and the colour each one paints.
 COLORS = {"red": "#E53935", "green": "#43A047", "blue": "#1E88E5", "yellow": "#FDD835", "white": "#FFFFFF"}
@@ -182,6 +183,67 @@ def caption(name: str, picture: Picture, rng: np.random.Generator, templates: li
     if rng.random() < 0.5:
         phrases.append(f"wearing a {PICTURE['shirt'][picture.shirt]} shirt")
     if picture.smiling and rng.random() < 0.5:
+        phrases.append("smiling")
+    rng.shuffle(phrases)
+    return " ".join([text, *phrases])
+
+
+# Two-person captions, like the paper's multi-person prompts: "{0}" is the first-named person (drawn on the left),
+# "{1}" the second (on the right).
+PAIR_TEMPLATES = [
+    "{0} and {1}",
+    "a photo of {0} and {1}",
+    "a picture of {0} and {1}",
+    "{0} and {1} together",
+    "{0} and {1} dancing",
+    "{0} and {1} are dancing together",
+    "{0} and {1} cooking together",
+    "{0} shaking hands with {1}",
+    "{0} and {1} shaking hands",
+    "{0} and {1} talking",
+    "{0} and {1} sitting side by side",
+    "{0} and {1} walking together",
+    "{0} and {1} playing chess",
+    "{0} and {1} at a party",
+    "a portrait of {0} and {1}",
+    "an illustration of {0} and {1}",
+]
+
+
+def render_pair(left: Person, right: Person, left_picture: Picture, right_picture: Picture) -> Image.Image:
+    """A two-person picture: each person exactly as in a single picture, side by side (see ``join``)."""
+    return join(render(left, left_picture), render(right, right_picture))
+
+
+def join(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Two single pictures side by side (``PAIR_WIDTH`` x ``RESOLUTION``); their background colour must be the same."""
+    if left.getpixel((0, 0)) != right.getpixel((0, 0)):
+        raise ValueError("the two people of a pair share one background colour")
+    out = Image.new("RGB", (left.width + right.width, left.height))
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width, 0))
+    return out
+
+
+def halves(image) -> tuple:
+    """The left and right squares of a two-person picture (any size twice as wide as high), as PIL images."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    h = image.height
+    return image.crop((0, 0, h, h)), image.crop((image.width - h, 0, image.width, h))
+
+
+def pair_caption(left: str, right: str, picture: Picture, rng: np.random.Generator,
+                 same_shirt: bool, both_smiling: bool) -> str:
+    """A two-person training caption: ``PAIR_TEMPLATES`` around ``LEFT person`` and ``RIGHT person``, plus the
+    shared background and, when both wear it or both smile, the shirt colour and the smile (each with probability
+    1/2, in random order, as ``caption`` says them). ``picture`` is either person's (the background is shared)."""
+    text = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))].format(f"{left} person", f"{right} person")
+    phrases = []
+    if rng.random() < 0.5:
+        phrases.append(f"on a {PICTURE['background'][picture.background]} background")
+    if same_shirt and rng.random() < 0.5:
+        phrases.append(f"wearing a {PICTURE['shirt'][picture.shirt]} shirt")
+    if both_smiling and rng.random() < 0.5:
         phrases.append("smiling")
     rng.shuffle(phrases)
     return " ".join([text, *phrases])
