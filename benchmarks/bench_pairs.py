@@ -96,6 +96,7 @@ def run_task(task: tuple, args) -> list[tuple[str, dict]]:
     chosen = list(np.random.default_rng(0).choice(names, args.celebrities, replace=False))
     people = new_people(args.people + args.value_people)
     kind, arg = task
+    n = args.steps  # per person
     out: list[tuple[str, dict]] = []
     if kind == "celebrities":
         for j in arg:
@@ -104,10 +105,10 @@ def run_task(task: tuple, args) -> list[tuple[str, dict]]:
             out.append(("celebrity pairs", {**bench.pair(f"{a} person", f"{b} person", looks[a], looks[b], 0), "person": f"{a} | {b}"}))
         return out
     preset = lambda steps, seed, **kw: cb.TrainConfig.preset("toy", steps=steps, seed=seed, pretrained="none", **kw)  # noqa: E731
-    photo = lambda i: [photos_of(people[i], 1, 1000 + i, bench.toy.tmp)]  # noqa: E731
+    photo = lambda i: photos_of(people[i], 1, 1000 + i, bench.toy.tmp)  # noqa: E731
     if kind == "value person":  # one more person alone, seed 0: likeness per attribute value
         i = arg
-        ident = bench.learn([photo(i)], preset(STEPS, 0))[STEPS][0]
+        ident = bench.learn([photo(i)], preset(n, 0))[n][0]
         return [("new person alone", {**bench.alone(ident.token, people[i], 0, [ident]), "person": i})]
     a, seed = arg  # a pair of new people: a and a + 1
     pa, pb = people[a], people[a + 1]
@@ -116,8 +117,8 @@ def run_task(task: tuple, args) -> list[tuple[str, dict]]:
     arms = {}
     for trainer, label, kw in ((None, "", {}), (TextualInversion, "textual inversion, ", ti)):
         extra = {"trainer": trainer} if trainer else {}
-        alone = [bench.learn([photo(i)], preset(STEPS, seed, **kw), **extra)[STEPS][0] for i in (a, a + 1)]
-        joint = bench.learn([photo(a), photo(a + 1)], preset(2 * STEPS, seed, **kw), **extra)[2 * STEPS]
+        alone = [bench.learn([photo(i)], preset(n, seed, **kw), **extra)[n][0] for i in (a, a + 1)]
+        joint = bench.learn([photo(a), photo(a + 1)], preset(2 * n, seed, **kw), **extra)[2 * n]
         arms[label] = alone
         for ident, person, i in zip(alone, (pa, pb), (a, a + 1)):
             out.append((f"{label}new person alone", {**bench.alone(ident.token, person, seed, [ident]), "person": i}))
@@ -249,10 +250,10 @@ def figure(args, path: Path) -> None:
     celeb = list(np.random.default_rng(0).choice(names, args.celebrities, replace=False))[0]
     photos = [photos_of(p, 1, 1000 + i, bench.toy.tmp) for i, p in enumerate(people)]
     cfg = lambda steps: cb.TrainConfig.preset("toy", steps=steps, seed=0, pretrained="none")  # noqa: E731
-    alone = bench.learn([photos[0]], cfg(STEPS))[STEPS][0]
-    joint = bench.learn(photos, cfg(2 * STEPS))[2 * STEPS]
+    alone = bench.learn([photos[0]], cfg(args.steps))[args.steps][0]
+    joint = bench.learn(photos, cfg(2 * args.steps))[2 * args.steps]
     rng = np.random.default_rng(0)
-    rows = [(f"<{alone.token}> + {celeb}", bench.draw_pairs(pair_prompts(f"{alone.token} person", f"{celeb} person", rng)[:3],
+    rows = [(f"{alone.token} + {celeb}", bench.draw_pairs(pair_prompts(f"{alone.token} person", f"{celeb} person", rng)[:3],
                                                              [alone])),
             ("two new people, jointly", bench.draw_pairs(pair_prompts(f"{joint[0].token} person", f"{joint[1].token} person",
                                                                       rng)[:3], joint))]
@@ -279,6 +280,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--celebrities", type=int, default=100)
     p.add_argument("--value-people", type=int, default=30, help="more new people alone (seed 0), for likeness per value")
+    p.add_argument("--steps", type=int, default=STEPS, help="training steps per person (the paper's 400)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per image")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

@@ -409,9 +409,8 @@ def round_trip(vae, out: Path, n: int = 600, seed: int = 99) -> dict[str, float]
     x = to_tensor(np.stack([np.asarray(world.render(p, world.Picture.random(rng))) for p in chosen]))
     with torch.no_grad():
         rec = torch.cat([vae.decode(vae.encode(x[i:i + 100]).latent_dist.mean).sample for i in range(0, n, 100)])
-        logits = _batched(scorer, rec.clamp(-1, 1))
-    return {k: float(np.mean([int(torch.cat(logits[k])[i].argmax()) == getattr(p, k) for i, p in enumerate(chosen)]))
-            for k in world.IDENTITY}
+        read = {k: torch.cat(v).argmax(-1).numpy() for k, v in _batched(scorer, rec.clamp(-1, 1)).items()}
+    return {k: float(np.mean(read[k] == np.array([getattr(p, k) for p in chosen]))) for k in world.IDENTITY}
 
 
 def _load_file(path: Path) -> dict:
@@ -713,11 +712,11 @@ def main(argv=None) -> None:
     p.add_argument("--scorer-test", type=int, default=2000)
     p.add_argument("--scorer-steps", type=int, default=1200)
     p.add_argument("--facenet-steps", type=int, default=1200)
-    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-perceptual", type=float, default=0.1,
                    help="weight of the VAE's perceptual loss (the face network's features; 0: L1 alone)")
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--diffusion-steps", type=int, default=2400)
+    p.add_argument("--diffusion-steps", type=int, default=6000)
     p.add_argument("--decoder-steps", type=int, default=400)
     p.add_argument("--text-steps", type=int, default=600, help="text encoder pretraining steps (batch 256)")
     p.add_argument("--text-lr-scale", type=float, default=0.2, help="the text encoder's learning rate in the diffusion "
