@@ -27,7 +27,7 @@ from _toy import Toy, mean_sd, new_people, photos_of, prompts_for, quiet, write_
 
 import celebbasis as cb  # noqa: E402
 from celebbasis.resources import celeb_names  # noqa: E402
-from celebbasis.toy import world, world_info  # noqa: E402
+from celebbasis.toy import PAIR_SIZE, TOY_PAIR_PROMPTS, world, world_info  # noqa: E402
 
 
 def celebrities(toy: Toy, n: int, seed: int) -> dict:
@@ -61,8 +61,10 @@ def new_person_runs(toy: Toy, people, seeds: int, steps: int | None, figure_rows
         for s in range(seeds):
             images = toy.draw(prompts, identities=[ident], seed=s)
             learned.append(toy.score(images, person, prompts))
-            if s == 0 and len(figure_rows) < 3:
-                figure_rows.append((photo[0], images, prompts))
+            if s == 0 and len(figure_rows) < 3:  # and beside a celebrity, as the demo draws
+                pair = TOY_PAIR_PROMPTS[0].replace("<id1>", f"<{name}>")
+                drawn = cb.generate(toy.pipe, [pair], identities=[ident], seed=s, show_progress=False, **PAIR_SIZE)
+                figure_rows.append((photo[0], images + [drawn[0].image], prompts + [pair]))
             plain = [p.replace(f"<{name}> person", "a person") for p in prompts]
             floor.append(toy.score(toy.draw(plain, seed=s), person, plain))
         print(f"  new person {i}: {person.describe()}  likeness {np.mean([r['likeness'] for r in learned[-seeds:]]):.3f}"
@@ -74,21 +76,22 @@ def figure(rows, path: Path) -> None:
     from PIL import Image, ImageDraw
 
     cell, pad, label_h = 128, 8, 44
-    cols = 1 + len(rows[0][1])
-    sheet = Image.new("RGB", (cols * (cell + pad) + pad, len(rows) * (cell + label_h + pad) + pad + 22), "white")
+    widths = [cell] + [cell * im.width // im.height for im in rows[0][1]]  # a two-person picture is twice as wide
+    sheet = Image.new("RGB", (sum(w + pad for w in widths) + pad, len(rows) * (cell + label_h + pad) + pad + 22), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 4), "toy world (cartoon people, 64 px): one photo of a new person -> <p> person in prompts", fill="black")
+    draw.text((pad, 4), "toy world (cartoon people, 64 px): one photo of a new person -> <p> person in prompts, and beside a celebrity", fill="black")
     for r, (photo, images, prompts) in enumerate(rows):
         y = 22 + pad + r * (cell + label_h + pad)
         tiles = [Image.open(photo).convert("RGB")] + images
         labels = ["photo (new person)"] + [p.replace("an illustration of", "illustr.").replace("a photo of ", "") for p in prompts]
-        for c, (im, text) in enumerate(zip(tiles, labels)):
-            x = pad + c * (cell + pad)
-            sheet.paste(im.resize((cell, cell), Image.NEAREST), (x, y))
+        x = pad
+        for im, text, width in zip(tiles, labels, widths):
+            sheet.paste(im.resize((width, cell), Image.NEAREST), (x, y))
             words, lines = text.split(), [""]
             for w in words:
-                lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < 22 else [lines[-1], w]
+                lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < 22 * width // cell else [lines[-1], w]
             draw.multiline_text((x, y + cell + 2), "\n".join(l.strip() for l in lines[:3]), fill="black", spacing=1)
+            x += width + pad
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
