@@ -49,6 +49,8 @@ def test_each_side_is_read_on_its_own(pair_images):
     swapped = toy.score_pair(images, B, A, prompts)
     assert swapped["likeness"] == 0.0  # A and B differ in every attribute
     assert swapped["leakage"] == 1.0  # each side shows the other person's
+    assert world.side_of("<a> person and Tom Hanks person dancing", "<a>") == 0
+    assert world.side_of("Tom Hanks person and <a> person dancing", "<a>") == 1
 
 
 def _rows(n_people=6, per=40, seed=0):

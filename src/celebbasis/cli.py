@@ -684,7 +684,7 @@ def cmd_demo(args) -> int:
     with_photos = lambda ps: [p for p in ps if "<id2>" not in p or len(photos) > 1]  # noqa: E731
     pair_prompts = TOY_PAIR_PROMPTS if args.toy else []
     prompts = with_photos(all_prompts)
-    skipped = len(all_prompts) + len(pair_prompts) - len(prompts) - len(with_photos(pair_prompts))
+    skipped = len(all_prompts + pair_prompts) - len(with_photos(all_prompts + pair_prompts))
     if skipped:
         logger.info("Skipping %d prompt(s) with <id2>; pass a second --photo to draw them.", skipped)
     results = generate(pipe, prompts, config=sampling, show_progress=not args.quiet)
@@ -692,12 +692,12 @@ def cmd_demo(args) -> int:
                      show_progress=not args.quiet) if pair_prompts else []  # the toy world's two people in one picture
     save_images(results + pairs, out / "images")
     if args.toy:
-        from .toy.world import halves
+        from .toy.world import halves, side_of
 
         for name, photo in zip(names, photos):
             photo = load_image(photo)
             _log_likeness(name, [r.image for r in results if f"<{name}>" in r.prompt], photo, "in these images")
-            sides = [halves(r.image)[_side(r.prompt, name)] for r in pairs if f"<{name}>" in r.prompt]
+            sides = [halves(r.image)[side_of(r.prompt, f"<{name}>")] for r in pairs if f"<{name}>" in r.prompt]
             if sides:
                 _log_likeness(name, sides, photo, "on its side of the two-person pictures")
     results += pairs
@@ -707,11 +707,6 @@ def cmd_demo(args) -> int:
     logger.info("Demo done: %d identity file(s) in %s, %d image(s) in %s; contact_sheet.png shows the photo(s), then "
                 "every image.", len(result.identities), ids, len(results), out / "images")
     return 0
-
-
-def _side(prompt: str, name: str) -> int:
-    """Where ``<name>`` is drawn in a two-person picture of the toy world: 0 (left) when named first, else 1."""
-    return int(prompt.index(f"<{name}>") > prompt.index(" and "))
 
 
 def _demo_sampling(args, seed: int) -> GenerateConfig:

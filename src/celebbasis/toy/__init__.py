@@ -227,7 +227,8 @@ def score_pair(images, left, right, prompts) -> dict:
     else:
         out["leakage"] = float("nan")
     out["likeness"] = (out["left"]["likeness"] + out["right"]["likeness"]) / 2
-    out["fidelity"] = float(np.nanmean([out["left"]["fidelity"], out["right"]["fidelity"]]))
+    asked = [out[side]["fidelity"] for side in ("left", "right") if out[side]["fidelity"] == out[side]["fidelity"]]
+    out["fidelity"] = float(np.mean(asked)) if asked else float("nan")
     return out
 
 

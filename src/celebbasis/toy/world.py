@@ -232,6 +232,12 @@ def halves(image) -> tuple:
     return image.crop((0, 0, h, h)), image.crop((image.width - h, 0, image.width, h))
 
 
+def side_of(prompt: str, word: str) -> int:
+    """Where ``word`` is drawn in a two-person picture of ``prompt`` (``A person and B person …``): 0, the left
+    half, when it is named before the ``and``, else 1."""
+    return int(prompt.index(word) > prompt.index(" and "))
+
+
 def pair_caption(left: str, right: str, picture: Picture, rng: np.random.Generator,
                  same_shirt: bool, both_smiling: bool) -> str:
     """A two-person training caption: ``PAIR_TEMPLATES`` around ``LEFT person`` and ``RIGHT person``, plus the
