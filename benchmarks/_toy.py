@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,24 @@ def write_results(res: dict, md: str, json_path: Path | None, md_path: Path | No
 def mean_sd(values) -> tuple[float, float]:
     v = np.asarray([x for x in values if x == x], dtype=float)
     return (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
+
+
+def run_tasks(run_task, todo: list, args, res: dict, *extra, t0: float | None = None) -> None:
+    """``run_task(task, args, *extra)`` for every task, in ``args.workers`` spawned processes: each returns (arm, row)
+    pairs, gathered into ``res["rows"]`` by arm and sorted by seed, then person. What is measured so far is kept in
+    ``args.json``'s ``.partial.json`` as it comes, so it survives a stop."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    t0 = time.time() if t0 is None else t0
+    res["rows"] = rows = {}
+    with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_task, t, args, *extra): t for t in todo}
+        for n, f in enumerate(cf.as_completed(futures), 1):
+            for key, row in f.result():
+                rows.setdefault(key, []).append(row)
+            if args.json:
+                args.json.with_suffix(".partial.json").write_text(json.dumps(res) + "\n")
+            print(f"[{n}/{len(todo)}] {futures[f][0]} {futures[f][1]}  ({time.time() - t0:.0f} s)", flush=True)
+    for key in rows:
+        rows[key].sort(key=lambda r: (r["seed"], str(r["person"])))

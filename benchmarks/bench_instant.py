@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _toy import Toy, new_people, photos_of, prompts_for, quiet, write_results  # noqa: E402
+from _toy import Toy, new_people, photos_of, prompts_for, quiet, run_tasks, write_results  # noqa: E402
 from bench_likeness import comparison_table, matched, paired, summary  # noqa: E402
 
 import celebbasis as cb  # noqa: E402
@@ -205,9 +205,6 @@ def tasks(args) -> list[tuple]:
 
 
 def run(args) -> dict:
-    import concurrent.futures as cf
-    import multiprocessing
-
     res: dict = {k: getattr(args, k) for k in ("people", "seeds", "celebrities", "sample_steps", "workers", "threads",
                                                "drawings", "mixes")}
     t0 = time.time()
@@ -216,18 +213,8 @@ def run(args) -> dict:
     toy = Toy()
     res["arms"] = arms = networks(toy, resolve_bases(toy.pipe, None, None, "toy"), args)
     del toy
-    res["rows"] = rows = {}
-    todo = tasks(args)
-    with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_task, t, args, arms): t for t in todo}
-        for n, f in enumerate(cf.as_completed(futures), 1):
-            for key, row in f.result():
-                rows.setdefault(key, []).append(row)
-            if args.json:
-                args.json.with_suffix(".partial.json").write_text(json.dumps(res) + "\n")
-            print(f"[{n}/{len(todo)}] {futures[f][0]} {futures[f][1]}  ({time.time() - t0:.0f} s)", flush=True)
-    for key in rows:
-        rows[key].sort(key=lambda r: (r["seed"], str(r["person"])))
+    run_tasks(run_task, tasks(args), args, res, arms, t0=t0)
+    rows = res["rows"]
     res["seconds"] = time.time() - t0
     res["summary"] = {k: {**summary([{**r, "face_cosine": r.get("face_cosine", float("nan"))} for r in v]),
                           **({"seconds": float(np.mean([r["seconds"] for r in v]))} if "seconds" in v[0] else {})}

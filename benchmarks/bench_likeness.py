@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _toy import Toy, mean_sd, new_people, photos_of, prompts_for, quiet, write_results  # noqa: E402
+from _toy import Toy, mean_sd, new_people, photos_of, prompts_for, quiet, run_tasks, write_results  # noqa: E402
 
 import celebbasis as cb  # noqa: E402
 from celebbasis.face import FaceAnalyzer, WholeImageDetector  # noqa: E402
@@ -289,24 +289,11 @@ def tasks(args) -> list[tuple]:
 
 
 def run(args) -> dict:
-    import concurrent.futures as cf
-    import multiprocessing
-
     res: dict = {k: getattr(args, k) for k in ("people", "seeds", "ti_seeds", "pair_seeds", "celebrities", "sample_steps",
                                                "workers", "threads")}
-    res["rows"] = rows = {}
     t0 = time.time()
-    todo = tasks(args)
-    with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_task, t, args): t for t in todo}
-        for n, f in enumerate(cf.as_completed(futures), 1):
-            for key, row in f.result():
-                rows.setdefault(key, []).append(row)
-            if args.json:  # what is measured so far survives a stop
-                args.json.with_suffix(".partial.json").write_text(json.dumps(res) + "\n")
-            print(f"[{n}/{len(todo)}] {futures[f][0]} {futures[f][1]}  ({time.time() - t0:.0f} s)", flush=True)
-    for key in rows:
-        rows[key].sort(key=lambda r: (r["seed"], str(r["person"])))
+    run_tasks(run_task, tasks(args), args, res)
+    rows = res["rows"]
     res["seconds"] = time.time() - t0
     res["summary"] = {k: summary(v) for k, v in rows.items()}
     res["cosines"] = face_cosines(_bench(args), args)

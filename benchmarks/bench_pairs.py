@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _toy import COLOR_WORDS, Toy, mean_sd, new_people, photos_of, prompts_for, quiet, write_results  # noqa: E402
+from _toy import COLOR_WORDS, Toy, mean_sd, new_people, photos_of, prompts_for, quiet, run_tasks, write_results  # noqa: E402
 from bench_likeness import Bench, TextualInversion, paired  # noqa: E402
 
 import celebbasis as cb  # noqa: E402
@@ -148,24 +148,11 @@ def tasks(args) -> list[tuple]:
 
 
 def run(args) -> dict:
-    import concurrent.futures as cf
-    import multiprocessing
-
     res: dict = {k: getattr(args, k) for k in ("people", "seeds", "celebrities", "value_people", "sample_steps",
                                                "workers", "threads")}
-    res["rows"] = rows = {}
     t0 = time.time()
-    todo = tasks(args)
-    with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_task, t, args): t for t in todo}
-        for n, f in enumerate(cf.as_completed(futures), 1):
-            for key, row in f.result():
-                rows.setdefault(key, []).append(row)
-            if args.json:  # what is measured so far survives a stop
-                args.json.with_suffix(".partial.json").write_text(json.dumps(res) + "\n")
-            print(f"[{n}/{len(todo)}] {futures[f][0]} {futures[f][1]}  ({time.time() - t0:.0f} s)", flush=True)
-    for key in rows:
-        rows[key].sort(key=lambda r: (r["seed"], str(r["person"])))
+    run_tasks(run_task, tasks(args), args, res)
+    rows = res["rows"]
     res["seconds"] = time.time() - t0
     res["summary"] = summarize(rows)
     res["comparisons"] = compare(rows)
