@@ -13,7 +13,7 @@ world's full-frame views):
   new person + celebrity         the same identity beside a celebrity (the new person left, then right)
   two new people, separately     the two identities learned alone, drawn together
   two new people, jointly        the paper's joint training: both learned in one run (800 steps)
-  textual inversion              diffusers' recipe (as bench_likeness), the same two ways
+  textual inversion              diffusers' recipe (as bench_likeness), the same two ways, at ``--ti-seeds`` seeds
   no identity                    ``a person and a person``: the leakage a picture shows by chance
 Likeness for every kind of person: per value of each identity attribute, for the celebrities drawn alone and for
 the new people alone (the pairs' people and ``--value-people`` more, at seed 0).
@@ -115,7 +115,7 @@ def run_task(task: tuple, args) -> list[tuple[str, dict]]:
     celeb = chosen[a % len(chosen)]
     ti = dict(learning_rate=5e-4, weight_decay=1e-2)  # diffusers' textual-inversion recipe (bench_likeness)
     arms = {}
-    for trainer, label, kw in ((None, "", {}), (TextualInversion, "textual inversion, ", ti)):
+    for trainer, label, kw in ((None, "", {}), (TextualInversion, "textual inversion, ", ti))[:1 + (seed < args.ti_seeds)]:
         extra = {"trainer": trainer} if trainer else {}
         alone = [bench.learn([photo(i)], preset(n, seed, **kw), **extra)[n][0] for i in (a, a + 1)]
         joint = bench.learn([photo(a), photo(a + 1)], preset(2 * n, seed, **kw), **extra)[2 * n]
@@ -148,7 +148,7 @@ def tasks(args) -> list[tuple]:
 
 
 def run(args) -> dict:
-    res: dict = {k: getattr(args, k) for k in ("people", "seeds", "celebrities", "value_people", "sample_steps",
+    res: dict = {k: getattr(args, k) for k in ("people", "seeds", "ti_seeds", "celebrities", "value_people", "sample_steps",
                                                "workers", "threads")}
     t0 = time.time()
     run_tasks(run_task, tasks(args), args, res)
@@ -173,7 +173,7 @@ def summarize(rows: dict) -> dict:
 
 
 def compare(rows: dict) -> dict:
-    """Second minus first, pair by pair and seed by seed."""
+    """Second minus first, pair by pair and seed by seed (over the seeds both arms ran)."""
     out = {}
     for label, a, b, key in (
         ("two new people: separately vs jointly (likeness)", "two new people, separately", "two new people, jointly", "likeness"),
@@ -183,9 +183,10 @@ def compare(rows: dict) -> dict:
         ("textual inversion vs ours, jointly (leakage)", "textual inversion, two new people, jointly", "two new people, jointly", "leakage"),
         ("textual inversion vs ours, separately (likeness)", "textual inversion, two new people, separately", "two new people, separately", "likeness"),
     ):
-        x, y = rows.get(a, []), rows.get(b, [])
-        if x and len(x) == len(y):
-            out[label] = {**paired(x, y, key), "n": len(y)}
+        mine = {(r["person"], r["seed"]): r for r in rows.get(b, [])}
+        x = [r for r in rows.get(a, []) if (r["person"], r["seed"]) in mine]  # the runs both arms made
+        if x:
+            out[label] = {**paired(x, [mine[r["person"], r["seed"]] for r in x], key), "n": len(x)}
     return out
 
 
@@ -221,7 +222,8 @@ def markdown(res: dict) -> str:
         lines += ["", f"Likeness per attribute value, {who} (likeness, n):", ""]
         for attr, values in table.items():
             lines.append(f"- {attr}: " + ", ".join(f"{v} {m:.2f} ({n})" for v, (m, n) in values.items()))
-    lines += ["", f"{res['people']} new people in pairs at {res['seeds']} seeds, {res['value_people']} more alone at seed 0, "
+    lines += ["", f"{res['people']} new people in pairs at {res['seeds']} seeds (textual inversion at {res['ti_seeds']}), "
+              f"{res['value_people']} more alone at seed 0, "
               f"{res['celebrities']} celebrities; {res['sample_steps']} DDIM steps per image; "
               f"{res['seconds'] / 60:.1f} min in {res['workers']} processes of {res['threads']} thread(s)."]
     return "\n".join(lines) + "\n"
@@ -266,6 +268,7 @@ def main() -> None:
     p.add_argument("--people", type=int, default=10, help="new people, in pairs")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--celebrities", type=int, default=100)
+    p.add_argument("--ti-seeds", type=int, default=1, help="seeds of the textual-inversion arms (as bench_likeness)")
     p.add_argument("--value-people", type=int, default=30, help="more new people alone (seed 0), for likeness per value")
     p.add_argument("--steps", type=int, default=STEPS, help="training steps per person (the paper's 400)")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps per image")

@@ -239,3 +239,13 @@ def test_a_face_network_added_from_outside_trains_and_is_recorded(tiny_pipe, ast
             make_face_encoder("nothing")
     finally:
         del FACE_ENCODERS["mean-colour"]
+
+
+def test_a_plug_ins_face_encoder_is_found_before_any_other_use_of_the_library():
+    """``celebbasis pretrain --toy`` asks for the toy face network before it loads the toy world: the
+    plug-in registers on that first ask (a fresh process, where nothing has touched the package yet)."""
+    import subprocess
+
+    code = "from celebbasis.face import make_face_encoder; print(type(make_face_encoder('toy')).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ToyFaceEncoder", out.stderr[-2000:]

@@ -22,10 +22,10 @@ from celebbasis.toy import world
 
 PROMPTS = ["a photo of <p> person on a green background", "<p> person wearing a red shirt",
            "<p> person smiling on a blue background", "an illustration of <p> person on a yellow background"]
-# Measured with the shipped network on person-2 (one thread, 2 images a prompt): 0.46 instantly, against 0.23
-# with no identity; with its weights replaced by random ones (the e2e test below): 0.125. The held-out people's
-# mean is in benchmarks/README.md (0.52 over 10 people and 3 seeds).
-INSTANT_GATE = 0.4
+# Measured with the shipped network on person-2 (one thread, 2 images a prompt): 0.67 instantly, against 0.15
+# with no identity; with its weights replaced by random ones (the e2e test below): 0.33. The held-out people's
+# mean is in benchmarks/README.md.
+INSTANT_GATE = 0.5
 QUICK = dict(max_names=24, drawings=2, sample_steps=10, batch=16, min_names=1, filter=False, fit_steps=20)
 
 

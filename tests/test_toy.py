@@ -19,9 +19,9 @@ from celebbasis import toy
 from celebbasis.toy import world
 
 STEPS = 60  # a few dozen steps of the recipe (the toy preset: full-frame views)
-# Measured on person-1 (one thread): 0.58 after 60 steps; no identity 0.27; training broken (gradients
-# cut, or captions naming another word): 0.375.
-LIKENESS_GATE = 0.5
+# Measured on person-1 (one thread): 0.52 after 60 steps; no identity 0.25; training broken (gradients
+# cut, or captions naming another word): 0.02 both.
+LIKENESS_GATE = 0.45
 PROMPTS = ["a photo of <p> person on a green background", "<p> person wearing a red shirt",
            "<p> person smiling on a blue background", "an illustration of <p> person on a yellow background"]
 
@@ -83,7 +83,7 @@ def test_a_new_person_is_learned(toy_pipe, toy_analyzer):
 
 @pytest.mark.e2e
 # A basis of 646 random word pairs is no breakage here: the text encoder is 64 wide, so any basis spans
-# the whole embedding space (n = d) and learning still works (0.58 in CI's run, 0.375 in another).
+# the whole embedding space (n = d) and learning still works (0.58 and 0.375 in two runs, on the earlier world).
 @pytest.mark.parametrize("breakage", ["gradients cut", "wrong token"])
 def test_learning_breaks_when_training_does(toy_pipe, toy_analyzer, breakage, monkeypatch):
     """Each way of breaking training takes likeness below the gate that the learning test asserts."""
