@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from celebbasis.cli import main
-from celebbasis.toy import toy_photo
+from celebbasis.toy import LIKENESS_CELEBRITIES, toy_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSON = str(toy_photo(1))
@@ -236,7 +236,7 @@ def test_the_summary_reports_steps_time_and_toy_likeness(tmp_path, capsys):
     summary = next(line for line in err.splitlines() if line.startswith("Learned <s>"))
     assert summary.startswith("Learned <s> in 2 step(s) (") and summary.endswith(" s).")  # no loss: it reads as failure
     assert f"Wrote {tmp_path / 's.safetensors'}" in err
-    assert "Likeness of <s> on a quick preview: " in err and "its own celebrities: 0.74" in err
+    assert "Likeness of <s> on a quick preview: " in err and f"its own celebrities: {LIKENESS_CELEBRITIES:.2f}" in err
 
 
 def test_mixing_a_celebrity_in_another_case_does_not_warn(tiny_pipe, caplog):
