@@ -243,9 +243,10 @@ def test_a_face_network_added_from_outside_trains_and_is_recorded(tiny_pipe, ast
 
 def test_a_plug_ins_face_encoder_is_found_before_any_other_use_of_the_library():
     """``celebbasis pretrain --toy`` asks for the toy face network before it loads the toy world: the
-    plug-in registers on that first ask (a fresh process, where nothing has touched the package yet)."""
+    command line registers the plug-ins first (a fresh process, where nothing has touched the package yet)."""
     import subprocess
 
-    code = "from celebbasis.face import make_face_encoder; print(type(make_face_encoder('toy')).__name__)"
+    code = ("import argparse; from celebbasis import cli; "
+            "print(type(cli._analyzer(argparse.Namespace(toy=True)).encoder).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ToyFaceEncoder", out.stderr[-2000:]

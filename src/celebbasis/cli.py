@@ -278,7 +278,10 @@ def _face_spec(args) -> str:
 
 def _analyzer(args):
     """The run's face analyzer; its several-faces warning names our flag."""
+    from . import _plug_in
     from .face import FaceAnalyzer
+
+    _plug_in()  # a plug-in's face network (--face-encoder toy) is registered before the first model loads
 
     return FaceAnalyzer(encoder=_face_spec(args), face_index_hint="--face-index N (0 = largest)")
 

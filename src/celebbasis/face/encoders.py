@@ -265,10 +265,6 @@ def make_face_encoder(spec: str = "dlib") -> FaceEncoder:
     """An identity network from a spec: ``dlib``, ``arcface:/path/backbone.pth``, ``onnx:/path/model.onnx``,
     or a kind added by ``register_face_encoder`` (``toy``, the toy world's)."""
     kind, _, arg = spec.partition(":")
-    if kind not in FACE_ENCODERS:  # the plug-ins register their kinds (the toy world: ``toy``) on first use
-        from .. import _plug_in
-
-        _plug_in()
     factory, usage = FACE_ENCODERS.get(kind, (None, ""))
     if factory is not None and (":" in usage) == bool(arg):
         return factory(arg) if arg else factory()
