@@ -97,6 +97,22 @@ def test_a_stopped_pretraining_resumes_to_the_same_network(toy_pipe, toy_analyze
         torch.testing.assert_close(a, b)
 
 
+def test_drawings_of_another_model_or_setting_are_not_resumed(toy_pipe, toy_analyzer, tmp_path):
+    path = tmp_path / "net.safetensors"
+
+    def stop(done, total, seconds):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(toy_pipe, toy_analyzer, path, config=PretrainConfig(**QUICK), base_model="toy", progress=stop)
+    work = path.with_name("net.work.safetensors")
+    before = work.read_bytes()
+    # same names, seeds and counts, but drawn otherwise: its face vectors are not this run's
+    with pytest.raises(InputError, match="another model or setting.*sample_steps"):
+        pretrain(toy_pipe, toy_analyzer, path, config=PretrainConfig(**{**QUICK, "sample_steps": 5}), base_model="toy")
+    assert not path.exists() and work.read_bytes() == before
+
+
 def test_a_network_is_refused_on_another_model_or_face_network(quick_net, tiny_pipe, astronaut, toy_pipe, tmp_path):
     _, path = quick_net
     with pytest.raises(InputError, match="another model") as e:

@@ -317,11 +317,19 @@ def collect(pipe, analyzer, bases, config: PretrainConfig, work: Path | None = N
     captions, seeds = _captions(len(group), cfg.seed), [cfg.seed * 1_000_003 + i for i in range(len(group))]
     size = family_of(pipe).native_size(pipe)
     n = len(group)
+    # what the drawings depend on beyond their seeds: a work file of another model or setting is not resumed
+    drawn_by = {"unet_signature": unet_signature(pipe), "text_encoder_signature": encoders_signature(pipe),
+                "basis_sha256": ",".join(b.fingerprint for b in bases), "face_encoder": analyzer.encoder.name,
+                "sample_steps": str(cfg.sample_steps), "guidance": str(cfg.guidance), "size": str(size)}
     faces, found, done = np.zeros((n, analyzer.encoder.embedding_dim), np.float32), np.zeros(n, bool), 0
     if work is not None and work.exists():
-        saved, _ = load_artifact(work, _WORK_FORMAT, ("faces", "found", "seeds", "done"))
+        saved, meta = load_artifact(work, _WORK_FORMAT, ("faces", "found", "seeds", "done"))
         if saved["faces"].shape != faces.shape or not torch.equal(saved["seeds"], torch.tensor(seeds)):
             raise InputError(f"{work} belongs to another pretraining run. Delete it to start again.")
+        differ = [k for k, v in drawn_by.items() if meta.get(k) != v]
+        if differ:
+            raise InputError(f"{work} was drawn by another model or setting ({', '.join(differ)} differ). "
+                             "Delete it to start again.")
         done = int(saved["done"])
         faces[:done], found[:done] = saved["faces"].numpy()[:done], saved["found"].numpy()[:done].astype(bool)
         logger.info("resuming the drawings at %d of %d", done, n)
@@ -335,7 +343,7 @@ def collect(pipe, analyzer, bases, config: PretrainConfig, work: Path | None = N
         faces[j], found[j] = read_faces(analyzer, images)
         if work is not None:
             save_artifact(work, {"faces": torch.from_numpy(faces), "found": torch.from_numpy(found.astype(np.uint8)),
-                                 "seeds": torch.tensor(seeds), "done": torch.tensor(j[-1] + 1)}, _WORK_FORMAT, {})
+                                 "seeds": torch.tensor(seeds), "done": torch.tensor(j[-1] + 1)}, _WORK_FORMAT, drawn_by)
         if progress is not None:
             progress(j[-1] + 1, n, time.time() - t)
     return PretrainData(names, every, faces, found, group, seconds=time.time() - t)
