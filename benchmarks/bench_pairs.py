@@ -11,12 +11,14 @@ world's full-frame views):
   celebrities alone / in pairs   the world's own people (the ceiling), ``--celebrities`` of them
   new person alone               each person learned alone, drawn alone
   new person + celebrity         the same identity beside a celebrity (the new person left, then right)
-  two new people, separately     the two identities learned alone, drawn together
-  two new people, jointly        the paper's joint training: both learned in one run (800 steps)
+  two new people, separately     the two identities learned alone, drawn together, both ways round (each person
+                                 on each side once, so that left and right compare sides, not people)
+  two new people, jointly        the paper's joint training: both learned in one run (800 steps), drawn both ways
   textual inversion              diffusers' recipe (as bench_likeness), the same two ways, at ``--ti-seeds`` seeds
   no identity                    ``a person and a person``: the leakage a picture shows by chance
 Likeness for every kind of person: per value of each identity attribute, for the celebrities drawn alone and for
-the new people alone (the pairs' people and ``--value-people`` more, at seed 0).
+the new people alone (the pairs' people and ``--value-people`` more, at seed 0); and the new people alone learned
+with the official recipe's flipped views (``new person alone, with flips``, seed 0), which the toy preset drops.
 
     python benchmarks/bench_pairs.py --json benchmarks/pairs.json --markdown pairs.md --figure docs/pairs.png
     python benchmarks/bench_pairs.py --quick    # 4 people, 1 seed, 8 celebrities
@@ -43,6 +45,8 @@ from celebbasis.resources import celeb_names  # noqa: E402
 from celebbasis.toy import PAIR_SIZE, score_pair, world, world_info  # noqa: E402
 
 STEPS = 400  # the paper's steps per person
+OFFICIAL_FLIP_P = cb.TrainConfig().flip_p  # the official recipe flips half the views; the toy preset flips none
+FLIPS = "new person alone, with flips (the official recipe)"
 
 
 def pair_prompts(a: str, b: str, rng: np.random.Generator) -> list[str]:
@@ -75,6 +79,15 @@ class PairBench(Bench):
         return {"left": s["left"]["likeness"], "right": s["right"]["likeness"], "likeness": s["likeness"],
                 "fidelity": s["fidelity"], "leakage": s["leakage"], "seed": seed}
 
+    def both_ways(self, a: str, b: str, left, right, seed: int, idents=()) -> dict:
+        """The pair drawn both ways round (``a`` on the left, then ``b``), in the same prompts: each person is on each
+        side once, so ``left`` and ``right`` compare the sides, not the people; ``first`` and ``second`` are ``a``'s and
+        ``b``'s likeness over both sides."""
+        ab, ba = self.pair(a, b, left, right, seed, idents), self.pair(b, a, right, left, seed, idents)
+        mean = lambda k: (ab[k] + ba[k]) / 2  # noqa: E731
+        return {**{k: mean(k) for k in ("left", "right", "likeness", "fidelity", "leakage")},
+                "first": (ab["left"] + ba["right"]) / 2, "second": (ab["right"] + ba["left"]) / 2, "seed": seed}
+
 
 _BENCH: PairBench | None = None
 
@@ -106,12 +119,19 @@ def run_task(task: tuple, args) -> list[tuple[str, dict]]:
         return out
     preset = lambda steps, seed, **kw: cb.TrainConfig.preset("toy", steps=steps, seed=seed, pretrained="none", **kw)  # noqa: E731
     photo = lambda i: photos_of(people[i], 1, 1000 + i, bench.toy.tmp)  # noqa: E731
+
+    def alone_with_flips(i: int) -> tuple[str, dict]:  # the official recipe's flipped views (the toy preset has none)
+        ident = bench.learn([photo(i)], preset(n, 0, flip_p=OFFICIAL_FLIP_P))[n][0]
+        return FLIPS, {**bench.alone(ident.token, people[i], 0, [ident]), "person": i}
+
     if kind == "value person":  # one more person alone, seed 0: likeness per attribute value
         i = arg
         ident = bench.learn([photo(i)], preset(n, 0))[n][0]
-        return [("new person alone", {**bench.alone(ident.token, people[i], 0, [ident]), "person": i})]
+        return [("new person alone", {**bench.alone(ident.token, people[i], 0, [ident]), "person": i}), alone_with_flips(i)]
     a, seed = arg  # a pair of new people: a and a + 1
     pa, pb = people[a], people[a + 1]
+    if seed == 0:
+        out += [alone_with_flips(a), alone_with_flips(a + 1)]
     celeb = chosen[a % len(chosen)]
     ti = dict(learning_rate=5e-4, weight_decay=1e-2)  # diffusers' textual-inversion recipe (bench_likeness)
     arms = {}
@@ -127,14 +147,15 @@ def run_task(task: tuple, args) -> list[tuple[str, dict]]:
                 left = bench.pair(me, them, person, looks[celeb], seed, [ident])
                 right = bench.pair(them, me, looks[celeb], person, seed, [ident])
                 out.append(("new person + celebrity", {"new": (left["left"] + right["right"]) / 2,
+                                                      "new_left": left["left"], "new_right": right["right"],
                                                       "celebrity": (left["right"] + right["left"]) / 2,
                                                       "fidelity": (left["fidelity"] + right["fidelity"]) / 2,
                                                       "leakage": (left["leakage"] + right["leakage"]) / 2,
                                                       "person": i, "seed": seed}))
         for how, idents in (("separately", alone), ("jointly", joint)):
-            row = bench.pair(f"{idents[0].token} person", f"{idents[1].token} person", pa, pb, seed, idents)
+            row = bench.both_ways(f"{idents[0].token} person", f"{idents[1].token} person", pa, pb, seed, idents)
             out.append((f"{label}two new people, {how}", {**row, "person": a}))
-    out.append(("no identity", {**bench.pair("a person", "a person", pa, pb, seed), "person": a}))
+    out.append(("no identity", {**bench.both_ways("a person", "a person", pa, pb, seed), "person": a}))
     return out
 
 
@@ -157,7 +178,8 @@ def run(args) -> dict:
     res["summary"] = summarize(rows)
     res["comparisons"] = compare(rows)
     res["per_value"] = {who: per_value(rows[key]) for who, key in (("celebrities", "celebrities alone"),
-                                                                   ("new people", "new person alone"))}
+                                                                   ("new people", "new person alone"),
+                                                                   ("new people, with flips", FLIPS))}
     res["world"] = world_info()
     return res
 
@@ -166,7 +188,8 @@ def summarize(rows: dict) -> dict:
     out = {}
     for key, rs in rows.items():
         out[key] = {"n": len(rs), "seeds": len({r["seed"] for r in rs})}
-        for k in ("likeness", "left", "right", "new", "celebrity", "fidelity", "leakage"):
+        for k in ("likeness", "left", "right", "first", "second", "new", "new_left", "new_right", "celebrity", "fidelity",
+                  "leakage"):
             if k in rs[0]:
                 out[key][k], out[key][k + "_sd"] = mean_sd(r[k] for r in rs)
     return out
@@ -176,6 +199,7 @@ def compare(rows: dict) -> dict:
     """Second minus first, pair by pair and seed by seed (over the seeds both arms ran)."""
     out = {}
     for label, a, b, key in (
+        ("new person alone: with flips vs without (the toy preset)", FLIPS, "new person alone", "likeness"),
         ("two new people: separately vs jointly (likeness)", "two new people, separately", "two new people, jointly", "likeness"),
         ("two new people: separately vs jointly (leakage)", "two new people, separately", "two new people, jointly", "leakage"),
         ("no identity vs two new people, jointly (leakage)", "no identity", "two new people, jointly", "leakage"),
@@ -209,7 +233,8 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, r in s.items():
         if key == "new person + celebrity":
-            lines.append(f"| {key} (the new person's side / the celebrity's) | – | – | {f(r, 'new')} / {f(r, 'celebrity')} | "
+            lines.append(f"| {key} (the new person's side / the celebrity's) | {f(r, 'new_left')} | {f(r, 'new_right')} | "
+                         f"{f(r, 'new')} / {f(r, 'celebrity')} | "
                          f"{f(r, 'fidelity')} | {f(r, 'leakage')} | {r['n']} ({r['seeds']}) |")
         else:
             lines.append(f"| {key} | {f(r, 'left')} | {f(r, 'right')} | {f(r, 'likeness')} | {f(r, 'fidelity')} | "

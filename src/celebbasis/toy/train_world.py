@@ -396,8 +396,9 @@ def _log_round_trip(vae, path: Path, out: Path) -> None:
 
 
 def round_trip(vae, out: Path, n: int = 600, seed: int = 99) -> dict[str, float]:
-    """How often the scorer (``out``'s) reads each identity attribute right after a VAE round trip of ``n`` renders
-    of the held-out people (random pictures): the VAE's ceiling on likeness."""
+    """How often the scorer (``out``'s) reads each attribute right after a VAE round trip of ``n`` renders of the
+    held-out people (random pictures): the VAE's ceiling on likeness (the identity attributes) and on prompt
+    fidelity (the background, the shirt, the smile; ``smiling_kept``: of the smiling pictures, how many still smile)."""
     from ..resources import celeb_names
 
     scorer = ToyScorer()
@@ -406,11 +407,16 @@ def round_trip(vae, out: Path, n: int = 600, seed: int = 99) -> dict[str, float]
     rng = np.random.default_rng(seed)
     people = world.held_out_people(celeb_names())
     chosen = [people[i % len(people)] for i in range(n)]
-    x = to_tensor(np.stack([np.asarray(world.render(p, world.Picture.random(rng))) for p in chosen]))
+    pictures = [world.Picture.random(rng) for _ in chosen]
+    x = to_tensor(np.stack([np.asarray(world.render(p, pic)) for p, pic in zip(chosen, pictures)]))
     with torch.no_grad():
         rec = torch.cat([vae.decode(vae.encode(x[i:i + 100]).latent_dist.mean).sample for i in range(0, n, 100)])
         read = {k: torch.cat(v).argmax(-1).numpy() for k, v in _batched(scorer, rec.clamp(-1, 1)).items()}
-    return {k: float(np.mean(read[k] == np.array([getattr(p, k) for p in chosen]))) for k in world.IDENTITY}
+    truth = {k: np.array([getattr(p, k) for p in chosen]) for k in world.IDENTITY}
+    truth.update({k: np.array([pic.labels()[k] for pic in pictures]) for k in ("background", "shirt", "smiling")})
+    out = {k: float(np.mean(read[k] == t)) for k, t in truth.items()}
+    out["smiling_kept"] = float(np.mean(read["smiling"][truth["smiling"] == 1] == 1))
+    return out
 
 
 def _load_file(path: Path) -> dict:
