@@ -44,8 +44,10 @@ def celebrities(toy: Toy, n: int, seed: int) -> dict:
 def summarize(rows: list[dict]) -> dict:
     like, fid = mean_sd(r["likeness"] for r in rows), mean_sd(r["fidelity"] for r in rows)
     per = {k: float(np.mean([r["per_attribute"][k] for r in rows])) for k in rows[0]["per_attribute"]}
+    words = sorted({w for r in rows for w in r["per_word"]})
+    per_word = {w: float(np.mean([r["per_word"][w] for r in rows if w in r["per_word"]])) for w in words}
     return {"likeness": like[0], "likeness_sd": like[1], "fidelity": fid[0], "fidelity_sd": fid[1],
-            "per_attribute": per, "n": len(rows)}
+            "per_attribute": per, "per_word": per_word, "n": len(rows)}
 
 
 def new_person_runs(toy: Toy, people, seeds: int, steps: int | None, figure_rows: list) -> tuple[dict, dict, list]:
@@ -107,6 +109,10 @@ def markdown(res: dict) -> str:
     lines += ["", "| per attribute | " + " | ".join(attrs) + " |", "|---|" + "---|" * len(attrs)]
     for key in ("celebrities", "no_identity", "new_people"):
         lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{res[key]['per_attribute'][a]:.2f}" for a in attrs) + " |")
+    words = list(res["celebrities"]["per_word"])
+    lines += ["", "| prompt fidelity per word asked for | " + " | ".join(words) + " |", "|---|" + "---|" * len(words)]
+    for key in ("celebrities", "no_identity", "new_people"):
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(f"{res[key]['per_word'].get(w, float('nan')):.2f}" for w in words) + " |")
     lines.append("")
     lines.append(f"Learning one new person took {res['learn_seconds_mean']:.0f} s on average "
                  f"({res['threads']} CPU threads); the whole benchmark {res['seconds'] / 60:.1f} min.")

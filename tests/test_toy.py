@@ -72,6 +72,15 @@ def test_scorer_reads_the_packaged_people():
         assert world.PICTURE["background"][read["background"][i]] == "white"
 
 
+def test_score_reads_each_word_the_prompt_asks_for():
+    person, blue, red = _truth(0), world.PICTURE["background"].index("blue"), world.PICTURE["shirt"].index("red")
+    pictures = [world.Picture(background=blue, shirt=red, smiling=0, clothing=0, expression=0)] * 2
+    images = [world.render(person, pic) for pic in pictures]
+    s = toy.score(images, person, ["a person smiling on a blue background", "a person wearing a blue shirt"])
+    assert s["per_word"] == {"background": 1.0, "shirt": 0.0, "smiling": 0.0}  # the shirt is red, nobody smiles
+    assert s["fidelity"] == pytest.approx(1 / 3) and s["likeness"] == 1.0
+
+
 def test_a_new_person_is_learned(toy_pipe, toy_analyzer):
     """One photo, the recipe, a few dozen steps: the person's attributes come back, far above no identity."""
     person = _truth(1)

@@ -193,7 +193,8 @@ def score(images, person, prompts) -> dict[str, float]:
     Returns:
         ``likeness``: the fraction of identity attributes read right (each of the six counts alike);
         ``fidelity``: the fraction of the prompts' colour words and smiles read right (NaN when the
-        prompts ask for none); ``per_attribute``: the likeness of each attribute.
+        prompts ask for none); ``per_attribute``: the likeness of each attribute; ``per_word``: the
+        fidelity of each kind of word the prompts ask for (``background``, ``shirt``, ``smiling``).
     """
     from .world import IDENTITY, colour_words
 
@@ -203,7 +204,8 @@ def score(images, person, prompts) -> dict[str, float]:
     per = {k: float(np.mean(read[k] == truth[k])) for k in IDENTITY}
     asked = [(i, k, v) for i, p in enumerate(prompts) for k, v in colour_words(p).items()]
     fidelity = float(np.mean([read[k][i] == v for i, k, v in asked])) if asked else float("nan")
-    return {"likeness": float(np.mean(list(per.values()))), "fidelity": fidelity, "per_attribute": per}
+    per_word = {w: float(np.mean([read[k][i] == v for i, k, v in asked if k == w])) for w in sorted({k for _, k, _ in asked})}
+    return {"likeness": float(np.mean(list(per.values()))), "fidelity": fidelity, "per_attribute": per, "per_word": per_word}
 
 
 def score_pair(images, left, right, prompts) -> dict:
