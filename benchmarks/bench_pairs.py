@@ -7,7 +7,7 @@ people differ, how often one side shows the other person's value.
 
 Arms (``--people`` held-out new people, one photo each, in pairs (0, 1), (2, 3), ...; ``--seeds`` seeds; every
 identity learned with the paper's recipe: a fresh network, 400 steps a person, ``--preset paper`` with the toy
-world's full-frame views):
+world's full-frame, unflipped views):
   celebrities alone / in pairs   the world's own people (the ceiling), ``--celebrities`` of them
   new person alone               each person learned alone, drawn alone
   new person + celebrity         the same identity beside a celebrity (the new person left, then right)

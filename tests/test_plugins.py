@@ -58,7 +58,7 @@ def test_the_readme_toy_block_runs_as_written(tmp_path, monkeypatch):
     result, pipe = namespace["result"], namespace["pipe"]
     ident = Identity.load(tmp_path / "identities" / "p.safetensors")
     assert ident.metadata["face_encoder"] == cb.toy.TOY_FACE_ENCODER and ident.metadata["base_model"] == "toy"
-    assert result.run["config"]["min_scale"] == 1.0  # the toy preset's full-frame views
+    assert result.run["config"]["min_scale"] == 1.0 and result.run["config"]["flip_p"] == 0.0  # the toy preset's views
     assert len(list((tmp_path / "out").glob("0*.png"))) == 2
     assert "<p>" not in pipe.tokenizer.get_added_vocab()  # unloaded at the end of the block
 

@@ -99,7 +99,7 @@ def _common(p: Parser, model: bool = True) -> None:
 def _train_flags(p: Parser) -> None:
     g = p.add_argument_group("training")
     flag(p, g, "--preset", metavar="NAME", help="start from a preset: paper = the paper's recipe (a fresh identity "
-         "network, 400 steps a person); toy = the toy world's full-frame views (implied by --toy)")
+         "network, 400 steps a person); toy = the toy world's full-frame, unflipped views (implied by --toy)")
     config_flags(p, g, TrainConfig, presets={"--toy": TRAIN_PRESETS.get("toy", {})})  # the toy's once plugged in (help)
     flag(p, g, "--face-encoder", metavar="SPEC",
          help="identity network: dlib (default), toy (the toy world's; default with --toy), arcface:/path/backbone.pth "

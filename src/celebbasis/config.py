@@ -227,7 +227,7 @@ class TrainConfig(_Settings):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
-        """A named preset with ``overrides`` on top (``toy``: the toy world's full-frame views)."""
+        """A named preset with ``overrides`` on top (``toy``: the toy world's full-frame, unflipped views)."""
         if name not in TRAIN_PRESETS:
             raise InputError(f"Unknown preset {name!r}. Choose one of: {', '.join(TRAIN_PRESETS)}.", field="preset")
         return cls(**{**TRAIN_PRESETS[name], **overrides})
@@ -242,7 +242,7 @@ class TrainConfig(_Settings):
         return self.steps if self.steps is not None else (WARM_STEPS if warm else 400) * n_identities
 
 
-# Named training presets: plug-ins add theirs (the toy world adds "toy", its full-frame views).
+# Named training presets: plug-ins add theirs (the toy world adds "toy", its full-frame, unflipped views).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(pretrained="none"),  # the paper's recipe: a fresh network, 400 steps per person
 }

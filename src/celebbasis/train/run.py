@@ -47,7 +47,7 @@ def personalize(
             photo that does not look like the others is named in a warning.
         names: one name per person; the prompt token is ``<name>``.
         config: ``TrainConfig``; when ``None``, the paper's defaults, or the preset of a packaged model
-            (``models.packaged_model``: the toy world's full-frame views).
+            (``models.packaged_model``: the toy world's full-frame, unflipped views).
         basis: a ``CelebBasis`` for this text encoder (a list of two for SDXL); built and cached when ``None``.
         basis_config: how to build the basis when ``basis`` is ``None`` (default ``BasisConfig()``).
         face_analyzer: detector + identity network; when ``None``, dlib's, or a packaged model's own (the toy
