@@ -19,8 +19,8 @@ from celebbasis import toy
 from celebbasis.toy import world
 
 STEPS = 60  # a few dozen steps of the recipe (the toy preset: full-frame, unflipped views)
-# Measured on person-1 (one thread): 0.52 after 60 steps; no identity 0.25; training broken (gradients
-# cut, or captions naming another word): 0.02 both.
+# Measured on person-1 (one thread): 0.54 after 60 steps (0.52 with flipped views); no identity 0.25;
+# training broken (gradients cut, or captions naming another word): 0.00 both.
 LIKENESS_GATE = 0.45
 PROMPTS = ["a photo of <p> person on a green background", "<p> person wearing a red shirt",
            "<p> person smiling on a blue background", "an illustration of <p> person on a yellow background"]
