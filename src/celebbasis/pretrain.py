@@ -73,6 +73,12 @@ def unet_signature(pipe) -> str:
     return h.hexdigest()[:16]
 
 
+def _made_by(pipe, bases, face_encoder) -> dict[str, str]:
+    """What drawings and the network fitted on them depend on: the model's fingerprints, its bases, the face network."""
+    return {"text_encoder_signature": encoders_signature(pipe), "unet_signature": unet_signature(pipe),
+            "basis_sha256": ",".join(b.fingerprint for b in bases), "face_encoder": face_encoder.name}
+
+
 def mixes(targets: list[torch.Tensor], n: int, seed: int) -> list[torch.Tensor]:
     """``n`` synthetic people: each a random convex blend of 2-3 names' rows (per encoder), rows unit length."""
     rng = np.random.default_rng(seed)
@@ -318,9 +324,8 @@ def collect(pipe, analyzer, bases, config: PretrainConfig, work: Path | None = N
     size = family_of(pipe).native_size(pipe)
     n = len(group)
     # what the drawings depend on beyond their seeds: a work file of another model or setting is not resumed
-    drawn_by = {"unet_signature": unet_signature(pipe), "text_encoder_signature": encoders_signature(pipe),
-                "basis_sha256": ",".join(b.fingerprint for b in bases), "face_encoder": analyzer.encoder.name,
-                "sample_steps": str(cfg.sample_steps), "guidance": str(cfg.guidance), "size": str(size)}
+    drawn_by = {**_made_by(pipe, bases, analyzer.encoder), "sample_steps": str(cfg.sample_steps),
+                "guidance": str(cfg.guidance), "size": str(size)}
     faces, found, done = np.zeros((n, analyzer.encoder.embedding_dim), np.float32), np.zeros(n, bool), 0
     if work is not None and work.exists():
         saved, meta = load_artifact(work, _WORK_FORMAT, ("faces", "found", "seeds", "done"))
@@ -385,9 +390,8 @@ def fit_network(data: PretrainData, config: PretrainConfig, face_encoder, *, pip
               "mixes_kept": int(keep[n_names:].sum()), "drawings": int(len(data.group)),
               "drawings_with_a_face": int(data.found.sum()), "pairs_fitted": int(rows.sum()),
               "draw_seconds": round(data.seconds, 1)}
-    meta = {"base_model": base_model, "family": family_of(pipe).name, "text_encoder_signature": encoders_signature(pipe),
-            "unet_signature": unet_signature(pipe), "basis_sha256": ",".join(b.fingerprint for b in bases),
-            "face_encoder": face_encoder.name, "face_vector_dim": str(face_encoder.embedding_dim),
+    meta = {"base_model": base_model, "family": family_of(pipe).name, **_made_by(pipe, bases, face_encoder),
+            "face_vector_dim": str(face_encoder.embedding_dim),
             "face_dim": str(cfg.face_dim), "n_tokens": str(bases[0].n_tokens), "seed": str(cfg.seed),
             "pretrain_config": cfg.to_dict(), "names_kept": kept_names, "counts": counts, "validation_cosine": val_cos,
             "agreement_threshold": f"{threshold:.3f}", "data": data.source}

@@ -204,8 +204,9 @@ def score(images, person, prompts) -> dict[str, float]:
     truth = person.labels()
     per = {k: float(np.mean(read[k] == truth[k])) for k in IDENTITY}
     asked = [(i, k, v) for i, p in enumerate(prompts) for k, v in colour_words(p).items()]
-    fidelity = float(np.mean([read[k][i] == v for i, k, v in asked])) if asked else float("nan")
-    per_word = {w: float(np.mean([read[k][i] == v for i, k, v in asked if k == w])) for w in sorted({k for _, k, _ in asked})}
+    hits = [(k, read[k][i] == v) for i, k, v in asked]
+    fidelity = float(np.mean([hit for _, hit in hits])) if hits else float("nan")
+    per_word = {w: float(np.mean([hit for k, hit in hits if k == w])) for w in sorted({k for k, _ in hits})}
     return {"likeness": float(np.mean(list(per.values()))), "fidelity": fidelity, "per_attribute": per, "per_word": per_word}
 
 
