@@ -42,7 +42,7 @@ from bench_likeness import comparison_table, matched, paired, summary  # noqa: E
 
 import celebbasis as cb  # noqa: E402
 from celebbasis.config import PretrainConfig  # noqa: E402
-from celebbasis.pretrain import PretrainData, PretrainedNetwork, collect, fit_network  # noqa: E402
+from celebbasis.pretrain import PretrainData, PretrainedNetwork, collect, fit_network, resolve_pretrained  # noqa: E402
 from celebbasis.resources import celeb_names  # noqa: E402
 from celebbasis.toy import ToyFaceEncoder, world, world_info  # noqa: E402
 from celebbasis.models import resolve_bases
@@ -228,6 +228,8 @@ def compare(rows: dict) -> dict:
     out = {}
     pairs = [(f"recipe@{n} vs warm@{n}", f"recipe@{n}", f"warm@{n}") for n in SNAPSHOTS]
     pairs += [("recipe@100 vs instant", "recipe@100", "instant, mlp@0"), ("recipe@25 vs instant", "recipe@25", "instant, mlp@0")]
+    pairs += [(f"{a} vs {b}", a, b) for a, b in  # the default number of warm steps (config.WARM_STEPS)
+              [("warm@25", "warm@50"), ("warm@50", "warm@100"), ("recipe@100", "warm@25"), ("recipe@100", "warm@50")]]
     pairs += [(f"mlp vs {arm}", "instant, mlp@0", f"instant, {arm}@0") for arm in ARMS if arm != "mlp"]
     for key, a, b in pairs:
         x, y = matched(rows.get(a), rows.get(b))
@@ -298,19 +300,20 @@ def plots(res: dict, folder: Path) -> list[Path]:
 
 
 def figure(args, path: Path) -> None:
-    """The README's figure: three new people's photos, their instant identity and 25 warm steps, two prompts each."""
+    """The README's figure: three new people's photos, their instant identity and the default warm steps, two prompts
+    each."""
     from PIL import Image, ImageDraw
 
-    b = Bench(args)
-    net = PretrainedNetwork.load(args.ship) if args.ship else cb.pretrain.resolve_pretrained("auto", b.toy.pipe)
+    b, W = Bench(args), cb.config.WARM_STEPS
+    net = PretrainedNetwork.load(args.ship) if args.ship else resolve_pretrained("auto", b.toy.pipe)
     cell, pad, head = 112, 6, 34
     prompts = ["<p> person on a green background", "<p> person smiling wearing a red shirt"]
     short = [p.replace("<p> person ", "") for p in prompts]
-    titles = ["photo (new person)", *[f"instant: {p}" for p in short], *[f"25 steps: {p}" for p in short]]
+    titles = ["photo (new person)", *[f"instant: {p}" for p in short], *[f"{W} steps: {p}" for p in short]]
     people = new_people(3)
     sheet = Image.new("RGB", (5 * (cell + pad) + pad, 3 * (cell + pad) + head + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 4), "toy world: one photo of a new person -> <p> person, instantly (0 steps) and after 25 steps",
+    draw.text((pad, 4), f"toy world: one photo of a new person -> <p> person, instantly (0 steps) and after {W} steps",
               fill="black")
     for c, t in enumerate(titles):
         words = t.split()
@@ -318,9 +321,9 @@ def figure(args, path: Path) -> None:
                             spacing=0)
     for r, person in enumerate(people):
         photo = photos_of(person, 1, 1000 + r, b.toy.tmp)[0]
-        snaps = b.learn(photo, 0, 25, [0, 25], net)
+        snaps = b.learn(photo, 0, W, [0, W], net)
         tiles = [Image.open(photo).convert("RGB")]
-        for steps in (0, 25):
+        for steps in (0, W):
             ident = snaps[steps][0]
             tiles += b.draw([p.replace("<p>", ident.token) for p in prompts], [ident], seed=r)
         for c, im in enumerate(tiles):

@@ -22,8 +22,8 @@ from pathlib import Path
 from ._version import __version__
 from .cli_flags import Parser, config_flags, config_from, config_values, flag, merged, parse, sections
 from .cli_inputs import check_inputs, command_line_model_wins
-from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WEBUI_HOST, WEBUI_PORT,
-                     BasisConfig, GenerateConfig, PretrainConfig, TrainConfig)
+from .config import (DEFAULT_CLIP_MODEL, EXPORT_FORMATS, GENERATE_PRESETS, GROUP_SIZE, TRAIN_PRESETS, WARM_STEPS, WEBUI_HOST,
+                     WEBUI_PORT, BasisConfig, GenerateConfig, PretrainConfig, TrainConfig)
 from .errors import CelebBasisError, InputError, first_line
 from .families import FAMILIES, SD1, SDXL, TINY_MODEL, family_named, family_of_tiny
 from .files import check_new_file
@@ -484,8 +484,8 @@ def cmd_pretrain(args) -> int:
                 out, c["names_kept"], c["names"], c["drawings_with_a_face"], c["drawings"],
                 ", ".join(f"{v:.3f}" for v in net.metadata["validation_cosine"]) or "-")
     flags = _model_flags(args)
-    logger.info("Use it: celebbasis add PHOTO --name NAME --pretrained %s --steps 0 (instant) or --steps 25%s",
-                _quote(out), f" {flags}" if flags else "")
+    logger.info("Use it: celebbasis add PHOTO --name NAME --pretrained %s%s (%d warm steps; --steps 0: the instant identity)",
+                _quote(out), f" {flags}" if flags else "", WARM_STEPS)
     return 0
 
 
