@@ -404,9 +404,9 @@ def markdown(res: dict) -> str:
     cos = ", ".join(f"{k} {v:.2f}" for k, v in res["cosines"].items())
     lines += ["", f"Different people's face vectors: mean cosine {cos}.",
               f"{res['people']} new people; the recipe and twice the rate at {res['seeds']} seeds, textual inversion at "
-              f"{res['ti_seeds']}, the "
-              f"correlated pairs at {res['pair_seeds']}, the other decisions at seed 0; {res['sample_steps']} DDIM steps per "
-              f"image; {res['seconds'] / 60:.1f} min in {res['workers']} processes of {res['threads']} thread(s)."]
+              f"{res['ti_seeds']}, the correlated pairs at {res['pair_seeds']}, the other decisions at seed 0; "
+              f"{res['sample_steps']} DDIM steps per image; {res['seconds'] / 60:.1f} min in {res['workers']} processes of "
+              f"{res['threads']} thread(s)."]
     return "\n".join(lines) + "\n"
 
 
