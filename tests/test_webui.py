@@ -176,7 +176,11 @@ def test_cancel_leaves_nothing(page, server, astronaut_path):
     from playwright.sync_api import expect
 
     url, ids = server
+    page.reload()
+    page.wait_for_selector("#learn-photo")
     page.get_by_role("tab", name="Learn").click()
+    page.set_input_files("#learn-photo input[type=file]", str(astronaut_path))  # its own photo: runs alone too
+    expect(page.locator("#learn-detect-msg")).to_contain_text("Found one face", timeout=60_000)
     start_learning(page, "bob", 1600)
     expect(page.locator("#learn-status")).to_contain_text("Learning: step", timeout=120_000)
     page.click("#learn-cancel")
